@@ -1,0 +1,1 @@
+//! volume-central: the central side on PostgreSQL.

@@ -1,0 +1,9 @@
+//! The `volume-central` binary: a thin shell over the library.
+
+fn main() -> anyhow::Result<()> {
+    let arg = std::env::args().nth(1).unwrap_or_default();
+    anyhow::bail!(
+        "volume-central {}: `{arg}` is not implemented yet in this build; the central service is under construction",
+        env!("CARGO_PKG_VERSION")
+    )
+}
