@@ -191,9 +191,11 @@ impl TryFrom<String> for MinFree {
                     "m" | "mb" | "mib" => 1 << 20,
                     "g" | "gb" | "gib" => 1 << 30,
                     "t" | "tb" | "tib" => 1 << 40,
-                    _ => return Err(format!(
+                    _ => {
+                        return Err(format!(
                         "min_free {s:?}: use a percentage like \"10%\" or a size like \"20GiB\""
-                    )),
+                    ))
+                    }
                 };
                 (&t[..i], mult)
             }

@@ -3,6 +3,11 @@
 //! See ARCHITECTURE.md for the bird's-eye view. Each subsystem is a folder; where it has an
 //! actor, `actor.rs` sits beside the logic it drives.
 
+pub mod central;
 pub mod config;
+pub mod durable;
+pub mod metrics;
 pub mod planner;
+pub mod reconciler;
 pub mod remove;
+pub mod reporter;
