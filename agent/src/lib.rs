@@ -11,3 +11,4 @@ pub mod planner;
 pub mod reconciler;
 pub mod remove;
 pub mod reporter;
+pub mod resource_types;
