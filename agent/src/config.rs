@@ -253,10 +253,10 @@ impl Default for GcConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
-    /// Human-readable on a terminal, JSON otherwise.
+    /// One human-readable line per event (what journald shows best).
     #[default]
-    Auto,
     Human,
+    /// One JSON object per line, for log shippers.
     Json,
 }
 
@@ -275,7 +275,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: default_level(),
-            format: LogFormat::Auto,
+            format: LogFormat::Human,
         }
     }
 }
