@@ -255,6 +255,16 @@ mod tests {
         String::from_utf8(buf[..n].to_vec()).expect("utf-8 message")
     }
 
+    /// The three messages the daemon sends over its life arrive, in order and verbatim.
+    fn assert_lifecycle_arrives(listener: &UnixDatagram, notifier: &Notifier) {
+        notifier.ready().expect("send ready");
+        assert_eq!(receive(listener), "READY=1");
+        notifier.watchdog().expect("send watchdog");
+        assert_eq!(receive(listener), "WATCHDOG=1");
+        notifier.stopping().expect("send stopping");
+        assert_eq!(receive(listener), "STOPPING=1");
+    }
+
     fn path_pair(dir: &Path) -> (UnixDatagram, Notifier) {
         let path = dir.join("notify.sock");
         let listener = UnixDatagram::bind(&path).expect("bind test socket");
@@ -268,12 +278,7 @@ mod tests {
         let (listener, notifier) = path_pair(dir.path());
         assert!(notifier.is_enabled());
 
-        notifier.ready().expect("send ready");
-        assert_eq!(receive(&listener), "READY=1");
-        notifier.watchdog().expect("send watchdog");
-        assert_eq!(receive(&listener), "WATCHDOG=1");
-        notifier.stopping().expect("send stopping");
-        assert_eq!(receive(&listener), "STOPPING=1");
+        assert_lifecycle_arrives(&listener, &notifier);
     }
 
     #[test]
@@ -300,12 +305,7 @@ mod tests {
         let notifier =
             Notifier::from_value(Some(&os(&format!("@{name}")))).expect("valid abstract name");
 
-        notifier.ready().expect("send ready");
-        assert_eq!(receive(&listener), "READY=1");
-        notifier.watchdog().expect("send watchdog");
-        assert_eq!(receive(&listener), "WATCHDOG=1");
-        notifier.stopping().expect("send stopping");
-        assert_eq!(receive(&listener), "STOPPING=1");
+        assert_lifecycle_arrives(&listener, &notifier);
     }
 
     #[test]
