@@ -4,9 +4,14 @@
 //! actor, `actor.rs` sits beside the logic it drives.
 
 pub mod central;
+pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod durable;
+pub mod generate;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod planner;
 pub mod reconciler;
 pub mod remove;
