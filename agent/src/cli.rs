@@ -144,7 +144,14 @@ mod tests {
         for args in [
             vec!["volume-agent", "run", "--config", "/x.toml"],
             vec!["volume-agent", "volumes", "list"],
-            vec!["volume-agent", "volumes", "inspect", "h1", "--api", "http://127.0.0.1:1"],
+            vec![
+                "volume-agent",
+                "volumes",
+                "inspect",
+                "h1",
+                "--api",
+                "http://127.0.0.1:1",
+            ],
             vec!["volume-agent", "gc", "plan"],
             vec!["volume-agent", "gc", "reset-revision"],
             vec!["volume-agent", "config", "check", "--config", "/x.toml"],

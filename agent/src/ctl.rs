@@ -53,15 +53,15 @@ impl Ctl {
 
     async fn call(&self, method: reqwest::Method, path: &str) -> Result<Vec<u8>, CtlError> {
         let url = format!("{}{}", self.base, path);
-        let resp = self
-            .http
-            .request(method, &url)
-            .send()
-            .await
-            .map_err(|e| CtlError::Unreachable {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
+        let resp =
+            self.http
+                .request(method, &url)
+                .send()
+                .await
+                .map_err(|e| CtlError::Unreachable {
+                    url: url.clone(),
+                    message: e.to_string(),
+                })?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| CtlError::Unreachable {
             url: url.clone(),
@@ -119,7 +119,10 @@ pub fn volumes_table(volumes: &[VolumeJson]) -> String {
         rows.push([
             v.handle.to_string(),
             v.state.to_string(),
-            v.parent.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
+            v.parent
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "-".into()),
             v.path.clone(),
         ]);
     }
@@ -135,7 +138,11 @@ pub fn plan_table(plan: &PlanView) -> String {
     if let Some(refused) = &plan.refused {
         out.push_str(&format!("note: {refused}\n"));
     }
-    let mut rows = vec![["HANDLE".to_string(), "ACTION".to_string(), "WHY".to_string()]];
+    let mut rows = vec![[
+        "HANDLE".to_string(),
+        "ACTION".to_string(),
+        "WHY".to_string(),
+    ]];
     for a in &plan.actions {
         rows.push([a.handle.to_string(), a.action.clone(), a.reason.clone()]);
     }

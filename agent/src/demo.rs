@@ -44,7 +44,11 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Central> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn desired(state: web::Data<Shared>, req: HttpRequest, path: web::Path<String>) -> HttpResponse {
+async fn desired(
+    state: web::Data<Shared>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
     let c = lock(&state);
     let etag = format!("\"{}\"", c.revision);
     if req
@@ -70,7 +74,10 @@ async fn report(state: web::Data<Shared>, body: web::Json<VolumeReport>) -> Http
     let report = body.into_inner();
     if !report.destroyed.is_empty() {
         let names: Vec<&str> = report.destroyed.iter().map(Handle::as_str).collect();
-        println!("  central: the agent reports destroyed: {}", names.join(", "));
+        println!(
+            "  central: the agent reports destroyed: {}",
+            names.join(", ")
+        );
     }
     let mut c = lock(&state);
     c.destroying.retain(|h| !report.destroyed.contains(h));
@@ -78,10 +85,16 @@ async fn report(state: web::Data<Shared>, body: web::Json<VolumeReport>) -> Http
     HttpResponse::NoContent().finish()
 }
 
-async fn resource_types(state: web::Data<Shared>, body: web::Json<ResourceTypesReport>) -> HttpResponse {
+async fn resource_types(
+    state: web::Data<Shared>,
+    body: web::Json<ResourceTypesReport>,
+) -> HttpResponse {
     let r = body.into_inner();
     for t in &r.resource_types {
-        println!("  central: worker reports resource type {} {}", t.name, t.version);
+        println!(
+            "  central: worker reports resource type {} {}",
+            t.name, t.version
+        );
     }
     lock(&state).resource_types = Some(r);
     HttpResponse::NoContent().finish()
@@ -93,7 +106,9 @@ fn h(s: &str) -> Result<Handle, DemoError> {
 
 /// Runs the demo; `keep` leaves the temporary directory behind.
 pub fn run(keep: bool) -> Result<(), DemoError> {
-    let tmp = tempfile::Builder::new().prefix("volume-agent-demo-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("volume-agent-demo-")
+        .tempdir()?;
     let root = tmp.path().to_owned();
     let result = actix::System::new().block_on(demo(root.clone()));
     if keep {
@@ -113,9 +128,15 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
-            .route("/api/v1/workers/{w}/volumes/desired", web::get().to(desired))
+            .route(
+                "/api/v1/workers/{w}/volumes/desired",
+                web::get().to(desired),
+            )
             .route("/api/v1/workers/{w}/volumes/report", web::put().to(report))
-            .route("/api/v1/workers/{w}/base-resource-types", web::put().to(resource_types))
+            .route(
+                "/api/v1/workers/{w}/base-resource-types",
+                web::put().to(resource_types),
+            )
     })
     .workers(1)
     .disable_signals()
@@ -141,7 +162,8 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
         root.join("state"),
         root.join("resource-types"),
     );
-    let config = Config::parse(&text, std::path::Path::new("demo.toml"), Vec::new()).map_err(failed)?;
+    let config =
+        Config::parse(&text, std::path::Path::new("demo.toml"), Vec::new()).map_err(failed)?;
     debug_assert_eq!(config.volumes.driver, DriverName::Naive);
     println!("== volume-agent demo in {}", root.display());
     println!("   built-in central API at http://{central_addr}");
@@ -151,7 +173,11 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
 
     let http = reqwest::Client::new();
     println!("== 1. a build creates volumes through the local API: base <- child <- grandchild, and cache");
-    let mut chain: Vec<(&str, Option<&str>)> = vec![("base", None), ("child", Some("base")), ("grandchild", Some("child"))];
+    let mut chain: Vec<(&str, Option<&str>)> = vec![
+        ("base", None),
+        ("child", Some("base")),
+        ("grandchild", Some("child")),
+    ];
     chain.push(("cache", None));
     for (name, parent) in &chain {
         let strategy = match parent {
@@ -165,15 +191,28 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
             privileged: false,
             ttl: None,
         };
-        let resp = http.post(format!("{api}/volumes")).json(&req).send().await.map_err(failed)?;
+        let resp = http
+            .post(format!("{api}/volumes"))
+            .json(&req)
+            .send()
+            .await
+            .map_err(failed)?;
         if !resp.status().is_success() {
-            return Err(failed(format!("create {name}: {}", resp.text().await.unwrap_or_default())));
+            return Err(failed(format!(
+                "create {name}: {}",
+                resp.text().await.unwrap_or_default()
+            )));
         }
         let v: VolumeJson = resp.json().await.map_err(failed)?;
-        std::fs::write(std::path::Path::new(&v.path).join(format!("{name}.txt")), name)?;
+        std::fs::write(
+            std::path::Path::new(&v.path).join(format!("{name}.txt")),
+            name,
+        )?;
         let resp = http
             .put(format!("{api}/volumes/{name}/state"))
-            .json(&SetStateRequest { state: VolumeState::Initialized })
+            .json(&SetStateRequest {
+                state: VolumeState::Initialized,
+            })
             .send()
             .await
             .map_err(failed)?;
@@ -189,7 +228,14 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
         let mut c = lock(&shared);
         c.revision = 2;
     }
-    let vols: Vec<VolumeJson> = http.get(format!("{api}/volumes")).send().await.map_err(failed)?.json().await.map_err(failed)?;
+    let vols: Vec<VolumeJson> = http
+        .get(format!("{api}/volumes"))
+        .send()
+        .await
+        .map_err(failed)?
+        .json()
+        .await
+        .map_err(failed)?;
     print!("{}", crate::ctl::volumes_table(&vols));
 
     println!("\n== 2. the central side marks the whole chain destroying (revision 3)");
@@ -201,7 +247,14 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let vols: Vec<VolumeJson> = http.get(format!("{api}/volumes")).send().await.map_err(failed)?.json().await.map_err(failed)?;
+        let vols: Vec<VolumeJson> = http
+            .get(format!("{api}/volumes"))
+            .send()
+            .await
+            .map_err(failed)?
+            .json()
+            .await
+            .map_err(failed)?;
         let reported = lock(&shared).destroying.is_empty();
         if vols.len() == 1 && reported {
             println!("\n   left on the worker:");
@@ -215,7 +268,14 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
     }
 
     println!("\n== 3. metrics (GET {api}/metrics, excerpt)");
-    let text = http.get(format!("{api}/metrics")).send().await.map_err(failed)?.text().await.map_err(failed)?;
+    let text = http
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .map_err(failed)?
+        .text()
+        .await
+        .map_err(failed)?;
     for line in text.lines().filter(|l| {
         !l.starts_with('#')
             && (l.starts_with("volume_agent_volumes")

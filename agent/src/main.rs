@@ -26,7 +26,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { keep } => {
-            logging::init("info,actix_server=warn", volume_agent::config::LogFormat::Human);
+            logging::init(
+                "info,actix_server=warn",
+                volume_agent::config::LogFormat::Human,
+            );
             demo::run(keep)?;
             Ok(())
         }

@@ -19,10 +19,19 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/volumes/destroy", web::delete().to(destroy_many))
         .route("/volumes/{handle}", web::get().to(get))
         .route("/volumes/{handle}", web::delete().to(destroy))
-        .route("/volumes/{handle}/properties/{key}", web::put().to(set_property))
+        .route(
+            "/volumes/{handle}/properties/{key}",
+            web::put().to(set_property),
+        )
         .route("/volumes/{handle}/state", web::put().to(set_state))
-        .route("/volumes/{handle}/privileged", web::get().to(get_privileged))
-        .route("/volumes/{handle}/privileged", web::put().to(set_privileged));
+        .route(
+            "/volumes/{handle}/privileged",
+            web::get().to(get_privileged),
+        )
+        .route(
+            "/volumes/{handle}/privileged",
+            web::put().to(set_privileged),
+        );
 }
 
 /// Parses a handle from the path: anything that is not a handle is a 400, never a path.
@@ -185,7 +194,9 @@ async fn set_property(
     let (raw, key) = path.into_inner();
     let h = handle(&raw)?;
     if key.is_empty() {
-        return Err(ApiError::BadRequest("property name must not be empty".into()));
+        return Err(ApiError::BadRequest(
+            "property name must not be empty".into(),
+        ));
     }
     let value = body.into_inner().value;
     blocking(&state, move |inv| inv.set_property(&h, &key, &value)).await?;
