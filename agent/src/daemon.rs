@@ -18,9 +18,10 @@ use crate::durable::revision;
 use crate::inventory::actor::InventoryActor;
 use crate::inventory::{DriverChoice, Inventory, InventoryConfig, InventoryError, RecoveryReport};
 use crate::metrics::Metrics;
+use crate::notify;
 use crate::planner::Policy;
 use crate::reconciler::actor::ReconcilerSettings;
-use crate::reconciler::messages::Drain;
+use crate::reconciler::messages::{Drain, Ping};
 use crate::reconciler::ReconcilerActor;
 use crate::reporter::ReporterActor;
 use crate::resource_types::actor::ResourceTypesActor;
@@ -195,6 +196,9 @@ impl Daemon {
     /// Stops polling, lets in-flight destroys finish (bounded by `gc.destroy_timeout`),
     /// stops the API and flushes the store.
     pub async fn shutdown(self) -> Result<(), DaemonError> {
+        if let Err(e) = notify::stopping() {
+            warn!(error = %e, "cannot tell systemd we are stopping");
+        }
         info!("stopping: no new polls; waiting for in-flight destroys");
         let _ = self.desired.send(StopPolling).await;
         let _ = self.reconciler.send(Drain).await;
@@ -227,11 +231,35 @@ pub async fn wait_for_signal() {
     }
 }
 
+/// Pets the systemd watchdog while the actor system answers: each tick asks the
+/// reconciler (on the system's event loop) for a ping first, so a wedged loop stops the
+/// petting and systemd restarts the service.
+async fn watchdog(reconciler: Addr<ReconcilerActor>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(every, reconciler.send(Ping)).await {
+            Ok(Ok(())) => {
+                if let Err(e) = notify::watchdog() {
+                    warn!(error = %e, "cannot pet the systemd watchdog");
+                }
+            }
+            _ => warn!("the reconciler did not answer a liveness ping; not petting the watchdog"),
+        }
+    }
+}
+
 /// `volume-agent run`: the whole daemon until a signal, inside an `actix::System`.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     let system = actix::System::new();
     let result = system.block_on(async move {
         let daemon = start(&config).await?;
+        if let Err(e) = notify::ready() {
+            warn!(error = %e, "cannot tell systemd we are ready");
+        }
+        if let Some(every) = notify::watchdog_interval() {
+            actix_rt::spawn(watchdog(daemon.reconciler.clone(), every));
+        }
         wait_for_signal().await;
         daemon.shutdown().await
     });

@@ -1,5 +1,5 @@
-//! The `volume-agent` binary: parses the command line and hands over to the library.
-//! Errors print one line and exit non-zero.
+// The `volume-agent` binary: parses the command line and hands over to the library.
+// Errors print one line and exit non-zero.
 
 use anyhow::Context as _;
 use clap::Parser;

@@ -133,6 +133,9 @@ pub struct VolumeReport {
     pub missing: Vec<Handle>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskReport>,
+    /// Set when the mass-destroy guard refused this pass's destroys by absence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// Quotes an ETag value for `If-None-Match`, unless it already is quoted.

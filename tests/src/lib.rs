@@ -1,1 +1,464 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: the real `volume-agent` binary as a process,
+//! a scriptable central API on wiremock, and a client for the agent's local API.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use protocol::local::{CreateVolumeRequest, SetStateRequest, Strategy, VolumeJson};
+use protocol::native::{DesiredSet, DesiredVolume, ResourceTypesReport, VolumeReport};
+use protocol::{Handle, VolumeState};
+use serde_json::Value;
+use wiremock::{Request, Respond, ResponseTemplate};
+
+pub use wiremock;
+
+/// How long a test waits for something that should happen within a few poll intervals.
+/// A guard against hangs, not a timing assertion.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The `volume-agent` binary under test: its `main.rs` built in this package (see
+/// `src/bin/agent-under-test.rs`). Integration tests pass `env!("CARGO_BIN_EXE_agent-under-test")`
+/// through [`set_binary`]; the default finds it beside the test executable.
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("VOLUME_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    dir.join("agent-under-test")
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_owned()
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a free loopback port")
+}
+
+/// What a test may change in the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub worker: String,
+    pub dialect: &'static str,
+    pub poll_interval: &'static str,
+    pub report_interval: &'static str,
+    pub unknown_grace: &'static str,
+    pub request_timeout: &'static str,
+    pub max_body_bytes: u64,
+    pub token_file: Option<PathBuf>,
+    /// Appended to the `[gc]` section.
+    pub extra: String,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            worker: "w1".into(),
+            dialect: "native",
+            poll_interval: "200ms",
+            report_interval: "500ms",
+            unknown_grace: "5m",
+            request_timeout: "2s",
+            max_body_bytes: 1 << 20,
+            token_file: None,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running `volume-agent run` process on temporary directories.
+pub struct Agent {
+    pub api: String,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts the agent against `central_url` and waits until its API is ready.
+    pub fn start(central_url: &str, settings: &AgentSettings) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let types = dir.path().join("resource-types");
+        std::fs::create_dir_all(&types).expect("types dir");
+        let config = format!(
+            "worker_name = \"{worker}\"\n\
+             [central]\nurl = \"{central_url}\"\ndialect = \"{dialect}\"\npoll_interval = \"{poll}\"\n\
+             report_interval = \"{report}\"\n{token}request_timeout = \"{timeout}\"\nmax_body_bytes = {max_body}\nmax_backoff = \"2s\"\n\
+             [volumes]\nroot = {root:?}\ndriver = \"naive\"\n[state]\ndir = {state:?}\n\
+             [api]\nlisten = \"127.0.0.1:{port}\"\n[resource_types]\ndir = {types:?}\nrescan_interval = \"200ms\"\n\
+             [gc]\nunknown_grace = \"{grace}\"\n{extra}",
+            worker = settings.worker,
+            token = settings
+                .token_file
+                .as_ref()
+                .map(|t| format!("token_file = {t:?}\n"))
+                .unwrap_or_default(),
+            dialect = settings.dialect,
+            poll = settings.poll_interval,
+            report = settings.report_interval,
+            timeout = settings.request_timeout,
+            max_body = settings.max_body_bytes,
+            root = dir.path().join("volumes"),
+            state = dir.path().join("state"),
+            grace = settings.unknown_grace,
+            extra = settings.extra,
+        );
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut agent = Agent {
+            api: format!("http://127.0.0.1:{port}"),
+            dir,
+            config_path,
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts (again) the process on the same directories and waits for readiness.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("open agent log");
+        let child = Command::new(agent_binary())
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,volume_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start volume-agent");
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(resp) = probe::blocking_get(&format!("{}/readyz", self.api)) {
+                if resp == 200 {
+                    return;
+                }
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("volume-agent exited early ({status}):\n{}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "volume-agent not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("volumes")
+    }
+
+    pub fn types_dir(&self) -> PathBuf {
+        self.dir.path().join("resource-types")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        child.wait().ok().and_then(|s| s.code())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- volume-agent log ----\n{}", self.log());
+        }
+    }
+}
+
+mod probe {
+    //! A tiny blocking HTTP/1.1 client for readiness checks (no runtime needed).
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub fn blocking_get(url: &str) -> std::io::Result<u16> {
+        let rest = url.trim_start_matches("http://");
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut s = TcpStream::connect(host)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(
+            s,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        buf.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no status line"))
+    }
+}
+
+/// Client for the agent's local API.
+pub struct Local {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Local {
+    pub fn new(agent: &Agent) -> Local {
+        Local {
+            base: agent.api.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Creates a volume (cow when `parent` is set), puts a file in it, and initializes it.
+    pub async fn make(&self, handle: &str, parent: Option<&str>) -> VolumeJson {
+        let strategy = match parent {
+            None => Strategy::Empty,
+            Some(p) => Strategy::Cow { volume: h(p) },
+        };
+        let req = CreateVolumeRequest {
+            handle: h(handle),
+            strategy,
+            properties: Default::default(),
+            privileged: false,
+            ttl: None,
+        };
+        let resp = self
+            .http
+            .post(format!("{}/volumes", self.base))
+            .json(&req)
+            .send()
+            .await
+            .expect("create request");
+        assert_eq!(
+            resp.status(),
+            201,
+            "create {handle}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+        let v: VolumeJson = resp.json().await.expect("volume json");
+        std::fs::write(Path::new(&v.path).join(format!("{handle}.txt")), handle)
+            .expect("write data");
+        let resp = self
+            .http
+            .put(format!("{}/volumes/{handle}/state", self.base))
+            .json(&SetStateRequest {
+                state: VolumeState::Initialized,
+            })
+            .send()
+            .await
+            .expect("state request");
+        assert_eq!(resp.status(), 204, "initialize {handle}");
+        v
+    }
+
+    pub async fn handles(&self) -> Vec<String> {
+        let vols: Vec<VolumeJson> = self
+            .http
+            .get(format!("{}/volumes", self.base))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("list json");
+        let mut v: Vec<String> = vols.into_iter().map(|v| v.handle.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The value of one metric line (`name{labels}` exactly as exported).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+}
+
+pub fn h(s: &str) -> Handle {
+    Handle::new(s).expect("test handle")
+}
+
+/// Waits until `check` holds, polling; panics with `what` after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "gave up waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A scriptable native-dialect desired set: tests change it while the agent polls.
+#[derive(Clone)]
+pub struct DesiredScript(pub Arc<Mutex<ScriptState>>);
+
+pub struct ScriptState {
+    pub worker: String,
+    pub revision: u64,
+    pub as_of: Option<DateTime<Utc>>,
+    pub keep: Vec<DesiredVolume>,
+    pub destroying: Vec<Handle>,
+    /// When set, answered instead of the desired set.
+    pub override_response: Option<ResponseTemplate>,
+}
+
+impl DesiredScript {
+    pub fn new(worker: &str) -> DesiredScript {
+        DesiredScript(Arc::new(Mutex::new(ScriptState {
+            worker: worker.into(),
+            revision: 1,
+            as_of: None,
+            keep: Vec::new(),
+            destroying: Vec::new(),
+            override_response: None,
+        })))
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut ScriptState) -> R) -> R {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s)
+    }
+
+    /// Sets the set to keep and to destroy, and bumps the revision.
+    pub fn set(&self, keep: &[(&str, Option<&str>)], destroying: &[&str]) {
+        self.with(|s| {
+            s.keep = keep
+                .iter()
+                .map(|(k, p)| DesiredVolume {
+                    handle: h(k),
+                    parent: p.map(h),
+                })
+                .collect();
+            s.destroying = destroying.iter().map(|d| h(d)).collect();
+            s.revision += 1;
+        });
+    }
+}
+
+impl Respond for DesiredScript {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        self.with(|s| {
+            if let Some(r) = &s.override_response {
+                return r.clone();
+            }
+            let etag = format!("\"{}\"", s.revision);
+            let inm = req
+                .headers
+                .get("if-none-match")
+                .and_then(|v| v.to_str().ok());
+            if inm == Some(etag.as_str()) {
+                return ResponseTemplate::new(304);
+            }
+            let set = DesiredSet {
+                worker: s.worker.clone(),
+                revision: s.revision,
+                as_of: s.as_of.unwrap_or_else(Utc::now),
+                volumes: s.keep.clone(),
+                destroying: s.destroying.clone(),
+            };
+            ResponseTemplate::new(200)
+                .insert_header("ETag", etag.as_str())
+                .set_body_json(&set)
+        })
+    }
+}
+
+/// The native reports the central side received, in order.
+pub async fn reports(server: &wiremock::MockServer) -> Vec<VolumeReport> {
+    requests_to(server, "/volumes/report")
+        .await
+        .iter()
+        .filter_map(|r| serde_json::from_slice(&r.body).ok())
+        .collect()
+}
+
+/// The resource type reports received, in order.
+pub async fn type_reports(server: &wiremock::MockServer) -> Vec<ResourceTypesReport> {
+    requests_to(server, "/base-resource-types")
+        .await
+        .iter()
+        .filter_map(|r| serde_json::from_slice(&r.body).ok())
+        .collect()
+}
+
+pub async fn requests_to(server: &wiremock::MockServer, suffix: &str) -> Vec<Request> {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.url.path().ends_with(suffix))
+        .collect()
+}
+
+/// Every handle reported destroyed, in order, over all reports.
+pub async fn destroyed(server: &wiremock::MockServer) -> Vec<String> {
+    reports(server)
+        .await
+        .into_iter()
+        .flat_map(|r| r.destroyed)
+        .map(String::from)
+        .collect()
+}
+
+/// JSON of a request body.
+pub fn body_json(r: &Request) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+}

@@ -11,8 +11,9 @@
 //! * A candidate is destroyed only when every descendant is destroyed in the same plan.
 //!   Otherwise it is blocked by the children that stay. A chain of any depth goes in one
 //!   plan: each destroy lists the children it must wait for.
-//! * The mass-destroy guard drops every destroy *by absence* when they would take more than
-//!   `max_destroy_fraction` of the volumes and more than `guard_min_volumes`.
+//! * The mass-destroy guard drops every destroy *by absence* when the answer leaves more
+//!   than `max_destroy_fraction` of the volumes (and more than `guard_min_volumes`) unknown,
+//!   whatever their age: an empty or truncated answer is the usual cause.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -184,36 +185,22 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
         }
     }
 
-    let mut by_absence = Vec::new();
+    // Unknown volumes: in neither list and not already being destroyed. The guard counts
+    // all of them, whatever their age, so a truncated answer cannot leak destroys out a
+    // few at a time as volumes age past the grace period.
+    let mut unknown = Vec::new();
     for (i, v) in local.iter().enumerate() {
         if v.state == VolumeState::Destroying && candidate[i].is_none() {
             candidate[i] = Some(Reason::Resume);
             continue;
         }
-        let (Some(keep), Some(as_of)) = (&keep, as_of) else {
-            continue;
-        };
-        if candidate[i].is_some() || keep.contains(v.handle.as_str()) {
+        if keep.is_none() || candidate[i].is_some() {
             continue;
         }
-        if matches!(v.state, VolumeState::Creating | VolumeState::Initializing) {
-            out.waiting
-                .push((v.handle.clone(), WaitReason::InProgress(v.state)));
+        if keep.as_ref().is_some_and(|k| k.contains(v.handle.as_str())) {
             continue;
         }
-        let age_now = age(now, v.created_at);
-        let age_answer = age(as_of, v.created_at);
-        let age = age_now.min(age_answer);
-        if age >= policy.unknown_grace {
-            by_absence.push(i);
-        } else {
-            out.waiting.push((
-                v.handle.clone(),
-                WaitReason::Young {
-                    remaining: policy.unknown_grace - age,
-                },
-            ));
-        }
+        unknown.push(i);
     }
 
     if let Some(keep) = &keep {
@@ -226,21 +213,38 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
         out.missing = missing;
     }
 
-    let guard_trips = by_absence.len() > policy.guard_min_volumes
-        && (by_absence.len() as f64) > policy.max_destroy_fraction * n as f64;
+    let guard_trips = unknown.len() > policy.guard_min_volumes
+        && (unknown.len() as f64) > policy.max_destroy_fraction * n as f64;
     if guard_trips {
         out.refused = Some(Refusal {
-            would_destroy: by_absence.len(),
+            would_destroy: unknown.len(),
             total: n,
             max_fraction: policy.max_destroy_fraction,
         });
-        for i in by_absence {
-            out.waiting
-                .push((local[i].handle.clone(), WaitReason::Guard));
-        }
-    } else {
-        for i in by_absence {
-            candidate[i] = Some(Reason::Unknown);
+    }
+    if let Some(as_of) = as_of {
+        for i in unknown {
+            let v = &local[i];
+            if matches!(v.state, VolumeState::Creating | VolumeState::Initializing) {
+                out.waiting
+                    .push((v.handle.clone(), WaitReason::InProgress(v.state)));
+                continue;
+            }
+            if guard_trips {
+                out.waiting.push((v.handle.clone(), WaitReason::Guard));
+                continue;
+            }
+            let age = age(now, v.created_at).min(age(as_of, v.created_at));
+            if age >= policy.unknown_grace {
+                candidate[i] = Some(Reason::Unknown);
+            } else {
+                out.waiting.push((
+                    v.handle.clone(),
+                    WaitReason::Young {
+                        remaining: policy.unknown_grace - age,
+                    },
+                ));
+            }
         }
     }
 

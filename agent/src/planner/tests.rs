@@ -173,6 +173,23 @@ fn mass_destroy_guard_refuses_destroys_by_absence_but_not_named() {
 }
 
 #[test]
+fn mass_destroy_guard_counts_young_unknown_volumes_too() {
+    // Volumes age past the grace period a few at a time; the guard must not leak them.
+    let mut local: Vec<LocalVolume> = (0..20).map(|i| init(&format!("v{i:02}"), None)).collect();
+    for v in local.iter_mut().skip(3) {
+        v.created_at = later(3590);
+    }
+    let p = plan(
+        &local,
+        &native(&[], &[], later(3600)),
+        later(3600),
+        &Policy::default(),
+    );
+    assert!(p.refused.is_some());
+    assert!(p.destroy.is_empty());
+}
+
+#[test]
 fn mass_destroy_guard_allows_small_worker_to_empty() {
     let local: Vec<LocalVolume> = (0..10).map(|i| init(&format!("v{i}"), None)).collect();
     let p = plan(
@@ -360,7 +377,13 @@ proptest! {
         let rest: Vec<LocalVolume> = c.local.iter().filter(|v| !gone.contains(v.handle.as_str())).cloned().collect();
         let again = plan(&rest, &c.desired, c.now, &small_grace());
         prop_assert!(again.destroy.is_empty(), "second pass destroys {:?}", again.destroy);
-        prop_assert_eq!(&again.blocked, &p.blocked);
+        // Volumes the central side asked for stay blocked by the same children. (Blocked
+        // *unknown* volumes may drop out: fewer volumes can trip the guard on pass two.)
+        let named = |b: &&Blocked| b.reason != Reason::Unknown;
+        prop_assert_eq!(
+            again.blocked.iter().filter(named).collect::<Vec<_>>(),
+            p.blocked.iter().filter(named).collect::<Vec<_>>()
+        );
         // And the same inputs give the same plan.
         prop_assert_eq!(plan(&c.local, &c.desired, c.now, &small_grace()), p);
     }

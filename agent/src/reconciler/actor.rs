@@ -246,6 +246,11 @@ impl Handler<GetPlan> for ReconcilerActor {
     }
 }
 
+impl Handler<Ping> for ReconcilerActor {
+    type Result = ();
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
+}
+
 impl Handler<Drain> for ReconcilerActor {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {

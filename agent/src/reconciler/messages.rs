@@ -85,3 +85,8 @@ pub struct ResetRevision;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Drain;
+
+/// Liveness probe: answered at once by a healthy actor (feeds the systemd watchdog).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ping;

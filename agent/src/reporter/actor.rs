@@ -2,7 +2,6 @@
 //! once per report interval. `destroyed` handles stay pending until a report carrying
 //! them is accepted, so a failed report never loses the proof that a volume is gone.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +29,9 @@ pub struct ReporterActor {
     metrics: Arc<Metrics>,
     revision: Option<u64>,
     volumes: Vec<LocalVolume>,
-    pending_destroyed: BTreeSet<Handle>,
+    /// In the order they were destroyed (children first), without repeats.
+    pending_destroyed: Vec<Handle>,
+    refused: Option<String>,
     failed: Vec<FailedVolume>,
     blocked: Vec<BlockedVolume>,
     missing: Vec<Handle>,
@@ -55,7 +56,8 @@ impl ReporterActor {
             metrics,
             revision: None,
             volumes: Vec::new(),
-            pending_destroyed: BTreeSet::new(),
+            pending_destroyed: Vec::new(),
+            refused: None,
             failed: Vec::new(),
             blocked: Vec::new(),
             missing: Vec::new(),
@@ -74,7 +76,7 @@ impl ReporterActor {
         let client = self.client.clone();
         let metrics = self.metrics.clone();
         let dialect = self.dialect;
-        let destroyed: Vec<Handle> = self.pending_destroyed.iter().cloned().collect();
+        let destroyed: Vec<Handle> = self.pending_destroyed.clone();
         let report = VolumeReport {
             revision_seen: self.revision,
             volumes: self
@@ -92,6 +94,7 @@ impl ReporterActor {
             blocked: self.blocked.clone(),
             missing: self.missing.clone(),
             disk: self.disk.clone(),
+            refused: self.refused.clone(),
         };
         let handles: Vec<Handle> = self.volumes.iter().map(|v| v.handle.clone()).collect();
         let fut = async move {
@@ -110,9 +113,7 @@ impl ReporterActor {
             match res {
                 Ok(()) => {
                     debug!(destroyed = destroyed.len(), "report accepted");
-                    for h in &destroyed {
-                        act.pending_destroyed.remove(h);
-                    }
+                    act.pending_destroyed.retain(|h| !destroyed.contains(h));
                 }
                 Err(e) => warn!(error = %e, "report failed; it is sent again with the next one"),
             }
@@ -152,7 +153,12 @@ impl Handler<PassReport> for ReporterActor {
     fn handle(&mut self, msg: PassReport, ctx: &mut Context<Self>) {
         let changed = msg.changed() || msg.blocked != self.blocked || msg.missing != self.missing;
         self.revision = msg.revision.or(self.revision);
-        self.pending_destroyed.extend(msg.destroyed);
+        for h in msg.destroyed {
+            if !self.pending_destroyed.contains(&h) {
+                self.pending_destroyed.push(h);
+            }
+        }
+        self.refused = msg.refused.clone();
         self.failed = msg.failed;
         self.blocked = msg.blocked;
         self.missing = msg.missing;
