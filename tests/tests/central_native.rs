@@ -247,8 +247,10 @@ async fn server_errors_and_timeouts_back_off_and_destroy_nothing() {
 async fn malformed_json_and_oversized_body_are_errors_not_crashes() {
     let script = DesiredScript::new("w1");
     let server = central(&script).await;
-    let mut settings = AgentSettings::default();
-    settings.max_body_bytes = 64 * 1024;
+    let settings = AgentSettings {
+        max_body_bytes: 64 * 1024,
+        ..AgentSettings::default()
+    };
     let mut agent = Agent::start(&server.uri(), &settings);
     let local = Local::new(&agent);
     local.make("v", None).await;
@@ -292,8 +294,10 @@ async fn malformed_json_and_oversized_body_are_errors_not_crashes() {
 async fn mass_destroy_guard_refuses_and_reports() {
     let script = DesiredScript::new("w1");
     let server = central(&script).await;
-    let mut settings = AgentSettings::default();
-    settings.unknown_grace = "1s";
+    let settings = AgentSettings {
+        unknown_grace: "1s",
+        ..AgentSettings::default()
+    };
     let agent = Agent::start(&server.uri(), &settings);
     let local = Local::new(&agent);
     let names: Vec<String> = (0..12).map(|i| format!("v{i:02}")).collect();
@@ -327,8 +331,10 @@ async fn mass_destroy_guard_refuses_and_reports() {
 async fn unknown_volumes_wait_for_the_grace_period() {
     let script = DesiredScript::new("w1");
     let server = central(&script).await;
-    let mut settings = AgentSettings::default();
-    settings.unknown_grace = "3s";
+    let settings = AgentSettings {
+        unknown_grace: "3s",
+        ..AgentSettings::default()
+    };
     let agent = Agent::start(&server.uri(), &settings);
     let local = Local::new(&agent);
     local.make("young", None).await;
