@@ -16,6 +16,9 @@ use super::{
     RecoveryReport, LOCK_STRIPES,
 };
 
+/// How often to try the state dir lock, 20 ms apart.
+const LOCK_TRIES: u32 = 100;
+
 pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport), InventoryError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(io_err(&cfg.state_dir))?;
     std::fs::create_dir_all(&cfg.volumes_root).map_err(io_err(&cfg.volumes_root))?;
@@ -34,7 +37,16 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
         .write(true)
         .open(&lock_path)
         .map_err(io_err(&lock_path))?;
-    super::sys::try_lock_exclusive(&lock).map_err(|_| InventoryError::Locked(state_dir.clone()))?;
+    // A lock can be held for a moment by a process that is exiting, or by a child forked
+    // from this one that has not exec'd yet (it shares the open file): wait briefly.
+    let mut tries = 0;
+    while super::sys::try_lock_exclusive(&lock).is_err() {
+        tries += 1;
+        if tries > LOCK_TRIES {
+            return Err(InventoryError::Locked(state_dir));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     let layout = Layout::new(root.clone());
     layout.ensure().map_err(io_err(&root))?;
@@ -104,7 +116,21 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
 /// Opens the store. A store that is unreadable, or that exists but was never fully
 /// initialized, is moved aside and a fresh one opened: returns `(store, set_aside)`.
 fn open_store(db_dir: &Path, existed: bool, cache: u64) -> Result<(Store, bool), InventoryError> {
-    let attempt = std::panic::catch_unwind(|| Store::open(db_dir, cache));
+    let attempt = std::panic::catch_unwind(|| {
+        let mut tries = 0;
+        loop {
+            match Store::open(db_dir, cache) {
+                // sled's own file lock, held for a moment by a forked child (see above).
+                Err(sled::Error::Io(e))
+                    if tries < LOCK_TRIES && e.to_string().contains("could not acquire lock") =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        }
+    });
     let problem = match attempt {
         Ok(Ok(store)) => {
             if !existed || store.is_initialized()? {
