@@ -4,7 +4,9 @@
 //! * destroy throughput of the naive driver against `rm -rf` of identical trees, in
 //!   entries per second and as a ratio (target ≥ 0.9×).
 //!
-//! Sizes can be lowered for a quick run: `INVENTORY_BENCH_VOLUMES`, `INVENTORY_BENCH_TREES`.
+//! Sizes: `INVENTORY_BENCH_VOLUMES` (default 100000), `INVENTORY_BENCH_TREES` (default 4
+//! trees of 5,051 entries). `INVENTORY_BENCH_DIR` puts the work under another directory
+//! (default: the system temp dir), e.g. a tmpfs to take a contended disk out of the figures.
 
 use std::path::Path;
 use std::process::Command;
@@ -204,8 +206,12 @@ fn main() {
         return;
     }
     let volumes = env_usize("INVENTORY_BENCH_VOLUMES", 100_000);
-    let trees = env_usize("INVENTORY_BENCH_TREES", 20);
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let trees = env_usize("INVENTORY_BENCH_TREES", 4);
+    let base = std::env::var_os("INVENTORY_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::tempdir_in(&base).expect("tempdir");
+    println!("working under {}", base.display());
 
     println!(
         "inventory bench: {volumes} volumes, sled cache {} MiB",
@@ -246,6 +252,7 @@ fn main() {
     }
     println!("open + recover best: {best:.0} ms");
 
-    let dtmp = tempfile::tempdir().expect("tempdir");
+    drop(tmp);
+    let dtmp = tempfile::tempdir_in(&base).expect("tempdir");
     destroy_throughput(dtmp.path(), trees);
 }

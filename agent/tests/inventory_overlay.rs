@@ -169,3 +169,30 @@ fn a_store_made_with_overlay_keeps_working_after_switching_to_naive() {
     assert!(mounted(&inv).is_empty());
     assert_consistent(&inv);
 }
+
+#[test]
+fn a_lost_store_with_overlay_children_is_rebuilt_and_remounted() {
+    let Some(sb) = Sandbox::new() else { return };
+    let cfg = config(sb.path(), DriverChoice::Overlay);
+    {
+        let inv = open(&cfg);
+        initialized_root(&inv, "r", &[("f", "r")]);
+        let a = child(&inv, "a", "r");
+        std::fs::write(a.path.join("a-file"), b"a").expect("write");
+        inv.set_state(&h("a"), VolumeState::Initialized)
+            .expect("init");
+        child(&inv, "g", "a");
+    }
+    unmount_all(sb.path());
+    std::fs::remove_dir_all(cfg.state_dir.join("inventory.db")).expect("lose the store");
+    let (inv, report) = Inventory::open(&cfg).expect("reopen");
+    assert!(report.rebuilt_from_disk);
+    assert_eq!(report.remounted, vec![h("a"), h("g")]);
+    let g = inv.get(&h("g")).expect("get").expect("g");
+    assert_eq!(std::fs::read(g.path.join("a-file")).expect("read"), b"a");
+    assert!(matches!(
+        inv.destroy(&h("a")),
+        Err(volume_agent::inventory::InventoryError::HasChildren { .. })
+    ));
+    assert_consistent(&inv);
+}

@@ -484,8 +484,10 @@ impl Inventory {
             if !exists(&dir) {
                 continue;
             }
-            let layers = self.layers_of(&h, &rec)?;
-            match driver(rec.driver).attach(&dir, layers.as_deref()) {
+            let attached = self
+                .layers_of(&rec)
+                .and_then(|layers| Ok(driver(rec.driver).attach(&dir, layers.as_deref())?));
+            match attached {
                 Ok(true) => report.remounted.push(h),
                 Ok(false) => {}
                 Err(e) => {
