@@ -540,14 +540,11 @@ impl Inventory {
         })
     }
 
-    /// Overlay layers for `h` if it is an overlay child.
-    fn layers_of(&self, h: &Handle, s: &Stored) -> Result<Option<Vec<PathBuf>>, InventoryError> {
+    /// Overlay layers for a volume if it is an overlay child.
+    fn layers_of(&self, s: &Stored) -> Result<Option<Vec<PathBuf>>, InventoryError> {
         match (&s.parent, s.is_overlay_child()) {
             (Some(p), true) => Ok(Some(self.parent_view(p)?.layers)),
-            _ => {
-                let _ = h;
-                Ok(None)
-            }
+            _ => Ok(None),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Opening the inventory: lock, open (or set aside and rebuild) the store, then finish or
 //! undo whatever a crash interrupted and bring disk and store back into agreement.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -15,6 +15,9 @@ use super::{
     io_err, DiskMeta, DriverChoice, DriverKind, Inner, Inventory, InventoryConfig, InventoryError,
     RecoveryReport, LOCK_STRIPES,
 };
+
+/// How often to try the state dir lock, 20 ms apart.
+const LOCK_TRIES: u32 = 100;
 
 pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport), InventoryError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(io_err(&cfg.state_dir))?;
@@ -34,7 +37,16 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
         .write(true)
         .open(&lock_path)
         .map_err(io_err(&lock_path))?;
-    super::sys::try_lock_exclusive(&lock).map_err(|_| InventoryError::Locked(state_dir.clone()))?;
+    // A lock can be held for a moment by a process that is exiting, or by a child forked
+    // from this one that has not exec'd yet (it shares the open file): wait briefly.
+    let mut tries = 0;
+    while super::sys::try_lock_exclusive(&lock).is_err() {
+        tries += 1;
+        if tries > LOCK_TRIES {
+            return Err(InventoryError::Locked(state_dir));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     let layout = Layout::new(root.clone());
     layout.ensure().map_err(io_err(&root))?;
@@ -42,10 +54,14 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
     let db_dir = state_dir.join(DB_DIR);
     let existed = exists(&db_dir.join("db"));
     let (store, set_aside) = open_store(&db_dir, existed, cfg.cache_bytes)?;
-    let live_count = Layout::entries(&layout.live_dir())
-        .map_err(io_err(&layout.live_dir()))?
-        .len();
-    let lost = !existed && live_count > 0;
+    let live_count = if existed {
+        0
+    } else {
+        Layout::entries(&layout.live_dir())
+            .map_err(io_err(&layout.live_dir()))?
+            .len()
+    };
+    let lost = live_count > 0;
     if lost {
         tracing::error!(
             path = %db_dir.display(),
@@ -85,8 +101,10 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
         report.rebuilt_from_disk = true;
     }
     inv.recover(&mut report)?;
-    inv.inner.store.mark_initialized()?;
-    inv.inner.store.commit()?;
+    if !inv.inner.store.is_initialized()? {
+        inv.inner.store.mark_initialized()?;
+        inv.inner.store.commit()?;
+    }
     inv.restore_reserve();
     tracing::info!(
         root = %inv.volumes_root().display(),
@@ -104,7 +122,21 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
 /// Opens the store. A store that is unreadable, or that exists but was never fully
 /// initialized, is moved aside and a fresh one opened: returns `(store, set_aside)`.
 fn open_store(db_dir: &Path, existed: bool, cache: u64) -> Result<(Store, bool), InventoryError> {
-    let attempt = std::panic::catch_unwind(|| Store::open(db_dir, cache));
+    let attempt = std::panic::catch_unwind(|| {
+        let mut tries = 0;
+        loop {
+            match Store::open(db_dir, cache) {
+                // sled's own file lock, held for a moment by a forked child (see above).
+                Err(sled::Error::Io(e))
+                    if tries < LOCK_TRIES && e.to_string().contains("could not acquire lock") =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other,
+            }
+        }
+    });
     let problem = match attempt {
         Ok(Ok(store)) => {
             if !existed || store.is_initialized()? {
@@ -179,63 +211,112 @@ impl Inventory {
         }
     }
 
-    /// Inserts records for `metas` whose parent is known (or themselves in `metas`),
-    /// parents first; returns the handles that could not be placed.
+    /// Inserts records for `metas` whose parent is known (an initialized record, or itself
+    /// in `metas`), parents first, with child counts, the children index and overlay mount
+    /// depths; returns the handles placed and those that could not be placed (with why).
+    ///
+    /// `bulk` (a rebuild into an empty, not yet initialized store) writes with one batch
+    /// per tree: a crash midway leaves the store without its format marker, so the next
+    /// open sets it aside and rebuilds again. Otherwise everything is one transaction.
     fn insert_from_meta(
         &self,
-        metas: BTreeMap<Handle, Stored>,
+        mut metas: BTreeMap<Handle, Stored>,
+        bulk: bool,
     ) -> Result<(Vec<Handle>, BTreeMap<Handle, String>), InventoryError> {
         let store = &self.inner.store;
-        let mut left = metas;
-        let mut placed = Vec::new();
-        loop {
-            let mut progress = Vec::new();
-            for (h, rec) in &left {
-                let ok = match &rec.parent {
-                    None => true,
-                    Some(p) if left.contains_key(p) => false,
-                    Some(p) => {
-                        matches!(store.get(p)?, Some(pr) if pr.state == VolumeState::Initialized)
-                    }
-                };
-                if ok {
-                    progress.push(h.clone());
+        let mut by_parent: HashMap<Handle, Vec<Handle>> = HashMap::new();
+        let mut queue = Vec::new();
+        // Parents already in the store: (their mount depth, new children).
+        let mut outside: BTreeMap<Handle, (u32, u64)> = BTreeMap::new();
+        for (h, rec) in &metas {
+            match &rec.parent {
+                None => queue.push(h.clone()),
+                Some(p) if metas.contains_key(p) => {
+                    by_parent.entry(p.clone()).or_default().push(h.clone())
                 }
-            }
-            if progress.is_empty() {
-                break;
-            }
-            for h in progress {
-                let Some(mut rec) = left.remove(&h) else {
-                    continue;
-                };
-                rec.children = 0;
-                if matches!(rec.state, VolumeState::Creating | VolumeState::Destroying) {
-                    rec.state = VolumeState::Created;
+                Some(p) => {
+                    if matches!(store.get(p)?, Some(pr) if pr.state == VolumeState::Initialized) {
+                        let depth = store
+                            .mounts
+                            .get(p.as_str())
+                            .map_err(|e| store.err("reading the mounts index", e))?
+                            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+                            .map(u32::from_be_bytes)
+                            .unwrap_or(0);
+                        outside.entry(p.clone()).or_insert((depth, 0)).1 += 1;
+                        queue.push(h.clone());
+                    }
                 }
-                store.tx("adopting a volume", |tx| {
-                    let mut depth = None;
-                    if let Some(p) = &rec.parent {
-                        let Some(mut prec) = tx.get(p)? else {
-                            return store::abort(InventoryError::ParentNotFound(p.clone()));
-                        };
-                        prec.children += 1;
-                        tx.put(p, &prec)?;
-                        tx.children.insert(store::child_key(p, &h), &[][..])?;
-                        if rec.is_overlay_child() {
-                            depth = Some(tx.mount_depth(p)?.unwrap_or(0) + 1);
-                        }
-                    }
-                    tx.put(&h, &rec)?;
-                    if let Some(d) = depth {
-                        tx.mounts.insert(h.as_str(), &d.to_be_bytes()[..])?;
-                    }
-                    Ok(())
-                })?;
-                placed.push(h);
             }
         }
-        let unplaced = left
+        // Parents first; depth of each placed handle's own mount (0 = not a mount).
+        let mut depth: HashMap<Handle, u32> = HashMap::new();
+        let mut placed: Vec<(Handle, Stored, Option<u32>)> = Vec::new();
+        while let Some(h) = queue.pop() {
+            let Some(mut rec) = metas.remove(&h) else {
+                continue;
+            };
+            let kids = by_parent.remove(&h).unwrap_or_default();
+            rec.children = kids.len() as u64;
+            if matches!(rec.state, VolumeState::Creating | VolumeState::Destroying) {
+                rec.state = VolumeState::Created;
+            }
+            let parent_depth = rec.parent.as_ref().map(|p| {
+                depth
+                    .get(p)
+                    .copied()
+                    .or_else(|| outside.get(p).map(|o| o.0))
+                    .unwrap_or(0)
+            });
+            let mount = match (rec.is_overlay_child(), parent_depth) {
+                (true, Some(d)) => Some(d + 1),
+                _ => None,
+            };
+            depth.insert(h.clone(), mount.unwrap_or(0));
+            queue.extend(kids);
+            placed.push((h, rec, mount));
+        }
+        if bulk {
+            let (mut v, mut c, mut m) = (
+                sled::Batch::default(),
+                sled::Batch::default(),
+                sled::Batch::default(),
+            );
+            for (h, rec, mount) in &placed {
+                v.insert(h.as_str(), store::encode(rec));
+                if let Some(p) = &rec.parent {
+                    c.insert(store::child_key(p, h), &[][..]);
+                }
+                if let Some(d) = mount {
+                    m.insert(h.as_str(), &d.to_be_bytes()[..]);
+                }
+            }
+            let werr = |e| store.err("rebuilding the store", e);
+            store.volumes.apply_batch(v).map_err(werr)?;
+            store.children.apply_batch(c).map_err(werr)?;
+            store.mounts.apply_batch(m).map_err(werr)?;
+        } else if !placed.is_empty() {
+            store.tx("adopting volumes", |tx| {
+                for (p, (_, added)) in &outside {
+                    let Some(mut prec) = tx.get(p)? else {
+                        return store::abort(InventoryError::ParentNotFound(p.clone()));
+                    };
+                    prec.children += added;
+                    tx.put(p, &prec)?;
+                }
+                for (h, rec, mount) in &placed {
+                    tx.put(h, rec)?;
+                    if let Some(p) = &rec.parent {
+                        tx.children.insert(store::child_key(p, h), &[][..])?;
+                    }
+                    if let Some(d) = mount {
+                        tx.mounts.insert(h.as_str(), &d.to_be_bytes()[..])?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        let unplaced = metas
             .into_iter()
             .map(|(h, r)| {
                 let why = match r.parent {
@@ -245,14 +326,14 @@ impl Inventory {
                 (h, why)
             })
             .collect();
-        Ok((placed, unplaced))
+        Ok((placed.into_iter().map(|(h, _, _)| h).collect(), unplaced))
     }
 
     /// Fills an empty store from the `meta.json` files under `live/`.
     fn rebuild_from_disk(&self, report: &mut RecoveryReport) -> Result<(), InventoryError> {
         let live_dir = self.inner.layout.live_dir();
         let names = Layout::entries(&live_dir).map_err(io_err(&live_dir))?;
-        let placed = self.adopt(names, report)?;
+        let placed = self.adopt(names, true, report)?;
         tracing::warn!(volumes = placed.len(), "rebuilt the volume store from disk");
         Ok(())
     }
@@ -262,6 +343,7 @@ impl Inventory {
     fn adopt(
         &self,
         names: impl IntoIterator<Item = String>,
+        bulk: bool,
         report: &mut RecoveryReport,
     ) -> Result<Vec<Handle>, InventoryError> {
         let live_dir = self.inner.layout.live_dir();
@@ -290,7 +372,7 @@ impl Inventory {
         if metas.is_empty() {
             return Ok(Vec::new());
         }
-        let (placed, unplaced) = self.insert_from_meta(metas)?;
+        let (placed, unplaced) = self.insert_from_meta(metas, bulk)?;
         for (h, why) in unplaced {
             let dir = self.inner.layout.live(&h);
             self.quarantine(&dir, h.as_str(), &why, report);
@@ -311,6 +393,7 @@ impl Inventory {
             let (k, v) = kv.map_err(|e| store.err("reading pending intents", e))?;
             intents.push((store::handle_from_key(&k)?, v.to_vec()));
         }
+        let dirty = !intents.is_empty();
         for (h, intent) in intents {
             let Some(rec) = store.get(&h)? else {
                 store.tx("dropping a stale intent", |tx| tx.delete(&h))?;
@@ -337,36 +420,29 @@ impl Inventory {
                 })?;
             }
         }
-        store.commit()?;
+        if dirty {
+            store.commit()?;
+        }
 
-        // 2. Leftovers in dead/ and init/ (no record can want them).
+        // 2. Leftovers in dead/ and init/: after step 1 no record wants them (a create or
+        //    destroy always has its intent recorded before it touches the disk).
         for (dir, finished) in [(layout.dead_dir(), true), (layout.init_dir(), false)] {
             for name in Layout::entries(&dir).map_err(io_err(&dir))? {
                 let path = dir.join(&name);
-                if let Ok(h) = Handle::new(name.clone()) {
-                    if matches!(store.get(&h)?, Some(r) if r.state != VolumeState::Destroying && r.state != VolumeState::Creating)
-                        && !finished
-                    {
-                        // A live volume with a stray init dir (cannot normally happen).
-                        tracing::warn!(dir = %path.display(), "removing a stray init directory of a live volume");
-                    }
-                    let _ = driver(DriverKind::Overlay).detach(&path);
-                    crate::remove::remove_tree(&path)?;
-                    if finished {
-                        if store
-                            .get(&h)?
-                            .is_some_and(|r| r.state == VolumeState::Destroying)
-                        {
-                            store.tx("deleting a destroyed volume's record", |tx| tx.delete(&h))?;
-                        }
-                        if !report.destroys_finished.contains(&h) {
-                            report.destroys_finished.push(h);
-                        }
-                    } else if !report.creates_removed.contains(&h) {
-                        report.creates_removed.push(h);
-                    }
-                } else {
+                let Ok(h) = Handle::new(name.clone()) else {
                     self.quarantine(&path, &name, "not a handle", report);
+                    continue;
+                };
+                tracing::warn!(dir = %path.display(), "removing a leftover directory of an unfinished create or destroy");
+                driver(DriverKind::Overlay).detach(&path)?;
+                crate::remove::remove_tree(&path)?;
+                let list = if finished {
+                    &mut report.destroys_finished
+                } else {
+                    &mut report.creates_removed
+                };
+                if !list.contains(&h) {
+                    list.push(h);
                 }
             }
         }
@@ -386,7 +462,7 @@ impl Inventory {
                 report.missing_on_disk.push(h);
             }
         }
-        let placed = self.adopt(on_disk, report)?;
+        let placed = self.adopt(on_disk, false, report)?;
         for h in &placed {
             tracing::warn!(handle = %h, "adopted a volume directory that had no record");
         }
@@ -408,8 +484,10 @@ impl Inventory {
             if !exists(&dir) {
                 continue;
             }
-            let layers = self.layers_of(&h, &rec)?;
-            match driver(rec.driver).attach(&dir, layers.as_deref()) {
+            let attached = self
+                .layers_of(&rec)
+                .and_then(|layers| Ok(driver(rec.driver).attach(&dir, layers.as_deref())?));
+            match attached {
                 Ok(true) => report.remounted.push(h),
                 Ok(false) => {}
                 Err(e) => {
