@@ -1,0 +1,51 @@
+//! The worker-local HTTP API: volumes (baggageclaim's wire shape), health, readiness,
+//! metrics and the operator's `gc` routes. Handlers are thin: every change goes through
+//! the [`Inventory`] on a blocking thread (`web::block`).
+
+pub mod error;
+pub mod ops;
+pub mod volumes;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::web;
+
+use crate::central::actor::DesiredStateActor;
+use crate::inventory::Inventory;
+use crate::metrics::Metrics;
+use crate::reconciler::ReconcilerActor;
+
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiState {
+    pub inventory: Inventory,
+    pub metrics: Arc<Metrics>,
+    pub reconciler: Option<Addr<ReconcilerActor>>,
+    pub desired: Option<Addr<DesiredStateActor>>,
+    /// Set once recovery finished and the loop runs.
+    pub ready: Arc<AtomicBool>,
+    /// Largest JSON body accepted.
+    pub max_body_bytes: usize,
+}
+
+/// Registers every route. The bulk destroy route is registered before `/volumes/{handle}`
+/// so a volume named `destroy` cannot shadow it.
+pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg: &mut web::ServiceConfig| {
+        let json = web::JsonConfig::default()
+            .limit(state.max_body_bytes)
+            .content_type_required(false)
+            .error_handler(error::json_error);
+        cfg.app_data(web::Data::new(state))
+            .app_data(json)
+            .app_data(web::PathConfig::default().error_handler(error::path_error))
+            .app_data(web::QueryConfig::default().error_handler(error::query_error))
+            .configure(ops::routes)
+            .configure(volumes::routes)
+            .default_service(web::to(error::not_found));
+    }
+}

@@ -1,0 +1,61 @@
+//! Health, readiness, metrics and the operator's gc routes.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use actix_web::{web, HttpResponse};
+
+use super::{ApiError, ApiState};
+use crate::reconciler::messages::{GetPlan, ResetRevision};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/gc/plan", web::get().to(gc_plan))
+        .route("/gc/reset-revision", web::post().to(reset_revision));
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
+    if state.ready.load(Relaxed) {
+        HttpResponse::Ok().json(serde_json::json!({"ready": true}))
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"ready": false, "error": "recovery or start-up not finished"}))
+    }
+}
+
+async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+async fn gc_plan(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let reconciler = state
+        .reconciler
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("the reconciler is not running".into()))?;
+    let view = reconciler
+        .send(GetPlan)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the reconciler stopped: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+async fn reset_revision(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let desired = state
+        .desired
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("the desired-state poller is not running".into()))?;
+    desired
+        .send(ResetRevision)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the poller stopped: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::NoContent().finish())
+}

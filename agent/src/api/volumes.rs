@@ -1,0 +1,241 @@
+//! Volume routes in baggageclaim's wire shape.
+
+use std::collections::{BTreeMap, HashMap};
+
+use actix_web::{web, HttpResponse};
+use protocol::local::{
+    CreateVolumeRequest, SetPrivilegedRequest, SetPropertyRequest, SetStateRequest, Strategy,
+    VolumeJson,
+};
+use protocol::Handle;
+
+use super::{ApiError, ApiState};
+use crate::inventory::{CreateSpec, DestroyOutcome, Inventory, InventoryError, VolumeRecord};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/volumes", web::post().to(create))
+        .route("/volumes", web::get().to(list))
+        // Before `/volumes/{handle}`: a volume named `destroy` must not shadow it.
+        .route("/volumes/destroy", web::delete().to(destroy_many))
+        .route("/volumes/{handle}", web::get().to(get))
+        .route("/volumes/{handle}", web::delete().to(destroy))
+        .route(
+            "/volumes/{handle}/properties/{key}",
+            web::put().to(set_property),
+        )
+        .route("/volumes/{handle}/state", web::put().to(set_state))
+        .route(
+            "/volumes/{handle}/privileged",
+            web::get().to(get_privileged),
+        )
+        .route(
+            "/volumes/{handle}/privileged",
+            web::put().to(set_privileged),
+        );
+}
+
+/// Parses a handle from the path: anything that is not a handle is a 400, never a path.
+pub fn handle(raw: &str) -> Result<Handle, ApiError> {
+    Handle::new(raw).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+pub fn volume_json(r: &VolumeRecord) -> VolumeJson {
+    VolumeJson {
+        handle: r.handle.clone(),
+        path: r.path.to_string_lossy().into_owned(),
+        state: r.state,
+        parent: r.parent.clone(),
+        properties: r.properties.clone(),
+        privileged: r.privileged,
+    }
+}
+
+/// Runs `f` on the inventory on a blocking thread.
+pub async fn blocking<T, F>(state: &ApiState, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(&Inventory) -> Result<T, InventoryError> + Send + 'static,
+    T: Send + 'static,
+{
+    let inv = state.inventory.clone();
+    Ok(web::block(move || f(&inv)).await??)
+}
+
+async fn create(
+    state: web::Data<ApiState>,
+    body: web::Json<CreateVolumeRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let req = body.into_inner();
+    let parent = match &req.strategy {
+        Strategy::Empty => None,
+        Strategy::Cow { volume } => Some(volume.clone()),
+        Strategy::Import { .. } => {
+            return Err(ApiError::Unprocessable(
+                "the import strategy is served by POST /volumes-async".into(),
+            ))
+        }
+    };
+    let spec = CreateSpec {
+        handle: req.handle,
+        parent,
+        properties: req.properties,
+        privileged: req.privileged,
+        initial_state: protocol::VolumeState::Created,
+        populate: None,
+    };
+    let record = blocking(&state, move |inv| inv.create(spec)).await?;
+    Ok(HttpResponse::Created().json(volume_json(&record)))
+}
+
+async fn list(
+    state: web::Data<ApiState>,
+    query: web::Query<BTreeMap<String, String>>,
+) -> Result<HttpResponse, ApiError> {
+    let wanted = query.into_inner();
+    let records = blocking(&state, |inv| inv.list()).await?;
+    let out: Vec<VolumeJson> = records
+        .iter()
+        .filter(|r| wanted.iter().all(|(k, v)| r.properties.get(k) == Some(v)))
+        .map(volume_json)
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+async fn get(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let h = handle(&path)?;
+    let found = {
+        let h = h.clone();
+        blocking(&state, move |inv| inv.get(&h)).await?
+    };
+    match found {
+        Some(r) => Ok(HttpResponse::Ok().json(volume_json(&r))),
+        None => Err(InventoryError::NotFound(h).into()),
+    }
+}
+
+async fn destroy(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let h = handle(&path)?;
+    let outcome = {
+        let h = h.clone();
+        blocking(&state, move |inv| inv.destroy(&h)).await?
+    };
+    match outcome {
+        DestroyOutcome::Destroyed => {
+            tracing::info!(handle = %h, reason = "destroyed through the local API", "destroyed volume");
+            Ok(HttpResponse::NoContent().finish())
+        }
+        DestroyOutcome::AlreadyGone => Err(InventoryError::NotFound(h).into()),
+    }
+}
+
+/// Orders `handles` so that every volume comes after its descendants within the batch.
+pub fn children_first(handles: Vec<Handle>, records: &[VolumeRecord]) -> Vec<Handle> {
+    let parent: HashMap<&Handle, &Handle> = records
+        .iter()
+        .filter_map(|r| r.parent.as_ref().map(|p| (&r.handle, p)))
+        .collect();
+    let depth = |h: &Handle| {
+        let mut d = 0usize;
+        let mut cur = h;
+        while let Some(p) = parent.get(cur) {
+            d += 1;
+            cur = p;
+            if d > records.len() {
+                break;
+            }
+        }
+        d
+    };
+    let mut with_depth: Vec<(usize, Handle)> =
+        handles.into_iter().map(|h| (depth(&h), h)).collect();
+    with_depth.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    with_depth.dedup_by(|a, b| a.1 == b.1);
+    with_depth.into_iter().map(|(_, h)| h).collect()
+}
+
+async fn destroy_many(
+    state: web::Data<ApiState>,
+    body: web::Json<Vec<Handle>>,
+) -> Result<HttpResponse, ApiError> {
+    let handles = body.into_inner();
+    let blocked = blocking(&state, move |inv| {
+        let records = inv.list()?;
+        let mut blocked = Vec::new();
+        for h in children_first(handles, &records) {
+            match inv.destroy(&h) {
+                Ok(DestroyOutcome::Destroyed) => {
+                    tracing::info!(handle = %h, reason = "bulk destroy through the local API", "destroyed volume")
+                }
+                Ok(DestroyOutcome::AlreadyGone) => {}
+                Err(e @ InventoryError::HasChildren { .. }) => blocked.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(blocked)
+    })
+    .await?;
+    if blocked.is_empty() {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(ApiError::Conflict(blocked.join("; ")))
+    }
+}
+
+async fn set_property(
+    state: web::Data<ApiState>,
+    path: web::Path<(String, String)>,
+    body: web::Json<SetPropertyRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let (raw, key) = path.into_inner();
+    let h = handle(&raw)?;
+    if key.is_empty() {
+        return Err(ApiError::BadRequest(
+            "property name must not be empty".into(),
+        ));
+    }
+    let value = body.into_inner().value;
+    blocking(&state, move |inv| inv.set_property(&h, &key, &value)).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn set_state(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+    body: web::Json<SetStateRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let h = handle(&path)?;
+    let to = body.into_inner().state;
+    blocking(&state, move |inv| inv.set_state(&h, to)).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn get_privileged(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let h = handle(&path)?;
+    let found = {
+        let h = h.clone();
+        blocking(&state, move |inv| inv.get(&h)).await?
+    };
+    match found {
+        Some(r) => Ok(HttpResponse::Ok().json(r.privileged)),
+        None => Err(InventoryError::NotFound(h).into()),
+    }
+}
+
+async fn set_privileged(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+    body: web::Json<SetPrivilegedRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let h = handle(&path)?;
+    let value = body.into_inner().value;
+    blocking(&state, move |inv| inv.set_privileged(&h, value)).await?;
+    Ok(HttpResponse::NoContent().finish())
+}

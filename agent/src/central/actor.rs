@@ -1,0 +1,284 @@
+//! The desired-state actor: polls the central API (conditional GET, jitter, backoff),
+//! drops stale or misrouted answers, keeps the highest applied revision durable, and
+//! hands each new answer to the reconciler.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use protocol::native::DesiredSet;
+use rand::Rng;
+use tracing::{info, warn};
+
+use super::client::{CentralClient, ClientError, DesiredAnswer};
+use crate::config::Dialect;
+use crate::durable::revision;
+use crate::metrics::Metrics;
+use crate::planner::Desired;
+use crate::reconciler::messages::{DesiredUpdate, Reconcile, ResetRevision, StoreFailure};
+
+/// Poll now instead of waiting for the timer (disk pressure, tests).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PollNow;
+
+/// Stop polling (shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopPolling;
+
+pub struct DesiredStateActor {
+    client: CentralClient,
+    dialect: Dialect,
+    interval: Duration,
+    max_backoff: Duration,
+    state_dir: PathBuf,
+    reconciler_update: Recipient<DesiredUpdate>,
+    reconciler_tick: Recipient<Reconcile>,
+    metrics: Arc<Metrics>,
+    etag: Option<String>,
+    highest: Option<u64>,
+    errors: u32,
+    polling: bool,
+    stopped: bool,
+    timer: Option<SpawnHandle>,
+}
+
+impl DesiredStateActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: CentralClient,
+        dialect: Dialect,
+        interval: Duration,
+        max_backoff: Duration,
+        state_dir: PathBuf,
+        highest: Option<u64>,
+        reconciler_update: Recipient<DesiredUpdate>,
+        reconciler_tick: Recipient<Reconcile>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        if let Some(r) = highest {
+            metrics.desired_revision.store(r, Relaxed);
+        }
+        DesiredStateActor {
+            client,
+            dialect,
+            interval,
+            max_backoff,
+            state_dir,
+            reconciler_update,
+            reconciler_tick,
+            metrics,
+            etag: None,
+            highest,
+            errors: 0,
+            polling: false,
+            stopped: false,
+            timer: None,
+        }
+    }
+
+    /// The wait before the next poll: the interval with ±10% jitter, or exponential
+    /// backoff (capped) after errors.
+    fn next_delay(&self) -> Duration {
+        let base = if self.errors == 0 {
+            self.interval
+        } else {
+            let factor = 2u32.saturating_pow(self.errors.min(16));
+            self.interval
+                .min(Duration::from_secs(1))
+                .saturating_mul(factor)
+                .min(self.max_backoff)
+        };
+        let jitter = rand::thread_rng().gen_range(0.9..1.1);
+        base.mul_f64(jitter)
+    }
+
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        if self.stopped {
+            return;
+        }
+        if let Some(t) = self.timer.take() {
+            ctx.cancel_future(t);
+        }
+        let delay = self.next_delay();
+        self.timer = Some(ctx.run_later(delay, |act, ctx| act.poll(ctx)));
+    }
+
+    fn poll(&mut self, ctx: &mut Context<Self>) {
+        if self.polling || self.stopped {
+            return;
+        }
+        self.polling = true;
+        let client = self.client.clone();
+        match self.dialect {
+            Dialect::Native => {
+                let etag = self.etag.clone();
+                let fut = async move { client.get_desired(etag.as_deref()).await };
+                ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+                    act.polling = false;
+                    act.on_native(res, ctx);
+                    act.schedule(ctx);
+                }));
+            }
+            Dialect::Concourse => {
+                let fut = async move { client.get_destroying().await };
+                ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+                    act.polling = false;
+                    match res {
+                        Ok(destroying) => {
+                            act.ok("destroying", "ok");
+                            act.reconciler_update.do_send(DesiredUpdate {
+                                desired: Some(Desired::Concourse { destroying }),
+                                revision: None,
+                            });
+                        }
+                        Err(e) => act.failed("destroying", &e),
+                    }
+                    act.schedule(ctx);
+                }));
+            }
+        }
+    }
+
+    fn ok(&mut self, endpoint: &str, outcome: &str) {
+        self.errors = 0;
+        self.metrics.central_request(endpoint, outcome);
+        self.metrics.mark_synced_now();
+    }
+
+    fn failed(&mut self, endpoint: &str, e: &ClientError) {
+        self.errors = self.errors.saturating_add(1);
+        self.metrics.central_request(endpoint, e.kind());
+        warn!(error = %e, consecutive = self.errors, "polling the central API failed; nothing is destroyed by absence until it answers");
+    }
+
+    fn on_native(&mut self, res: Result<DesiredAnswer, ClientError>, ctx: &mut Context<Self>) {
+        match res {
+            Err(e) => self.failed("desired", &e),
+            Ok(DesiredAnswer::NotModified) => {
+                self.ok("desired", "not_modified");
+                self.reconciler_tick.do_send(Reconcile);
+            }
+            Ok(DesiredAnswer::UnknownWorker) => {
+                self.ok("desired", "unknown_worker");
+                warn!(
+                    worker = self.client.worker(),
+                    "the central API does not know this worker; destroying nothing"
+                );
+                self.etag = None;
+                self.reconciler_update.do_send(DesiredUpdate {
+                    desired: None,
+                    revision: None,
+                });
+            }
+            Ok(DesiredAnswer::Fresh { set, etag }) => {
+                if let Some(why) = self.stale(&set) {
+                    self.metrics.stale_answers_total.fetch_add(1, Relaxed);
+                    self.metrics.central_request("desired", "stale");
+                    warn!(revision = set.revision, worker = %set.worker, "ignoring desired set: {why}");
+                    return;
+                }
+                self.ok("desired", "ok");
+                self.apply(set, etag, ctx);
+            }
+        }
+    }
+
+    fn stale(&self, set: &DesiredSet) -> Option<String> {
+        if set.worker != self.client.worker() {
+            return Some(format!(
+                "it is for worker {:?}, this is {:?}",
+                set.worker,
+                self.client.worker()
+            ));
+        }
+        match self.highest {
+            Some(h) if set.revision < h => Some(format!(
+                "revision {} is older than {h}, the highest applied; if the central database was restored from a backup, run `volume-agent gc reset-revision`",
+                set.revision
+            )),
+            _ => None,
+        }
+    }
+
+    fn apply(&mut self, set: DesiredSet, etag: Option<String>, ctx: &mut Context<Self>) {
+        let revision = set.revision;
+        let newer = self.highest.is_none_or(|h| revision > h);
+        self.highest = Some(revision);
+        self.etag = etag;
+        self.metrics.desired_revision.store(revision, Relaxed);
+        let desired = Desired::Native {
+            keep: set.volumes.into_iter().map(|v| v.handle).collect(),
+            destroying: set.destroying,
+            as_of: set.as_of,
+        };
+        let update = DesiredUpdate {
+            desired: Some(desired),
+            revision: Some(revision),
+        };
+        if !newer {
+            self.reconciler_update.do_send(update);
+            return;
+        }
+        info!(revision, "new desired set");
+        // The revision is made durable before anything is destroyed on its word.
+        let dir = self.state_dir.clone();
+        let fut = async move {
+            tokio::task::spawn_blocking(move || revision::store(&dir, revision)).await
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, _| match res {
+            Ok(Ok(())) => act.reconciler_update.do_send(update),
+            Ok(Err(e)) => warn!(error = %e, "cannot record the applied revision; not acting on it"),
+            Err(e) => warn!(error = %e, "cannot record the applied revision; not acting on it"),
+        }));
+    }
+}
+
+impl Actor for DesiredStateActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.poll(ctx);
+    }
+}
+
+impl Handler<PollNow> for DesiredStateActor {
+    type Result = ();
+    fn handle(&mut self, _: PollNow, ctx: &mut Context<Self>) {
+        self.poll(ctx);
+    }
+}
+
+impl Handler<StopPolling> for DesiredStateActor {
+    type Result = ();
+    fn handle(&mut self, _: StopPolling, ctx: &mut Context<Self>) {
+        self.stopped = true;
+        if let Some(t) = self.timer.take() {
+            ctx.cancel_future(t);
+        }
+    }
+}
+
+impl Handler<ResetRevision> for DesiredStateActor {
+    type Result = ResponseActFuture<Self, Result<(), StoreFailure>>;
+    fn handle(&mut self, _: ResetRevision, _: &mut Context<Self>) -> Self::Result {
+        let dir = self.state_dir.clone();
+        Box::pin(
+            async move { tokio::task::spawn_blocking(move || revision::clear(&dir)).await }
+                .into_actor(self)
+                .map(|res, act, _| match res {
+                    Ok(Ok(())) => {
+                        info!(previous = ?act.highest, "forgot the highest applied revision");
+                        act.highest = None;
+                        act.etag = None;
+                        act.metrics.desired_revision.store(0, Relaxed);
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(StoreFailure(e.to_string())),
+                    Err(e) => Err(StoreFailure(e.to_string())),
+                }),
+        )
+    }
+}

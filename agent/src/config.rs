@@ -1,0 +1,596 @@
+//! The agent's configuration: TOML, every key defaulted except `worker_name` and
+//! `central.url`, humantime durations, unknown keys rejected by name, and environment
+//! overrides for container use.
+//!
+//! Environment overrides: `VOLUME_AGENT_<KEY>` for a top-level key and
+//! `VOLUME_AGENT_<SECTION>__<KEY>` for a key in a section, e.g.
+//! `VOLUME_AGENT_WORKER_NAME=w1`, `VOLUME_AGENT_CENTRAL__POLL_INTERVAL=10s`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The placeholder worker name shipped in the packaged config; the agent refuses to run
+/// with it, so two workers never report under one name.
+pub const PLACEHOLDER_WORKER: &str = "CHANGE-ME";
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "VOLUME_AGENT_";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub worker_name: String,
+    pub central: CentralConfig,
+    #[serde(default)]
+    pub volumes: VolumesConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub resource_types: ResourceTypesConfig,
+    #[serde(default)]
+    pub gc: GcConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    #[default]
+    Native,
+    Concourse,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CentralConfig {
+    pub url: String,
+    #[serde(default)]
+    pub dialect: Dialect,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "d30s", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(default = "d30s", with = "humantime_serde")]
+    pub report_interval: Duration,
+    #[serde(default = "d5s", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "d30s", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest response body accepted, in bytes.
+    #[serde(default = "d64mib")]
+    pub max_body_bytes: u64,
+    /// Longest wait between polls after errors.
+    #[serde(default = "d5m", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverName {
+    Naive,
+    Overlay,
+    #[default]
+    Detect,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumesConfig {
+    #[serde(default = "default_volumes_root")]
+    pub root: PathBuf,
+    #[serde(default)]
+    pub driver: DriverName,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        VolumesConfig {
+            root: default_volumes_root(),
+            driver: DriverName::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+    /// sled's page cache, in bytes (sled defaults to 1 GiB; far too much for an agent).
+    #[serde(default = "d32mib")]
+    pub cache_bytes: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: default_state_dir(),
+            cache_bytes: d32mib(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Largest request body accepted by the local API, in bytes (stream-in excepted).
+    #[serde(default = "d1mib")]
+    pub max_body_bytes: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_listen(),
+            max_body_bytes: d1mib(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceTypesConfig {
+    #[serde(default = "default_resource_types_dir")]
+    pub dir: PathBuf,
+    /// How often the folder is rescanned for changes.
+    #[serde(default = "d2s", with = "humantime_serde")]
+    pub rescan_interval: Duration,
+}
+
+impl Default for ResourceTypesConfig {
+    fn default() -> Self {
+        ResourceTypesConfig {
+            dir: default_resource_types_dir(),
+            rescan_interval: d2s(),
+        }
+    }
+}
+
+/// A free-space floor: a percentage of the filesystem (`"10%"`) or a size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum MinFree {
+    Percent(f64),
+    Bytes(u64),
+}
+
+impl MinFree {
+    /// Whether `free` of `total` bytes is below the floor.
+    pub fn is_below(&self, free: u64, total: u64) -> bool {
+        match *self {
+            MinFree::Percent(p) => total > 0 && (free as f64) < (total as f64) * p / 100.0,
+            MinFree::Bytes(b) => free < b,
+        }
+    }
+}
+
+impl TryFrom<String> for MinFree {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<f64>() {
+                Ok(v) if (0.0..=100.0).contains(&v) => Ok(MinFree::Percent(v)),
+                _ => Err(format!("min_free {s:?}: a percentage must be 0% to 100%")),
+            };
+        }
+        let (num, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
+            None => (t, 1u64),
+            Some(i) => {
+                let mult = match t[i..].trim().to_ascii_lowercase().as_str() {
+                    "b" => 1,
+                    "k" | "kb" | "kib" => 1 << 10,
+                    "m" | "mb" | "mib" => 1 << 20,
+                    "g" | "gb" | "gib" => 1 << 30,
+                    "t" | "tb" | "tib" => 1 << 40,
+                    _ => {
+                        return Err(format!(
+                        "min_free {s:?}: use a percentage like \"10%\" or a size like \"20GiB\""
+                    ))
+                    }
+                };
+                (&t[..i], mult)
+            }
+        };
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(MinFree::Bytes)
+            .ok_or_else(|| {
+                format!("min_free {s:?}: use a percentage like \"10%\" or a size like \"20GiB\"")
+            })
+    }
+}
+
+impl From<MinFree> for String {
+    fn from(m: MinFree) -> String {
+        match m {
+            MinFree::Percent(p) => format!("{p}%"),
+            MinFree::Bytes(b) => b.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcConfig {
+    #[serde(default = "d5m", with = "humantime_serde")]
+    pub unknown_grace: Duration,
+    #[serde(default = "d4")]
+    pub max_in_flight: usize,
+    #[serde(default = "d5m", with = "humantime_serde")]
+    pub destroy_timeout: Duration,
+    #[serde(default = "dhalf")]
+    pub max_destroy_fraction: f64,
+    /// Entries per second across all destroys; 0 = unlimited.
+    #[serde(default)]
+    pub destroy_rate: u64,
+    #[serde(default = "d10pct")]
+    pub min_free: MinFree,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            unknown_grace: d5m(),
+            max_in_flight: d4(),
+            destroy_timeout: d5m(),
+            max_destroy_fraction: dhalf(),
+            destroy_rate: 0,
+            min_free: d10pct(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (what journald shows best).
+    #[default]
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Logging (not in the design document's example; both keys are optional).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `volume_agent=debug`); `RUST_LOG` wins when set.
+    #[serde(default = "default_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_level(),
+            format: LogFormat::Human,
+        }
+    }
+}
+
+fn d2s() -> Duration {
+    Duration::from_secs(2)
+}
+fn d5s() -> Duration {
+    Duration::from_secs(5)
+}
+fn d30s() -> Duration {
+    Duration::from_secs(30)
+}
+fn d5m() -> Duration {
+    Duration::from_secs(300)
+}
+fn d4() -> usize {
+    4
+}
+fn dhalf() -> f64 {
+    0.5
+}
+fn d10pct() -> MinFree {
+    MinFree::Percent(10.0)
+}
+fn d1mib() -> u64 {
+    1 << 20
+}
+fn d32mib() -> u64 {
+    32 << 20
+}
+fn d64mib() -> u64 {
+    64 << 20
+}
+fn default_volumes_root() -> PathBuf {
+    PathBuf::from("/var/lib/volume-agent/volumes")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/volume-agent/state")
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7788))
+}
+fn default_resource_types_dir() -> PathBuf {
+    PathBuf::from("/usr/share/volume-agent/resource-types")
+}
+fn default_level() -> String {
+    "info".to_string()
+}
+
+/// A configuration that cannot be used, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+impl Config {
+    /// Reads `path`, applies `VOLUME_AGENT_*` overrides from `env`, and validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path, env)
+    }
+
+    /// Parses `text` (named `path` in messages) with overrides from `env`.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| invalid(e.message().to_string()))?;
+        apply_env(&mut table, env)?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.into_inner().message().to_string();
+                if key == "." {
+                    invalid(message)
+                } else {
+                    invalid(format!("key `{key}`: {message}"))
+                }
+            })?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.worker_name.trim().is_empty() || self.worker_name == PLACEHOLDER_WORKER {
+            return Err(format!(
+                "worker_name is {:?}; set it to this worker's unique name",
+                self.worker_name
+            ));
+        }
+        if self.worker_name.contains('/') {
+            return Err("worker_name must not contain '/'".into());
+        }
+        let url = self.central.url.as_str();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "central.url {url:?} must start with http:// or https://"
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.gc.max_destroy_fraction) {
+            return Err(format!(
+                "gc.max_destroy_fraction {} must be between 0 and 1",
+                self.gc.max_destroy_fraction
+            ));
+        }
+        if self.gc.max_in_flight == 0 {
+            return Err("gc.max_in_flight must be at least 1".into());
+        }
+        if self.central.poll_interval.is_zero() || self.central.report_interval.is_zero() {
+            return Err(
+                "central.poll_interval and central.report_interval must be above 0s".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The bearer token, read from `central.token_file` (trimmed), if configured.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.central.token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Some(token.trim().to_string()))
+    }
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let (section, key) = match rest.split_once("__") {
+            Some((s, k)) => (Some(s.to_string()), k.to_string()),
+            None => (None, rest),
+        };
+        if key.is_empty() || section.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::Env {
+                var,
+                message: "expected VOLUME_AGENT_KEY or VOLUME_AGENT_SECTION__KEY".into(),
+            });
+        }
+        // A TOML literal (number, boolean, quoted string) when it parses as one, else a string.
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        let target = match section {
+            None => &mut *table,
+            Some(s) => match table
+                .entry(s.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: format!("`{s}` is not a section"),
+                    })
+                }
+            },
+        };
+        target.insert(key, value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "worker_name = \"w1\"\n[central]\nurl = \"http://127.0.0.1:8080\"\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), Vec::new())
+    }
+
+    #[test]
+    fn defaults_every_key_but_worker_name_and_central_url() {
+        let c = parse(MINIMAL).expect("minimal config");
+        assert_eq!(c.central.dialect, Dialect::Native);
+        assert_eq!(c.central.poll_interval, Duration::from_secs(30));
+        assert_eq!(c.volumes.driver, DriverName::Detect);
+        assert_eq!(c.api.listen, "127.0.0.1:7788".parse().expect("addr"));
+        assert_eq!(c.gc.unknown_grace, Duration::from_secs(300));
+        assert_eq!(c.gc.max_in_flight, 4);
+        assert_eq!(c.gc.min_free, MinFree::Percent(10.0));
+        assert_eq!(c.state.cache_bytes, 32 << 20);
+    }
+
+    #[test]
+    fn parses_the_design_document_example() {
+        let text = r#"
+worker_name = "worker-0"
+[central]
+url = "http://127.0.0.1:8080"
+dialect = "native"
+token_file = "/etc/volume-agent/token"
+poll_interval = "30s"
+report_interval = "30s"
+[volumes]
+root = "/var/lib/volume-agent/volumes"
+driver = "detect"
+[state]
+dir = "/var/lib/volume-agent/state"
+[api]
+listen = "127.0.0.1:7788"
+[resource_types]
+dir = "/usr/share/volume-agent/resource-types"
+[gc]
+unknown_grace = "5m"
+max_in_flight = 4
+destroy_timeout = "5m"
+max_destroy_fraction = 0.5
+destroy_rate = 0
+min_free = "10%"
+"#;
+        let c = parse(text).expect("design example parses");
+        assert_eq!(c.worker_name, "worker-0");
+    }
+
+    #[test]
+    fn rejects_unknown_key_naming_it() {
+        let err = parse(&format!("{MINIMAL}[gc]\nmax_inflight = 3\n")).expect_err("unknown key");
+        assert!(err.to_string().contains("max_inflight"), "{err}");
+        let err = parse(&format!("colour = 1\n{MINIMAL}")).expect_err("unknown key");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn requires_worker_name_and_central_url() {
+        let err = parse("[central]\nurl = \"http://x\"\n").expect_err("no worker");
+        assert!(err.to_string().contains("worker_name"), "{err}");
+        let err = parse("worker_name = \"w\"\n[central]\n").expect_err("no url");
+        assert!(err.to_string().contains("url"), "{err}");
+    }
+
+    #[test]
+    fn refuses_the_placeholder_worker_name() {
+        let err = parse("worker_name = \"CHANGE-ME\"\n[central]\nurl = \"http://x\"\n")
+            .expect_err("placeholder");
+        assert!(err.to_string().contains("unique name"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_duration_naming_the_key() {
+        let err = parse(&format!("{MINIMAL}poll_interval = \"soon\"\n")).expect_err("bad");
+        assert!(err.to_string().contains("poll_interval"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_keys() {
+        let env = vec![
+            ("VOLUME_AGENT_WORKER_NAME".to_string(), "w9".to_string()),
+            (
+                "VOLUME_AGENT_CENTRAL__POLL_INTERVAL".to_string(),
+                "10s".to_string(),
+            ),
+            (
+                "VOLUME_AGENT_GC__MAX_IN_FLIGHT".to_string(),
+                "8".to_string(),
+            ),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::parse(MINIMAL, Path::new("t"), env).expect("overrides apply");
+        assert_eq!(c.worker_name, "w9");
+        assert_eq!(c.central.poll_interval, Duration::from_secs(10));
+        assert_eq!(c.gc.max_in_flight, 8);
+        let env = vec![("VOLUME_AGENT_GC__NOPE".to_string(), "1".to_string())];
+        let err = Config::parse(MINIMAL, Path::new("t"), env).expect_err("unknown override");
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn min_free_accepts_percent_and_sizes() {
+        assert_eq!(
+            MinFree::try_from("10%".to_string()),
+            Ok(MinFree::Percent(10.0))
+        );
+        assert_eq!(
+            MinFree::try_from("2GiB".to_string()),
+            Ok(MinFree::Bytes(2 << 30))
+        );
+        assert!(MinFree::try_from("lots".to_string()).is_err());
+        assert!(MinFree::Percent(10.0).is_below(5, 100));
+        assert!(!MinFree::Percent(10.0).is_below(50, 100));
+    }
+}

@@ -1,0 +1,177 @@
+//! The operator commands that talk to the running daemon's local API.
+
+use std::path::Path;
+use std::time::Duration;
+
+use protocol::local::{ErrorBody, PlanView, VolumeJson};
+
+use crate::config::{ApiConfig, Config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach the volume-agent daemon at {url}: {message}; is it running (`systemctl status volume-agent`)? Use --api to point elsewhere")]
+    Unreachable { url: String, message: String },
+    #[error("{url}: {status}: {message}")]
+    Refused {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{url}: unexpected answer: {message}")]
+    Malformed { url: String, message: String },
+}
+
+/// Where the daemon listens: `--api`, else the config's `api.listen`, else the default.
+pub fn api_base(explicit: Option<&str>, config: &Path) -> String {
+    if let Some(url) = explicit {
+        return url.trim_end_matches('/').to_string();
+    }
+    let listen = std::fs::read_to_string(config)
+        .ok()
+        .and_then(|text| Config::parse(&text, config, std::env::vars()).ok())
+        .map(|c| c.api.listen)
+        .unwrap_or(ApiConfig::default().listen);
+    format!("http://{listen}")
+}
+
+pub struct Ctl {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Ctl {
+    pub fn new(base: String) -> Result<Ctl, CtlError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| CtlError::Unreachable {
+                url: base.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Ctl { base, http })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<Vec<u8>, CtlError> {
+        let url = format!("{}{}", self.base, path);
+        let resp =
+            self.http
+                .request(method, &url)
+                .send()
+                .await
+                .map_err(|e| CtlError::Unreachable {
+                    url: url.clone(),
+                    message: e.to_string(),
+                })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| CtlError::Unreachable {
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(CtlError::Refused {
+                url,
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(body.to_vec())
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, CtlError> {
+        let body = self.call(reqwest::Method::GET, path).await?;
+        serde_json::from_slice(&body).map_err(|e| CtlError::Malformed {
+            url: format!("{}{}", self.base, path),
+            message: e.to_string(),
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<VolumeJson>, CtlError> {
+        self.get_json("/volumes").await
+    }
+
+    pub async fn inspect(&self, handle: &str) -> Result<VolumeJson, CtlError> {
+        self.get_json(&format!("/volumes/{handle}")).await
+    }
+
+    pub async fn plan(&self) -> Result<PlanView, CtlError> {
+        self.get_json("/gc/plan").await
+    }
+
+    pub async fn reset_revision(&self) -> Result<(), CtlError> {
+        self.call(reqwest::Method::POST, "/gc/reset-revision")
+            .await
+            .map(|_| ())
+    }
+}
+
+/// A fixed-width table of volumes.
+pub fn volumes_table(volumes: &[VolumeJson]) -> String {
+    let mut rows = vec![[
+        "HANDLE".to_string(),
+        "STATE".to_string(),
+        "PARENT".to_string(),
+        "PATH".to_string(),
+    ]];
+    for v in volumes {
+        rows.push([
+            v.handle.to_string(),
+            v.state.to_string(),
+            v.parent
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "-".into()),
+            v.path.clone(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// The plan, one line per volume.
+pub fn plan_table(plan: &PlanView) -> String {
+    let mut out = String::new();
+    if let Some(r) = plan.revision {
+        out.push_str(&format!("desired-set revision: {r}\n"));
+    }
+    if let Some(refused) = &plan.refused {
+        out.push_str(&format!("note: {refused}\n"));
+    }
+    let mut rows = vec![[
+        "HANDLE".to_string(),
+        "ACTION".to_string(),
+        "WHY".to_string(),
+    ]];
+    for a in &plan.actions {
+        rows.push([a.handle.to_string(), a.action.clone(), a.reason.clone()]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == N {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,240 @@
+//! Wiring: opens the inventory, starts one actor per concern and the local API inside an
+//! `actix::System`, and shuts down in order on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::{App, HttpServer};
+use tracing::{error, info, warn};
+
+use crate::api::{self, ApiState};
+use crate::central::actor::{DesiredStateActor, StopPolling};
+use crate::central::{CentralClient, ClientError};
+use crate::config::{Config, DriverName};
+use crate::durable::revision;
+use crate::inventory::actor::InventoryActor;
+use crate::inventory::{DriverChoice, Inventory, InventoryConfig, InventoryError, RecoveryReport};
+use crate::metrics::Metrics;
+use crate::planner::Policy;
+use crate::reconciler::actor::ReconcilerSettings;
+use crate::reconciler::messages::Drain;
+use crate::reconciler::ReconcilerActor;
+use crate::reporter::ReporterActor;
+use crate::resource_types::actor::ResourceTypesActor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot listen on {addr} (api.listen): {source}; pick a free address")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    State {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a start-up task failed: {0}")]
+    Task(String),
+}
+
+/// A running agent.
+pub struct Daemon {
+    pub api_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub recovery: RecoveryReport,
+    inventory: Inventory,
+    server: actix_web::dev::ServerHandle,
+    desired: Addr<DesiredStateActor>,
+    reconciler: Addr<ReconcilerActor>,
+}
+
+fn driver_choice(d: DriverName) -> DriverChoice {
+    match d {
+        DriverName::Naive => DriverChoice::Naive,
+        DriverName::Overlay => DriverChoice::Overlay,
+        DriverName::Detect => DriverChoice::Detect,
+    }
+}
+
+/// Starts everything. Must run inside an `actix::System`.
+pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
+    let metrics = Arc::new(Metrics::new());
+    let inv_cfg = InventoryConfig {
+        state_dir: config.state.dir.clone(),
+        volumes_root: config.volumes.root.clone(),
+        driver: driver_choice(config.volumes.driver),
+        cache_bytes: config.state.cache_bytes,
+    };
+    let (inventory, recovery) = tokio::task::spawn_blocking(move || Inventory::open(&inv_cfg))
+        .await
+        .map_err(|e| DaemonError::Task(e.to_string()))??;
+    log_recovery(&recovery);
+
+    let state_dir = config.state.dir.clone();
+    let highest = tokio::task::spawn_blocking(move || revision::load(&state_dir))
+        .await
+        .map_err(|e| DaemonError::Task(e.to_string()))?
+        .map_err(|source| DaemonError::State {
+            path: config.state.dir.clone(),
+            source,
+        })?;
+
+    let client = CentralClient::from_config(config)?;
+    let threads = config.gc.max_in_flight + 1;
+    let inv_addr = InventoryActor::start(inventory.clone(), threads);
+
+    let reporter = ReporterActor::new(
+        client.clone(),
+        config.central.dialect,
+        config.central.report_interval,
+        inv_addr.clone().recipient(),
+        metrics.clone(),
+    )
+    .start();
+    let reconciler = ReconcilerActor::new(
+        ReconcilerSettings {
+            policy: Policy {
+                unknown_grace: config.gc.unknown_grace,
+                max_destroy_fraction: config.gc.max_destroy_fraction,
+                ..Policy::default()
+            },
+            max_in_flight: config.gc.max_in_flight,
+            destroy_timeout: config.gc.destroy_timeout,
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(300),
+        },
+        inv_addr.clone().recipient(),
+        inv_addr.clone().recipient(),
+        reporter.clone().recipient(),
+        metrics.clone(),
+    )
+    .start();
+    let desired = DesiredStateActor::new(
+        client.clone(),
+        config.central.dialect,
+        config.central.poll_interval,
+        config.central.max_backoff,
+        config.state.dir.clone(),
+        highest,
+        reconciler.clone().recipient(),
+        reconciler.clone().recipient(),
+        metrics.clone(),
+    )
+    .start();
+    ResourceTypesActor::new(
+        config.resource_types.dir.clone(),
+        config.resource_types.rescan_interval,
+        client,
+        config.central.dialect,
+        metrics.clone(),
+    )
+    .start();
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = ApiState {
+        inventory: inventory.clone(),
+        metrics: metrics.clone(),
+        reconciler: Some(reconciler.clone()),
+        desired: Some(desired.clone()),
+        ready: ready.clone(),
+        max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
+    };
+    let addr = config.api.listen;
+    let server = HttpServer::new(move || App::new().configure(api::configure(state.clone())))
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind(addr)
+        .map_err(|source| DaemonError::Bind { addr, source })?;
+    let api_addr = server.addrs().first().copied().unwrap_or(addr);
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+
+    ready.store(true, Relaxed);
+    metrics.ready.store(1, Relaxed);
+    info!(api = %api_addr, worker = %config.worker_name, central = %config.central.url,
+        dialect = ?config.central.dialect, "volume-agent running");
+    Ok(Daemon {
+        api_addr,
+        metrics,
+        recovery,
+        inventory,
+        server: handle,
+        desired,
+        reconciler,
+    })
+}
+
+fn log_recovery(r: &RecoveryReport) {
+    if r.rebuilt_from_disk {
+        warn!("the volume store was lost or corrupt and was rebuilt from the volumes on disk");
+    }
+    for h in &r.destroys_finished {
+        info!(handle = %h, "recovery: finished an interrupted destroy");
+    }
+    for h in &r.creates_removed {
+        info!(handle = %h, "recovery: removed an interrupted create");
+    }
+    for p in &r.quarantined {
+        warn!(path = %p.display(), "recovery: quarantined a directory without a record");
+    }
+}
+
+impl Daemon {
+    /// Stops polling, lets in-flight destroys finish (bounded by `gc.destroy_timeout`),
+    /// stops the API and flushes the store.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        info!("stopping: no new polls; waiting for in-flight destroys");
+        let _ = self.desired.send(StopPolling).await;
+        let _ = self.reconciler.send(Drain).await;
+        self.server.stop(true).await;
+        let inventory = self.inventory.clone();
+        tokio::task::spawn_blocking(move || inventory.flush())
+            .await
+            .map_err(|e| DaemonError::Task(e.to_string()))??;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM"),
+                _ = int.recv() => info!("SIGINT"),
+            }
+        }
+        _ => {
+            error!("cannot install signal handlers; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `volume-agent run`: the whole daemon until a signal, inside an `actix::System`.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let system = actix::System::new();
+    let result = system.block_on(async move {
+        let daemon = start(&config).await?;
+        wait_for_signal().await;
+        daemon.shutdown().await
+    });
+    System::current().stop();
+    result
+}

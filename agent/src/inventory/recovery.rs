@@ -1,0 +1,422 @@
+//! Opening the inventory: lock, open (or set aside and rebuild) the store, then finish or
+//! undo whatever a crash interrupted and bring disk and store back into agreement.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use protocol::{Handle, VolumeState};
+
+use super::driver::{self, driver};
+use super::layout::{exists, fsync_dir, Layout, META_FILE};
+use super::store::{self, Store, Stored, DB_DIR, INTENT_CREATE};
+use super::{
+    io_err, DiskMeta, DriverChoice, DriverKind, Inner, Inventory, InventoryConfig, InventoryError,
+    RecoveryReport, LOCK_STRIPES,
+};
+
+pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport), InventoryError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(io_err(&cfg.state_dir))?;
+    std::fs::create_dir_all(&cfg.volumes_root).map_err(io_err(&cfg.volumes_root))?;
+    let state_dir = cfg
+        .state_dir
+        .canonicalize()
+        .map_err(io_err(&cfg.state_dir))?;
+    let root = cfg
+        .volumes_root
+        .canonicalize()
+        .map_err(io_err(&cfg.volumes_root))?;
+    let lock_path = state_dir.join("inventory.lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    super::sys::try_lock_exclusive(&lock).map_err(|_| InventoryError::Locked(state_dir.clone()))?;
+
+    let layout = Layout::new(root.clone());
+    layout.ensure().map_err(io_err(&root))?;
+
+    let db_dir = state_dir.join(DB_DIR);
+    let existed = exists(&db_dir.join("db"));
+    let (store, set_aside) = open_store(&db_dir, existed, cfg.cache_bytes)?;
+    let live_count = Layout::entries(&layout.live_dir())
+        .map_err(io_err(&layout.live_dir()))?
+        .len();
+    let lost = !existed && live_count > 0;
+    if lost {
+        tracing::error!(
+            path = %db_dir.display(),
+            volumes = live_count,
+            "the volume store is missing but {live_count} volumes exist under {}; rebuilding the inventory from their metadata files",
+            layout.live_dir().display()
+        );
+    }
+
+    let new_kind = match cfg.driver {
+        DriverChoice::Naive => DriverKind::Naive,
+        DriverChoice::Overlay => DriverKind::Overlay,
+        DriverChoice::Detect => {
+            if driver::overlay_works(&root) {
+                DriverKind::Overlay
+            } else {
+                DriverKind::Naive
+            }
+        }
+    };
+
+    let inv = Inventory {
+        inner: Arc::new(Inner {
+            store,
+            layout,
+            reserve: state_dir.join("reserve"),
+            state_dir,
+            new_kind,
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            hook: RwLock::new(None),
+            _lock: lock,
+        }),
+    };
+    let mut report = RecoveryReport::default();
+    if set_aside || lost {
+        inv.rebuild_from_disk(&mut report)?;
+        report.rebuilt_from_disk = true;
+    }
+    inv.recover(&mut report)?;
+    inv.inner.store.mark_initialized()?;
+    inv.inner.store.commit()?;
+    inv.restore_reserve();
+    tracing::info!(
+        root = %inv.volumes_root().display(),
+        driver = ?inv.inner.new_kind,
+        destroys_finished = report.destroys_finished.len(),
+        creates_removed = report.creates_removed.len(),
+        remounted = report.remounted.len(),
+        quarantined = report.quarantined.len(),
+        rebuilt_from_disk = report.rebuilt_from_disk,
+        "volume inventory open"
+    );
+    Ok((inv, report))
+}
+
+/// Opens the store. A store that is unreadable, or that exists but was never fully
+/// initialized, is moved aside and a fresh one opened: returns `(store, set_aside)`.
+fn open_store(db_dir: &Path, existed: bool, cache: u64) -> Result<(Store, bool), InventoryError> {
+    let attempt = std::panic::catch_unwind(|| Store::open(db_dir, cache));
+    let problem = match attempt {
+        Ok(Ok(store)) => {
+            if !existed || store.is_initialized()? {
+                return Ok((store, false));
+            }
+            drop(store);
+            "it exists but holds no format marker (never fully initialized, or overwritten)"
+                .to_owned()
+        }
+        Ok(Err(sled::Error::Io(e)))
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            return Err(InventoryError::Store(super::StoreError {
+                path: db_dir.to_owned(),
+                what: "opening".to_owned(),
+                source: sled::Error::Io(e),
+            }))
+        }
+        Ok(Err(e)) => format!("it cannot be read: {e}"),
+        Err(_) => "reading it panicked inside sled".to_owned(),
+    };
+    let aside = db_dir.with_file_name(format!(
+        "{DB_DIR}.broken-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.fZ")
+    ));
+    tracing::error!(
+        path = %db_dir.display(),
+        moved_to = %aside.display(),
+        "the volume store is corrupt ({problem}); moving it aside and rebuilding the inventory from the volume metadata files on disk"
+    );
+    std::fs::rename(db_dir, &aside).map_err(io_err(db_dir))?;
+    if let Some(parent) = db_dir.parent() {
+        fsync_dir(parent).map_err(io_err(parent))?;
+    }
+    let store = Store::open(db_dir, cache).map_err(|source| {
+        InventoryError::Store(super::StoreError {
+            path: db_dir.to_owned(),
+            what: "creating a fresh store".to_owned(),
+            source,
+        })
+    })?;
+    Ok((store, true))
+}
+
+fn read_meta(dir: &Path) -> Result<DiskMeta, String> {
+    let path = dir.join(META_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl Inventory {
+    /// Moves `dir` into `quarantine/` (never deletes it), logging why.
+    fn quarantine(&self, dir: &Path, name: &str, why: &str, report: &mut RecoveryReport) {
+        let q = self.inner.layout.quarantine_dir();
+        let dest = q.join(format!("{name}.{}", chrono::Utc::now().timestamp()));
+        let _ = driver(DriverKind::Overlay).detach(dir);
+        match std::fs::rename(dir, &dest) {
+            Ok(()) => {
+                let _ = fsync_dir(&q);
+                if let Some(p) = dir.parent() {
+                    let _ = fsync_dir(p);
+                }
+                tracing::warn!(from = %dir.display(), to = %dest.display(), reason = why, "quarantined a volume directory without a usable record; inspect it and delete it by hand when sure");
+                report.quarantined.push(dest);
+            }
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, reason = why, "could not quarantine a volume directory");
+            }
+        }
+    }
+
+    /// Inserts records for `metas` whose parent is known (or themselves in `metas`),
+    /// parents first; returns the handles that could not be placed.
+    fn insert_from_meta(
+        &self,
+        metas: BTreeMap<Handle, Stored>,
+    ) -> Result<(Vec<Handle>, BTreeMap<Handle, String>), InventoryError> {
+        let store = &self.inner.store;
+        let mut left = metas;
+        let mut placed = Vec::new();
+        loop {
+            let mut progress = Vec::new();
+            for (h, rec) in &left {
+                let ok = match &rec.parent {
+                    None => true,
+                    Some(p) if left.contains_key(p) => false,
+                    Some(p) => {
+                        matches!(store.get(p)?, Some(pr) if pr.state == VolumeState::Initialized)
+                    }
+                };
+                if ok {
+                    progress.push(h.clone());
+                }
+            }
+            if progress.is_empty() {
+                break;
+            }
+            for h in progress {
+                let Some(mut rec) = left.remove(&h) else {
+                    continue;
+                };
+                rec.children = 0;
+                if matches!(rec.state, VolumeState::Creating | VolumeState::Destroying) {
+                    rec.state = VolumeState::Created;
+                }
+                store.tx("adopting a volume", |tx| {
+                    let mut depth = None;
+                    if let Some(p) = &rec.parent {
+                        let Some(mut prec) = tx.get(p)? else {
+                            return store::abort(InventoryError::ParentNotFound(p.clone()));
+                        };
+                        prec.children += 1;
+                        tx.put(p, &prec)?;
+                        tx.children.insert(store::child_key(p, &h), &[][..])?;
+                        if rec.is_overlay_child() {
+                            depth = Some(tx.mount_depth(p)?.unwrap_or(0) + 1);
+                        }
+                    }
+                    tx.put(&h, &rec)?;
+                    if let Some(d) = depth {
+                        tx.mounts.insert(h.as_str(), &d.to_be_bytes()[..])?;
+                    }
+                    Ok(())
+                })?;
+                placed.push(h);
+            }
+        }
+        let unplaced = left
+            .into_iter()
+            .map(|(h, r)| {
+                let why = match r.parent {
+                    Some(p) => format!("its parent {p} is not an initialized volume here"),
+                    None => "it could not be placed".to_owned(),
+                };
+                (h, why)
+            })
+            .collect();
+        Ok((placed, unplaced))
+    }
+
+    /// Fills an empty store from the `meta.json` files under `live/`.
+    fn rebuild_from_disk(&self, report: &mut RecoveryReport) -> Result<(), InventoryError> {
+        let live_dir = self.inner.layout.live_dir();
+        let names = Layout::entries(&live_dir).map_err(io_err(&live_dir))?;
+        let placed = self.adopt(names, report)?;
+        tracing::warn!(volumes = placed.len(), "rebuilt the volume store from disk");
+        Ok(())
+    }
+
+    /// Makes records for the `live/` dirs `names` from their metadata files (parents
+    /// first); quarantines those that cannot be placed. Returns the adopted handles.
+    fn adopt(
+        &self,
+        names: impl IntoIterator<Item = String>,
+        report: &mut RecoveryReport,
+    ) -> Result<Vec<Handle>, InventoryError> {
+        let live_dir = self.inner.layout.live_dir();
+        let mut metas = BTreeMap::new();
+        for name in names {
+            let dir = live_dir.join(&name);
+            match (Handle::new(name.clone()), read_meta(&dir)) {
+                (Ok(h), Ok(m)) if m.handle == h => {
+                    metas.insert(h, m.record);
+                }
+                (Ok(_), Ok(m)) => self.quarantine(
+                    &dir,
+                    &name,
+                    &format!("its metadata file names another handle ({})", m.handle),
+                    report,
+                ),
+                (Err(e), _) => self.quarantine(&dir, &name, &format!("not a handle: {e}"), report),
+                (_, Err(e)) => self.quarantine(
+                    &dir,
+                    &name,
+                    &format!("no record and unreadable metadata: {e}"),
+                    report,
+                ),
+            }
+        }
+        if metas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (placed, unplaced) = self.insert_from_meta(metas)?;
+        for (h, why) in unplaced {
+            let dir = self.inner.layout.live(&h);
+            self.quarantine(&dir, h.as_str(), &why, report);
+        }
+        self.inner.store.commit()?;
+        Ok(placed)
+    }
+
+    /// Finishes interrupted destroys, undoes interrupted creates, reconciles `live/` with
+    /// the records, and re-mounts overlay children (parents first).
+    fn recover(&self, report: &mut RecoveryReport) -> Result<(), InventoryError> {
+        let store = &self.inner.store;
+        let layout = &self.inner.layout;
+
+        // 1. Intents.
+        let mut intents = Vec::new();
+        for kv in store.pending.iter() {
+            let (k, v) = kv.map_err(|e| store.err("reading pending intents", e))?;
+            intents.push((store::handle_from_key(&k)?, v.to_vec()));
+        }
+        for (h, intent) in intents {
+            let Some(rec) = store.get(&h)? else {
+                store.tx("dropping a stale intent", |tx| tx.delete(&h))?;
+                continue;
+            };
+            if intent == INTENT_CREATE && rec.state == VolumeState::Creating {
+                tracing::warn!(handle = %h, "removing a create that a crash interrupted");
+                let d = driver(rec.driver);
+                for dir in [layout.live(&h), layout.init(&h)] {
+                    d.detach(&dir)?;
+                    crate::remove::remove_tree(&dir)?;
+                }
+                store.tx("removing an interrupted create", |tx| tx.delete(&h))?;
+                report.creates_removed.push(h);
+            } else if rec.state == VolumeState::Destroying {
+                tracing::warn!(handle = %h, "finishing a destroy that a crash interrupted");
+                self.remove_from_disk(&h, &rec)?;
+                store.tx("deleting a destroyed volume's record", |tx| tx.delete(&h))?;
+                report.destroys_finished.push(h);
+            } else {
+                store.tx("dropping a stale intent", |tx| {
+                    tx.pending.remove(h.as_str())?;
+                    Ok(())
+                })?;
+            }
+        }
+        store.commit()?;
+
+        // 2. Leftovers in dead/ and init/ (no record can want them).
+        for (dir, finished) in [(layout.dead_dir(), true), (layout.init_dir(), false)] {
+            for name in Layout::entries(&dir).map_err(io_err(&dir))? {
+                let path = dir.join(&name);
+                if let Ok(h) = Handle::new(name.clone()) {
+                    if matches!(store.get(&h)?, Some(r) if r.state != VolumeState::Destroying && r.state != VolumeState::Creating)
+                        && !finished
+                    {
+                        // A live volume with a stray init dir (cannot normally happen).
+                        tracing::warn!(dir = %path.display(), "removing a stray init directory of a live volume");
+                    }
+                    let _ = driver(DriverKind::Overlay).detach(&path);
+                    crate::remove::remove_tree(&path)?;
+                    if finished {
+                        if store
+                            .get(&h)?
+                            .is_some_and(|r| r.state == VolumeState::Destroying)
+                        {
+                            store.tx("deleting a destroyed volume's record", |tx| tx.delete(&h))?;
+                        }
+                        if !report.destroys_finished.contains(&h) {
+                            report.destroys_finished.push(h);
+                        }
+                    } else if !report.creates_removed.contains(&h) {
+                        report.creates_removed.push(h);
+                    }
+                } else {
+                    self.quarantine(&path, &name, "not a handle", report);
+                }
+            }
+        }
+
+        // 3. live/ against the records.
+        let live_dir = layout.live_dir();
+        let mut on_disk: HashSet<String> = Layout::entries(&live_dir)
+            .map_err(io_err(&live_dir))?
+            .into_iter()
+            .collect();
+        for kv in store.volumes.iter() {
+            let (k, _) = kv.map_err(|e| store.err("listing volumes", e))?;
+            let name = String::from_utf8_lossy(&k);
+            if !on_disk.remove(name.as_ref()) {
+                let h = store::handle_from_key(&k)?;
+                tracing::error!(handle = %h, dir = %layout.live(&h).display(), "volume record has no directory on disk; keeping the record (destroy the volume to clean it up)");
+                report.missing_on_disk.push(h);
+            }
+        }
+        let placed = self.adopt(on_disk, report)?;
+        for h in &placed {
+            tracing::warn!(handle = %h, "adopted a volume directory that had no record");
+        }
+        report.adopted.extend(placed);
+
+        // 4. Re-mount overlay children, parents first.
+        let mut mounts = Vec::new();
+        for kv in store.mounts.iter() {
+            let (k, v) = kv.map_err(|e| store.err("reading the mounts index", e))?;
+            let depth = <[u8; 4]>::try_from(v.as_ref())
+                .map(u32::from_be_bytes)
+                .unwrap_or(0);
+            mounts.push((depth, store::handle_from_key(&k)?));
+        }
+        mounts.sort();
+        for (_, h) in mounts {
+            let Some(rec) = store.get(&h)? else { continue };
+            let dir = layout.live(&h);
+            if !exists(&dir) {
+                continue;
+            }
+            let layers = self.layers_of(&h, &rec)?;
+            match driver(rec.driver).attach(&dir, layers.as_deref()) {
+                Ok(true) => report.remounted.push(h),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(handle = %h, error = %e, "could not re-mount an overlay volume");
+                }
+            }
+        }
+        Ok(())
+    }
+}

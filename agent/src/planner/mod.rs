@@ -1,0 +1,325 @@
+//! The reconcile plan: a pure function of the inventory snapshot, the desired set, one clock
+//! reading and the policy. No I/O and no clock in here, so every rule is unit- and
+//! property-tested.
+//!
+//! Rules (see `central-api.md`, "Ordering rule, both dialects"):
+//! * A volume the central side names in `destroying` is a candidate; so is a volume already
+//!   in local state `destroying` (an interrupted destroy that must be finished).
+//! * In the native dialect, a volume in neither list is *unknown*: a candidate once it is
+//!   older than the grace period both as of the answer and by the worker's clock, and never
+//!   while it is `creating` or `initializing`.
+//! * A candidate is destroyed only when every descendant is destroyed in the same plan.
+//!   Otherwise it is blocked by the children that stay. A chain of any depth goes in one
+//!   plan: each destroy lists the children it must wait for.
+//! * The mass-destroy guard drops every destroy *by absence* when they would take more than
+//!   `max_destroy_fraction` of the volumes and more than `guard_min_volumes`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use protocol::{Handle, VolumeState};
+
+/// What the planner needs to know about one local volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalVolume {
+    pub handle: Handle,
+    pub parent: Option<Handle>,
+    pub state: VolumeState,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What the central side said, in either dialect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Desired {
+    /// The native desired set: keep `keep`, destroy `destroying`, the rest is unknown.
+    Native {
+        keep: Vec<Handle>,
+        destroying: Vec<Handle>,
+        as_of: DateTime<Utc>,
+    },
+    /// The ATC's destroying list: destroy exactly these, nothing else.
+    Concourse { destroying: Vec<Handle> },
+}
+
+/// The knobs of the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub unknown_grace: Duration,
+    pub max_destroy_fraction: f64,
+    /// The guard only applies above this many destroys by absence.
+    pub guard_min_volumes: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            unknown_grace: Duration::from_secs(300),
+            max_destroy_fraction: 0.5,
+            guard_min_volumes: 10,
+        }
+    }
+}
+
+/// Why a volume is to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The central side names it in `destroying`.
+    Named,
+    /// Neither desired nor named, and older than the grace period.
+    Unknown,
+    /// Already `destroying` locally: an interrupted destroy to finish.
+    Resume,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Named => "named destroying by the central side",
+            Reason::Unknown => "unknown to the central side and past the grace period",
+            Reason::Resume => "an interrupted destroy being finished",
+        }
+    }
+}
+
+/// One destroy of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destroy {
+    pub handle: Handle,
+    pub reason: Reason,
+    /// Children (all destroyed in this plan) that must be gone before this volume goes.
+    pub after: Vec<Handle>,
+    /// 0 for a volume without children; one more than its highest child otherwise.
+    pub height: u32,
+}
+
+/// A candidate that stays because some children stay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub handle: Handle,
+    pub reason: Reason,
+    pub by_children: Vec<Handle>,
+}
+
+/// Why an unknown volume is kept for now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitReason {
+    /// Younger than the grace period; `remaining` until it may go (by the stricter clock).
+    Young { remaining: Duration },
+    /// Local state `creating` or `initializing`: never destroyed by absence.
+    InProgress(VolumeState),
+    /// The mass-destroy guard refused this pass.
+    Guard,
+}
+
+/// The mass-destroy guard's refusal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub would_destroy: usize,
+    pub total: usize,
+    pub max_fraction: f64,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "refused to destroy {} of {} volumes by absence (limit {:.0}%): the desired set looks empty or truncated; volumes named in `destroying` still go",
+            self.would_destroy,
+            self.total,
+            self.max_fraction * 100.0
+        )
+    }
+}
+
+/// The plan: what to destroy in what order, and everything the report and `gc plan` show.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    /// Children before parents: sorted by `height`, then handle.
+    pub destroy: Vec<Destroy>,
+    pub blocked: Vec<Blocked>,
+    /// Named `destroying` but not on this worker: already gone, report as destroyed.
+    pub already_gone: Vec<Handle>,
+    /// Unknown volumes kept for now, and why.
+    pub waiting: Vec<(Handle, WaitReason)>,
+    /// Desired volumes this worker does not have.
+    pub missing: Vec<Handle>,
+    pub refused: Option<Refusal>,
+}
+
+/// Computes the plan. Pure: same inputs, same plan.
+pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy: &Policy) -> Plan {
+    let n = local.len();
+    let index: HashMap<&str, usize> = local
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.handle.as_str(), i))
+        .collect();
+
+    let mut out = Plan::default();
+    let mut candidate: Vec<Option<Reason>> = vec![None; n];
+
+    let (named, keep, as_of): (&[Handle], Option<HashSet<&str>>, Option<DateTime<Utc>>) =
+        match desired {
+            Desired::Native {
+                keep,
+                destroying,
+                as_of,
+            } => (
+                destroying,
+                Some(keep.iter().map(Handle::as_str).collect()),
+                Some(*as_of),
+            ),
+            Desired::Concourse { destroying } => (destroying, None, None),
+        };
+
+    let mut seen_named = HashSet::new();
+    for h in named {
+        if !seen_named.insert(h.as_str()) {
+            continue;
+        }
+        match index.get(h.as_str()) {
+            Some(&i) => candidate[i] = Some(Reason::Named),
+            None => out.already_gone.push(h.clone()),
+        }
+    }
+
+    let mut by_absence = Vec::new();
+    for (i, v) in local.iter().enumerate() {
+        if v.state == VolumeState::Destroying && candidate[i].is_none() {
+            candidate[i] = Some(Reason::Resume);
+            continue;
+        }
+        let (Some(keep), Some(as_of)) = (&keep, as_of) else {
+            continue;
+        };
+        if candidate[i].is_some() || keep.contains(v.handle.as_str()) {
+            continue;
+        }
+        if matches!(v.state, VolumeState::Creating | VolumeState::Initializing) {
+            out.waiting
+                .push((v.handle.clone(), WaitReason::InProgress(v.state)));
+            continue;
+        }
+        let age_now = age(now, v.created_at);
+        let age_answer = age(as_of, v.created_at);
+        let age = age_now.min(age_answer);
+        if age >= policy.unknown_grace {
+            by_absence.push(i);
+        } else {
+            out.waiting.push((
+                v.handle.clone(),
+                WaitReason::Young {
+                    remaining: policy.unknown_grace - age,
+                },
+            ));
+        }
+    }
+
+    if let Some(keep) = &keep {
+        let mut missing: Vec<Handle> = keep
+            .iter()
+            .filter(|h| !index.contains_key(*h))
+            .filter_map(|h| Handle::new(*h).ok())
+            .collect();
+        missing.sort();
+        out.missing = missing;
+    }
+
+    let guard_trips = by_absence.len() > policy.guard_min_volumes
+        && (by_absence.len() as f64) > policy.max_destroy_fraction * n as f64;
+    if guard_trips {
+        out.refused = Some(Refusal {
+            would_destroy: by_absence.len(),
+            total: n,
+            max_fraction: policy.max_destroy_fraction,
+        });
+        for i in by_absence {
+            out.waiting
+                .push((local[i].handle.clone(), WaitReason::Guard));
+        }
+    } else {
+        for i in by_absence {
+            candidate[i] = Some(Reason::Unknown);
+        }
+    }
+
+    // Children by parent, for volumes whose parent is on this worker.
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut parent_of: Vec<Option<usize>> = vec![None; n];
+    for (i, v) in local.iter().enumerate() {
+        if let Some(&p) = v.parent.as_ref().and_then(|p| index.get(p.as_str())) {
+            if p != i {
+                children[p].push(i);
+                parent_of[i] = Some(p);
+            }
+        }
+    }
+
+    // Leaves first (Kahn): a volume is resolved once all its children are. Volumes on a
+    // parent cycle (impossible in a sound inventory) are never resolved and so never go.
+    let mut pending: Vec<usize> = children.iter().map(Vec::len).collect();
+    let mut destroyable = vec![false; n];
+    let mut resolved = vec![false; n];
+    let mut height = vec![0u32; n];
+    let mut queue: VecDeque<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
+    while let Some(i) = queue.pop_front() {
+        resolved[i] = true;
+        let all_children_go = children[i].iter().all(|&c| destroyable[c]);
+        destroyable[i] = candidate[i].is_some() && all_children_go;
+        height[i] = children[i]
+            .iter()
+            .map(|&c| height[c] + 1)
+            .max()
+            .unwrap_or(0);
+        if let Some(p) = parent_of[i] {
+            pending[p] -= 1;
+            if pending[p] == 0 {
+                queue.push_back(p);
+            }
+        }
+    }
+
+    for i in 0..n {
+        let Some(reason) = candidate[i] else { continue };
+        let mut kids: Vec<Handle> = children[i]
+            .iter()
+            .map(|&c| local[c].handle.clone())
+            .collect();
+        kids.sort();
+        if destroyable[i] {
+            out.destroy.push(Destroy {
+                handle: local[i].handle.clone(),
+                reason,
+                after: kids,
+                height: height[i],
+            });
+        } else {
+            let by_children = if resolved[i] {
+                kids.retain(|k| index.get(k.as_str()).is_some_and(|&c| !destroyable[c]));
+                kids
+            } else {
+                kids
+            };
+            out.blocked.push(Blocked {
+                handle: local[i].handle.clone(),
+                reason,
+                by_children,
+            });
+        }
+    }
+
+    out.destroy
+        .sort_by(|a, b| (a.height, &a.handle).cmp(&(b.height, &b.handle)));
+    out.blocked.sort_by(|a, b| a.handle.cmp(&b.handle));
+    out.already_gone.sort();
+    out.waiting.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn age(at: DateTime<Utc>, created: DateTime<Utc>) -> Duration {
+    (at - created).to_std().unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests;

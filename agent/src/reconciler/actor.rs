@@ -1,0 +1,332 @@
+//! The reconciler actor: holds the latest answer, runs one pass at a time, remembers
+//! failures, and hands what happened to the reporter.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use protocol::local::{PlanView, PlannedAction};
+use protocol::native::BlockedVolume;
+use protocol::Handle;
+use tracing::{info, warn};
+
+use super::backoff::Backoff;
+use super::execute::{self, lock, Busy, Outcome};
+use super::messages::*;
+use crate::metrics::Metrics;
+use crate::planner::{self, Desired, LocalVolume, Plan, Policy, Reason, WaitReason};
+
+/// How the reconciler runs destroys.
+#[derive(Debug, Clone)]
+pub struct ReconcilerSettings {
+    pub policy: Policy,
+    pub max_in_flight: usize,
+    pub destroy_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+pub struct ReconcilerActor {
+    settings: ReconcilerSettings,
+    snapshot: Recipient<Snapshot>,
+    destroyer: Recipient<DestroyVolume>,
+    reporter: Recipient<PassReport>,
+    metrics: Arc<Metrics>,
+    desired: Option<Desired>,
+    revision: Option<u64>,
+    backoff: Backoff,
+    busy: Busy,
+    running: bool,
+    again: bool,
+    draining: bool,
+}
+
+impl ReconcilerActor {
+    pub fn new(
+        settings: ReconcilerSettings,
+        snapshot: Recipient<Snapshot>,
+        destroyer: Recipient<DestroyVolume>,
+        reporter: Recipient<PassReport>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let backoff = Backoff::new(settings.backoff_base, settings.backoff_cap);
+        ReconcilerActor {
+            settings,
+            snapshot,
+            destroyer,
+            reporter,
+            metrics,
+            desired: None,
+            revision: None,
+            backoff,
+            busy: Busy::default(),
+            running: false,
+            again: false,
+            draining: false,
+        }
+    }
+
+    fn start_pass(&mut self, ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
+        if self.running {
+            self.again = true;
+            return;
+        }
+        let Some(desired) = self.desired.clone() else {
+            return;
+        };
+        self.running = true;
+        let now = Instant::now();
+        let mut skip: HashSet<Handle> = lock(&self.busy).clone();
+        let snapshot = self.snapshot.clone();
+        let destroyer = self.destroyer.clone();
+        let busy = self.busy.clone();
+        let settings = self.settings.clone();
+        let backoff = self.backoff.clone();
+        let fut = async move {
+            let local = snapshot
+                .send(Snapshot)
+                .await
+                .map_err(|e| StoreFailure(format!("inventory unavailable: {e}")))??;
+            let plan = planner::plan(&local, &desired, chrono::Utc::now(), &settings.policy);
+            skip.extend(
+                plan.destroy
+                    .iter()
+                    .filter(|d| backoff.waiting(&d.handle, now))
+                    .map(|d| d.handle.clone()),
+            );
+            let results = execute::run(
+                &plan.destroy,
+                &skip,
+                &destroyer,
+                &busy,
+                settings.max_in_flight,
+                settings.destroy_timeout,
+            )
+            .await;
+            Ok::<_, StoreFailure>((local, plan, results))
+        };
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            act.running = false;
+            match res {
+                Ok((local, plan, results)) => act.finish_pass(local, plan, results),
+                Err(e) => warn!(error = %e, "reconcile pass could not read the inventory"),
+            }
+            if act.again {
+                act.again = false;
+                act.start_pass(ctx);
+            }
+        }));
+    }
+
+    fn finish_pass(&mut self, local: Vec<LocalVolume>, plan: Plan, results: Vec<execute::Result>) {
+        let m = &self.metrics;
+        m.reconcile_passes_total.fetch_add(1, Relaxed);
+        let now = Instant::now();
+        let mut destroyed: Vec<Handle> = plan.already_gone.clone();
+        for r in &results {
+            match &r.outcome {
+                Outcome::Done(done) => {
+                    self.backoff.succeeded(&r.handle);
+                    m.destroys_total.fetch_add(1, Relaxed);
+                    m.destroy_duration.observe(r.took);
+                    info!(handle = %r.handle, reason = r.reason.as_str(), took_ms = r.took.as_millis() as u64,
+                        already_gone = matches!(done, DestroyDone::AlreadyGone), "destroyed volume");
+                    destroyed.push(r.handle.clone());
+                }
+                Outcome::Failed(error) => {
+                    m.destroys_failed_total.fetch_add(1, Relaxed);
+                    let attempts = self.backoff.failed(&r.handle, error.clone(), now);
+                    warn!(handle = %r.handle, attempts, %error, "destroy failed; will retry with backoff");
+                }
+                Outcome::TimedOut(after) => {
+                    m.destroys_failed_total.fetch_add(1, Relaxed);
+                    let error = format!(
+                        "destroy timed out after {}",
+                        humantime::format_duration(*after)
+                    );
+                    let attempts = self.backoff.failed(&r.handle, error.clone(), now);
+                    warn!(handle = %r.handle, attempts, %error, "destroy timed out; it keeps running and will be checked again");
+                }
+            }
+        }
+        // Forget failures of volumes that are no longer here.
+        let present: HashSet<&Handle> = local.iter().map(|v| &v.handle).collect();
+        let gone: HashSet<&Handle> = destroyed.iter().collect();
+        self.backoff
+            .retain(|h| present.contains(h) && !gone.contains(h));
+
+        let blocked: Vec<BlockedVolume> = plan
+            .blocked
+            .iter()
+            .filter(|b| b.reason == Reason::Named)
+            .map(|b| BlockedVolume {
+                handle: b.handle.clone(),
+                by_children: b.by_children.clone(),
+            })
+            .collect();
+        m.blocked_volumes.store(blocked.len() as u64, Relaxed);
+        let refused = plan.refused.as_ref().map(|r| {
+            m.plans_refused_total.fetch_add(1, Relaxed);
+            warn!(would_destroy = r.would_destroy, total = r.total, "{r}");
+            r.to_string()
+        });
+        let remaining: Vec<LocalVolume> = local
+            .into_iter()
+            .filter(|v| !gone.contains(&v.handle))
+            .collect();
+        let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+        for v in &remaining {
+            *by_state.entry(v.state.as_str().to_string()).or_default() += 1;
+        }
+        m.set_volumes_by_state(by_state);
+        self.reporter.do_send(PassReport {
+            revision: self.revision,
+            destroyed,
+            failed: self.backoff.report(),
+            blocked,
+            missing: plan.missing.clone(),
+            refused,
+            remaining,
+        });
+    }
+}
+
+impl Actor for ReconcilerActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<DesiredUpdate> for ReconcilerActor {
+    type Result = ();
+    fn handle(&mut self, msg: DesiredUpdate, ctx: &mut Context<Self>) {
+        self.desired = msg.desired;
+        self.revision = msg.revision.or(self.revision);
+        self.start_pass(ctx);
+    }
+}
+
+impl Handler<Reconcile> for ReconcilerActor {
+    type Result = ();
+    fn handle(&mut self, _: Reconcile, ctx: &mut Context<Self>) {
+        self.start_pass(ctx);
+    }
+}
+
+impl Handler<GetPlan> for ReconcilerActor {
+    type Result = ResponseFuture<Result<PlanView, StoreFailure>>;
+    fn handle(&mut self, _: GetPlan, _: &mut Context<Self>) -> Self::Result {
+        let snapshot = self.snapshot.clone();
+        let desired = self.desired.clone();
+        let policy = self.settings.policy.clone();
+        let revision = self.revision;
+        Box::pin(async move {
+            let local = snapshot
+                .send(Snapshot)
+                .await
+                .map_err(|e| StoreFailure(format!("inventory unavailable: {e}")))??;
+            let Some(desired) = desired else {
+                return Ok(PlanView {
+                    revision,
+                    refused: Some(
+                        "no answer from the central API yet: nothing will be destroyed".into(),
+                    ),
+                    actions: local
+                        .iter()
+                        .map(|v| action(&v.handle, "keep", "no desired set yet"))
+                        .collect(),
+                });
+            };
+            let plan = planner::plan(&local, &desired, chrono::Utc::now(), &policy);
+            Ok(view(&local, &plan, revision))
+        })
+    }
+}
+
+impl Handler<Drain> for ReconcilerActor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.draining = true;
+        let busy = self.busy.clone();
+        let limit = self.settings.destroy_timeout;
+        Box::pin(async move {
+            let started = Instant::now();
+            while !lock(&busy).is_empty() && started.elapsed() < limit {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+}
+
+fn action(handle: &Handle, action: &str, reason: &str) -> PlannedAction {
+    PlannedAction {
+        handle: handle.clone(),
+        action: action.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The plan as `gc plan` shows it: one line per local volume (and per named ghost).
+pub fn view(local: &[LocalVolume], plan: &Plan, revision: Option<u64>) -> PlanView {
+    let mut actions = Vec::new();
+    let mut explained = HashSet::new();
+    for d in &plan.destroy {
+        explained.insert(d.handle.clone());
+        let mut why = d.reason.as_str().to_string();
+        if !d.after.is_empty() {
+            let after: Vec<&str> = d.after.iter().map(Handle::as_str).collect();
+            why.push_str(&format!("; after its children {}", after.join(", ")));
+        }
+        actions.push(action(&d.handle, "destroy", &why));
+    }
+    for b in &plan.blocked {
+        explained.insert(b.handle.clone());
+        let kids: Vec<&str> = b.by_children.iter().map(Handle::as_str).collect();
+        actions.push(action(
+            &b.handle,
+            "blocked",
+            &format!(
+                "{}, but children stay: {}",
+                b.reason.as_str(),
+                kids.join(", ")
+            ),
+        ));
+    }
+    for (h, w) in &plan.waiting {
+        explained.insert(h.clone());
+        let why = match w {
+            WaitReason::Young { remaining } => format!(
+                "unknown to the central side; may go in {}",
+                humantime::format_duration(Duration::from_secs(remaining.as_secs()))
+            ),
+            WaitReason::InProgress(st) => {
+                format!("unknown to the central side but {st}: never destroyed by absence")
+            }
+            WaitReason::Guard => "kept: the mass-destroy guard refused this pass".to_string(),
+        };
+        actions.push(action(h, "wait", &why));
+    }
+    for h in &plan.already_gone {
+        actions.push(action(
+            h,
+            "report-destroyed",
+            "named destroying; not on this worker",
+        ));
+    }
+    for h in &plan.missing {
+        actions.push(action(h, "missing", "desired but not on this worker"));
+    }
+    for v in local {
+        if !explained.contains(&v.handle) {
+            actions.push(action(&v.handle, "keep", "desired by the central side"));
+        }
+    }
+    PlanView {
+        revision,
+        refused: plan.refused.as_ref().map(ToString::to_string),
+        actions,
+    }
+}

@@ -1,0 +1,171 @@
+//! The reporter: sends the report after every pass that changed something and at least
+//! once per report interval. `destroyed` handles stay pending until a report carrying
+//! them is accepted, so a failed report never loses the proof that a volume is gone.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use protocol::native::{BlockedVolume, DiskReport, FailedVolume, ReportedVolume, VolumeReport};
+use protocol::Handle;
+use tracing::{debug, warn};
+
+use crate::central::CentralClient;
+use crate::config::Dialect;
+use crate::metrics::Metrics;
+use crate::planner::LocalVolume;
+use crate::reconciler::messages::{PassReport, Snapshot};
+
+/// Disk figures to add to the next report (from the accounting actor).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct DiskFigures(pub DiskReport);
+
+pub struct ReporterActor {
+    client: CentralClient,
+    dialect: Dialect,
+    interval: Duration,
+    snapshot: Recipient<Snapshot>,
+    metrics: Arc<Metrics>,
+    revision: Option<u64>,
+    volumes: Vec<LocalVolume>,
+    pending_destroyed: BTreeSet<Handle>,
+    failed: Vec<FailedVolume>,
+    blocked: Vec<BlockedVolume>,
+    missing: Vec<Handle>,
+    disk: Option<DiskReport>,
+    sending: bool,
+    again: bool,
+}
+
+impl ReporterActor {
+    pub fn new(
+        client: CentralClient,
+        dialect: Dialect,
+        interval: Duration,
+        snapshot: Recipient<Snapshot>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ReporterActor {
+            client,
+            dialect,
+            interval,
+            snapshot,
+            metrics,
+            revision: None,
+            volumes: Vec::new(),
+            pending_destroyed: BTreeSet::new(),
+            failed: Vec::new(),
+            blocked: Vec::new(),
+            missing: Vec::new(),
+            disk: None,
+            sending: false,
+            again: false,
+        }
+    }
+
+    fn send_report(&mut self, ctx: &mut Context<Self>) {
+        if self.sending {
+            self.again = true;
+            return;
+        }
+        self.sending = true;
+        let client = self.client.clone();
+        let metrics = self.metrics.clone();
+        let dialect = self.dialect;
+        let destroyed: Vec<Handle> = self.pending_destroyed.iter().cloned().collect();
+        let report = VolumeReport {
+            revision_seen: self.revision,
+            volumes: self
+                .volumes
+                .iter()
+                .map(|v| ReportedVolume {
+                    handle: v.handle.clone(),
+                    parent: v.parent.clone(),
+                    state: v.state,
+                    bytes: None,
+                })
+                .collect(),
+            destroyed: destroyed.clone(),
+            failed: self.failed.clone(),
+            blocked: self.blocked.clone(),
+            missing: self.missing.clone(),
+            disk: self.disk.clone(),
+        };
+        let handles: Vec<Handle> = self.volumes.iter().map(|v| v.handle.clone()).collect();
+        let fut = async move {
+            let res = match dialect {
+                Dialect::Native => client.put_report(&report).await,
+                Dialect::Concourse => client.put_concourse_report(handles).await,
+            };
+            match &res {
+                Ok(()) => metrics.central_request("report", "ok"),
+                Err(e) => metrics.central_request("report", e.kind()),
+            }
+            res
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.sending = false;
+            match res {
+                Ok(()) => {
+                    debug!(destroyed = destroyed.len(), "report accepted");
+                    for h in &destroyed {
+                        act.pending_destroyed.remove(h);
+                    }
+                }
+                Err(e) => warn!(error = %e, "report failed; it is sent again with the next one"),
+            }
+            if act.again {
+                act.again = false;
+                act.send_report(ctx);
+            }
+        }));
+    }
+
+    fn periodic(&mut self, ctx: &mut Context<Self>) {
+        let snapshot = self.snapshot.clone();
+        ctx.spawn(
+            async move { snapshot.send(Snapshot).await }
+                .into_actor(self)
+                .map(|res, act, ctx| {
+                    match res {
+                        Ok(Ok(volumes)) => act.volumes = volumes,
+                        Ok(Err(e)) => warn!(error = %e, "report: cannot read the inventory"),
+                        Err(e) => warn!(error = %e, "report: inventory unavailable"),
+                    }
+                    act.send_report(ctx);
+                }),
+        );
+    }
+}
+
+impl Actor for ReporterActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.interval, |act, ctx| act.periodic(ctx));
+    }
+}
+
+impl Handler<PassReport> for ReporterActor {
+    type Result = ();
+    fn handle(&mut self, msg: PassReport, ctx: &mut Context<Self>) {
+        let changed = msg.changed() || msg.blocked != self.blocked || msg.missing != self.missing;
+        self.revision = msg.revision.or(self.revision);
+        self.pending_destroyed.extend(msg.destroyed);
+        self.failed = msg.failed;
+        self.blocked = msg.blocked;
+        self.missing = msg.missing;
+        self.volumes = msg.remaining;
+        if changed {
+            self.send_report(ctx);
+        }
+    }
+}
+
+impl Handler<DiskFigures> for ReporterActor {
+    type Result = ();
+    fn handle(&mut self, msg: DiskFigures, _: &mut Context<Self>) {
+        self.disk = Some(msg.0);
+    }
+}

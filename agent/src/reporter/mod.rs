@@ -1,0 +1,5 @@
+//! Telling the central side what the worker has and what it destroyed.
+
+pub mod actor;
+
+pub use actor::ReporterActor;
