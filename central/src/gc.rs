@@ -44,7 +44,9 @@ const CANDIDATE: &str = "(v.state <> 'destroying' AND (
        AND v.container_id IS NULL)
       OR v.missing_since < now() - make_interval(secs => $1::float8)))";
 
-fn mark_all_sql() -> String {
+/// `cand` (candidates), `tainted` (candidates with a live descendant) and `markable`
+/// (candidates without one), as the head of a `WITH RECURSIVE` statement.
+fn markable_ctes() -> String {
     format!(
         "WITH RECURSIVE
          cand AS MATERIALIZED (SELECT v.id, v.parent_id FROM volumes v WHERE {CANDIDATE}),
@@ -57,8 +59,14 @@ fn mark_all_sql() -> String {
              SELECT p.id FROM tainted t JOIN cand c ON c.id = t.id JOIN cand p ON p.id = c.parent_id
          ),
          markable AS MATERIALIZED (
-             SELECT c.id FROM cand c WHERE NOT EXISTS (SELECT 1 FROM tainted t WHERE t.id = c.id)
-         )
+             SELECT c.id, c.parent_id FROM cand c WHERE NOT EXISTS (SELECT 1 FROM tainted t WHERE t.id = c.id)
+         )"
+    )
+}
+
+fn mark_all_sql() -> String {
+    format!(
+        "{}
          UPDATE volumes v SET
              state = CASE WHEN EXISTS (SELECT 1 FROM markable m WHERE m.id = v.id)
                           THEN 'destroying' ELSE v.state END,
@@ -66,25 +74,17 @@ fn mark_all_sql() -> String {
                           THEN 'destroying' ELSE v.parent_state END
           WHERE v.id IN (SELECT id FROM markable)
              OR v.parent_id IN (SELECT id FROM markable)
-         RETURNING (v.state = 'destroying' AND EXISTS (SELECT 1 FROM markable m WHERE m.id = v.id))"
+         RETURNING (v.state = 'destroying' AND EXISTS (SELECT 1 FROM markable m WHERE m.id = v.id))",
+        markable_ctes()
     )
 }
 
 fn roots_sql() -> String {
     format!(
-        "WITH RECURSIVE
-         cand AS MATERIALIZED (SELECT v.id, v.parent_id FROM volumes v WHERE {CANDIDATE}),
-         tainted(id) AS (
-             SELECT p.id FROM volumes v JOIN cand p ON p.id = v.parent_id
-              WHERE v.state <> 'destroying' AND NOT EXISTS (SELECT 1 FROM cand c WHERE c.id = v.id)
-             UNION
-             SELECT p.id FROM tainted t JOIN cand c ON c.id = t.id JOIN cand p ON p.id = c.parent_id
-         ),
-         markable AS MATERIALIZED (
-             SELECT c.id, c.parent_id FROM cand c WHERE NOT EXISTS (SELECT 1 FROM tainted t WHERE t.id = c.id)
-         )
+        "{}
          SELECT m.id FROM markable m
-          WHERE m.parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM markable p WHERE p.id = m.parent_id)"
+          WHERE m.parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM markable p WHERE p.id = m.parent_id)",
+        markable_ctes()
     )
 }
 

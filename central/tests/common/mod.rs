@@ -45,3 +45,106 @@ pub async fn force_state(db: &Db, handle: &str, state: &str) {
         .await
         .expect("force state");
 }
+
+use protocol::native::{BaseResourceType, ResourceTypesReport};
+use protocol::Handle;
+use volume_central::store::{self, CreateVolume};
+
+pub fn h(s: &str) -> Handle {
+    Handle::new(s).expect("handle")
+}
+
+/// Registers `worker` with one base resource type `git` at `version`.
+pub async fn register(db: &Db, worker: &str, version: &str) {
+    let report = ResourceTypesReport {
+        resource_types: vec![BaseResourceType {
+            name: "git".into(),
+            image: "/types/git/rootfs.tgz".into(),
+            version: version.into(),
+            privileged: false,
+            unique_version_history: false,
+        }],
+    };
+    store::put_resource_types(db, worker, &report)
+        .await
+        .expect("register worker");
+}
+
+/// Creates container `handle` on `worker`.
+pub async fn container(db: &Db, worker: &str, handle: &str) {
+    store::create_container(db, worker, handle)
+        .await
+        .expect("create container");
+}
+
+/// Creates a volume used by `container` (or no owner when None) under `parent`.
+pub async fn volume(
+    db: &Db,
+    worker: &str,
+    handle: &str,
+    parent: Option<&str>,
+    container: Option<&str>,
+) -> Result<store::VolumeRow, volume_central::Error> {
+    store::create_volume(
+        db,
+        worker,
+        &CreateVolume {
+            handle: h(handle),
+            parent: parent.map(h),
+            container: container.map(str::to_string),
+            resource_cache: None,
+            base_resource_type: None,
+        },
+    )
+    .await
+}
+
+/// Creates an initialized volume used by `container` under `parent`.
+pub async fn initialized(
+    db: &Db,
+    worker: &str,
+    handle: &str,
+    parent: Option<&str>,
+    container: Option<&str>,
+) {
+    volume(db, worker, handle, parent, container)
+        .await
+        .expect("create volume");
+    force_state(db, handle, "initialized").await;
+}
+
+/// `(handle, state, parent_state)` of every row, sorted: a whole-table snapshot.
+pub async fn snapshot(db: &Db) -> Vec<(String, String, Option<String>, bool)> {
+    let client = db.client().await.expect("client");
+    client
+        .query(
+            "SELECT handle, state, parent_state, missing_since IS NOT NULL FROM volumes ORDER BY handle",
+            &[],
+        )
+        .await
+        .expect("snapshot")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// The revision of `worker`.
+pub async fn revision(db: &Db, worker: &str) -> i64 {
+    let client = db.client().await.expect("client");
+    client
+        .query_one("SELECT revision FROM workers WHERE name = $1", &[&worker])
+        .await
+        .expect("revision")
+        .get(0)
+}
+
+/// Polls `cond` until it holds (gives up after a minute so a broken build fails).
+pub async fn wait_until(cond: impl Fn() -> bool) {
+    for _ in 0..6000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within a minute");
+}
