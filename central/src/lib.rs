@@ -1,1 +1,224 @@
-//! volume-central: the central side on PostgreSQL.
+//! volume-central: the seed's volume GC on PostgreSQL, serving volume-agent's native
+//! dialect of the central API.
+//!
+//! * [`Config`]: the configuration file.
+//! * [`migrate`]: applies the checked-in migrations (idempotent).
+//! * [`start`] / [`run`]: the HTTP service and its GC loop; [`start`] returns a
+//!   [`Server`] that tests drive in-process on a random port.
+//! * [`store`] and [`gc`]: every database operation, callable without HTTP.
+//! * `testing` (feature `testing`): a throwaway PostgreSQL cluster for tests.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod gc;
+pub mod http;
+pub mod metrics;
+pub mod migrate;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+
+pub use config::{Config, ConfigError};
+pub use db::Db;
+pub use error::Error;
+pub use metrics::Metrics;
+
+/// Why the service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Database(#[from] Error),
+    #[error("cannot listen on {addr}: {source}; pick a free address with `listen`")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Applies every pending migration to the configured database; returns the versions
+/// applied now (empty when the schema was current).
+pub async fn migrate(config: &Config) -> Result<Vec<i32>, StartError> {
+    let db = Db::connect(&config.resolve_database_url()?, 2)?;
+    Ok(migrate::migrate(&db).await?)
+}
+
+/// A running service: HTTP server plus GC loop.
+pub struct Server {
+    addr: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+    gc: tokio::task::JoinHandle<()>,
+    metrics: Arc<Metrics>,
+    db: Db,
+}
+
+impl Server {
+    /// The address it listens on (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Stops the GC loop and the HTTP server gracefully.
+    pub async fn stop(self) {
+        self.gc.abort();
+        self.handle.stop(true).await;
+        let _ = self.serve.await;
+    }
+
+    /// Waits until the HTTP server stops (on [`Server::stop`] from a clone of the handle,
+    /// or a signal in [`run`]).
+    async fn wait(self) -> Result<(), StartError> {
+        let res = self.serve.await;
+        self.gc.abort();
+        match res {
+            Ok(r) => r.map_err(StartError::Serve),
+            Err(join) => Err(StartError::Serve(std::io::Error::other(join.to_string()))),
+        }
+    }
+}
+
+/// Starts the HTTP service and the GC loop on the current tokio runtime. The database
+/// need not be reachable yet: requests answer 503 until it is.
+pub async fn start(config: &Config) -> Result<Server, StartError> {
+    let db = Db::connect(&config.resolve_database_url()?, config.pool_size)?;
+    let token = config.resolve_token()?;
+    let metrics = Arc::new(Metrics::default());
+    let state = web::Data::new(http::AppState {
+        db: db.clone(),
+        token,
+        metrics: metrics.clone(),
+    });
+    let listener =
+        std::net::TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(StartError::Serve)?;
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(from_fn(http::count_responses))
+            .configure(http::configure)
+    })
+    .disable_signals()
+    .shutdown_timeout(5);
+    if config.http_workers > 0 {
+        server = server.workers(config.http_workers);
+    }
+    let server = server
+        .listen(listener)
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?
+        .run();
+    let handle = server.handle();
+    let serve = tokio::spawn(server);
+    let gc = tokio::spawn(gc_loop(
+        db.clone(),
+        config.gc_interval,
+        config.missing_grace,
+        metrics.clone(),
+    ));
+    tracing::info!(%addr, "volume-central listening");
+    Ok(Server {
+        addr,
+        handle,
+        serve,
+        gc,
+        metrics,
+        db,
+    })
+}
+
+/// Runs the service until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let server = start(&config).await?;
+    let handle = server.handle.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stopping");
+        handle.stop(true).await;
+    });
+    server.wait().await
+}
+
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn gc_loop(
+    db: Db,
+    interval: std::time::Duration,
+    missing_grace: std::time::Duration,
+    metrics: Arc<Metrics>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let started = Instant::now();
+        match gc::run_pass(&db, missing_grace).await {
+            Ok(gc::PassOutcome::Ran(stats)) => {
+                metrics.db_up.store(1, Ordering::Relaxed);
+                Metrics::inc(&metrics.gc_passes);
+                Metrics::add(&metrics.gc_marked, stats.marked);
+                Metrics::add(&metrics.gc_skipped, stats.skipped);
+                Metrics::add(&metrics.gc_caches_deleted, stats.caches_deleted);
+                metrics.gc_last_pass_micros.store(
+                    started.elapsed().as_micros().try_into().unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                if stats != gc::GcStats::default() {
+                    tracing::info!(?stats, "GC pass");
+                }
+            }
+            Ok(gc::PassOutcome::Locked) => Metrics::inc(&metrics.gc_locked),
+            Err(err) => {
+                if err.is_unavailable() {
+                    metrics.db_up.store(0, Ordering::Relaxed);
+                    Metrics::inc(&metrics.db_unavailable);
+                }
+                Metrics::inc(&metrics.gc_errors);
+                tracing::warn!("GC pass failed; retrying next interval: {err}");
+            }
+        }
+    }
+}

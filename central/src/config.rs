@@ -1,0 +1,236 @@
+//! The configuration file (`central.toml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {0}: set exactly one of `database_url` and `database_url_file`")]
+    DatabaseUrl(String),
+    #[error("cannot read {what} file {path}: {source}")]
+    SecretFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} file {path} is empty; put the value on its first line")]
+    EmptySecret { what: &'static str, path: PathBuf },
+    #[error("config: `{key}` must be greater than zero")]
+    Zero { key: &'static str },
+}
+
+/// The service's configuration. Unknown keys are rejected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on, e.g. `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// PostgreSQL connection string (`postgres://...` or `host=... user=...`).
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// A file whose first line is the connection string (keeps passwords out of the config).
+    #[serde(default)]
+    pub database_url_file: Option<PathBuf>,
+    /// A file whose first line is the bearer token every `/api` request must carry.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// How often the GC runs (one replica at a time).
+    #[serde(default = "default_gc_interval", with = "humantime_serde")]
+    pub gc_interval: Duration,
+    /// How long a volume may be reported missing before it is marked `destroying`.
+    #[serde(default = "default_missing_grace", with = "humantime_serde")]
+    pub missing_grace: Duration,
+    /// Database connections per replica.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// HTTP worker threads (0: one per core).
+    #[serde(default)]
+    pub http_workers: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_gc_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_missing_grace() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_pool_size() -> usize {
+    16
+}
+
+impl Config {
+    /// A configuration with defaults and the given connection string.
+    pub fn with_database_url(url: impl Into<String>) -> Self {
+        Config {
+            listen: default_listen(),
+            database_url: Some(url.into()),
+            database_url_file: None,
+            token_file: None,
+            gc_interval: default_gc_interval(),
+            missing_grace: default_missing_grace(),
+            pool_size: default_pool_size(),
+            http_workers: 0,
+        }
+    }
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses `text` (read from `path`, used in messages) and validates it.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: err.message().to_string()
+                + &err
+                    .span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.database_url.is_some() == self.database_url_file.is_some() {
+            return Err(ConfigError::DatabaseUrl(path.display().to_string()));
+        }
+        if self.gc_interval.is_zero() {
+            return Err(ConfigError::Zero { key: "gc_interval" });
+        }
+        if self.pool_size == 0 {
+            return Err(ConfigError::Zero { key: "pool_size" });
+        }
+        Ok(())
+    }
+
+    /// The connection string, read from `database_url_file` when that is set.
+    pub fn resolve_database_url(&self) -> Result<String, ConfigError> {
+        match (&self.database_url, &self.database_url_file) {
+            (Some(url), None) => Ok(url.clone()),
+            (None, Some(file)) => read_secret("database_url", file),
+            _ => Err(ConfigError::DatabaseUrl("(in memory)".into())),
+        }
+    }
+
+    /// The bearer token, when `token_file` is set.
+    pub fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
+        self.token_file
+            .as_deref()
+            .map(|file| read_secret("token", file))
+            .transpose()
+    }
+}
+
+fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let line = text.lines().next().unwrap_or("").trim().to_string();
+    if line.is_empty() {
+        return Err(ConfigError::EmptySecret {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key_with_durations() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            r#"
+listen = "0.0.0.0:9000"
+database_url = "postgres://u@localhost/db"
+token_file = "/etc/volume-central/token"
+gc_interval = "10s"
+missing_grace = "2m"
+pool_size = 4
+"#,
+        )
+        .expect("valid config");
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.gc_interval, Duration::from_secs(10));
+        assert_eq!(c.missing_grace, Duration::from_secs(120));
+        assert_eq!(c.pool_size, 4);
+    }
+
+    #[test]
+    fn defaults_gc_interval_and_missing_grace() {
+        let c = Config::parse(Path::new("c.toml"), "database_url = \"x\"").expect("valid");
+        assert_eq!(c.gc_interval, Duration::from_secs(30));
+        assert_eq!(c.missing_grace, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn rejects_unknown_key_naming_it() {
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "database_url = \"x\"\ngc_intervall = \"1s\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("gc_intervall"), "{err}");
+    }
+
+    #[test]
+    fn requires_exactly_one_database_url_source() {
+        let err = Config::parse(Path::new("c.toml"), "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database_url_file"), "{err}");
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "database_url = \"x\"\ndatabase_url_file = \"/f\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("exactly one"), "{err}");
+    }
+
+    #[test]
+    fn reads_database_url_and_token_from_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = dir.path().join("url");
+        std::fs::write(&url, "postgres://a@b/c\n").expect("write");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "  s3cret \n").expect("write");
+        let text = format!(
+            "database_url_file = {:?}\ntoken_file = {:?}",
+            url.display().to_string(),
+            token.display().to_string()
+        );
+        let c = Config::parse(Path::new("c.toml"), &text).expect("valid");
+        assert_eq!(c.resolve_database_url().expect("url"), "postgres://a@b/c");
+        assert_eq!(c.resolve_token().expect("token").as_deref(), Some("s3cret"));
+        std::fs::write(&token, "\n").expect("write");
+        assert!(c.resolve_token().is_err());
+    }
+}

@@ -1,0 +1,324 @@
+//! The HTTP routes (actix-web): the agent-facing native dialect, the scheduler-facing
+//! API, and `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use protocol::native::{ResourceTypesReport, VolumeReport};
+use protocol::{Handle, VolumeState};
+use serde::Deserialize;
+
+use crate::db::Db;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::store::{self, CreateResourceCache, CreateResourceConfig, CreateVolume, Desired};
+
+/// Largest request body accepted (a report of a very large worker).
+pub const MAX_BODY: usize = 64 << 20;
+
+/// What every handler shares.
+pub struct AppState {
+    pub db: Db,
+    pub token: Option<String>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ResponseError for Error {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Error::Unavailable(_) | Error::SchemaBehind { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if status.is_server_error() {
+            tracing::warn!("{self}");
+        }
+        let mut resp = HttpResponse::build(status);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.insert_header((header::RETRY_AFTER, "5"));
+        }
+        resp.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+type Reply = Result<HttpResponse, Error>;
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, Error> {
+    protocol::decode(what, body).map_err(|err| Error::BadRequest(err.to_string()))
+}
+
+fn worker_of(path: &web::Path<String>) -> Result<&str, Error> {
+    store::check_worker_name(path.as_str())?;
+    Ok(path.as_str())
+}
+
+async fn put_resource_types(
+    st: web::Data<AppState>,
+    worker: web::Path<String>,
+    body: web::Bytes,
+) -> Reply {
+    let worker = worker_of(&worker)?;
+    let report: ResourceTypesReport = decode("base resource types", &body)?;
+    store::put_resource_types(&st.db, worker, &report).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn get_desired(
+    st: web::Data<AppState>,
+    worker: web::Path<String>,
+    req: HttpRequest,
+) -> Reply {
+    let worker = worker_of(&worker)?;
+    let inm = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok());
+    match store::desired(&st.db, worker, inm).await? {
+        Desired::NotModified { etag } => {
+            Metrics::inc(&st.metrics.desired_not_modified);
+            Ok(HttpResponse::NotModified()
+                .insert_header((header::ETAG, etag))
+                .finish())
+        }
+        Desired::Full { set, etag } => {
+            Metrics::inc(&st.metrics.desired_full);
+            let body = serde_json::to_vec(&set)
+                .map_err(|err| Error::Database(format!("cannot encode desired set: {err}")))?;
+            Ok(HttpResponse::Ok()
+                .insert_header((header::ETAG, etag))
+                .content_type("application/json")
+                .body(body))
+        }
+        Desired::UnknownWorker => Err(Error::NotFound(format!(
+            "worker {worker:?} is unknown to the central side"
+        ))),
+    }
+}
+
+async fn put_report(st: web::Data<AppState>, worker: web::Path<String>, body: web::Bytes) -> Reply {
+    let worker = worker_of(&worker)?;
+    let report: VolumeReport = decode("volume report", &body)?;
+    let out = store::apply_report(&st.db, worker, &report).await?;
+    let m = &st.metrics;
+    Metrics::inc(&m.reports);
+    Metrics::add(&m.reported_destroyed_deleted, out.deleted);
+    Metrics::add(&m.reported_failed, report.failed.len() as u64);
+    Metrics::add(&m.reported_blocked, report.blocked.len() as u64);
+    for f in &report.failed {
+        tracing::warn!(worker, handle = %f.handle, attempts = f.attempts, "worker cannot destroy volume: {}", f.error);
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn post_volume(
+    st: web::Data<AppState>,
+    worker: web::Path<String>,
+    body: web::Bytes,
+) -> Reply {
+    let worker = worker_of(&worker)?;
+    let req: CreateVolume = decode("volume", &body)?;
+    let row = store::create_volume(&st.db, worker, &req).await?;
+    Ok(HttpResponse::Created().json(row))
+}
+
+async fn list_volumes(st: web::Data<AppState>, worker: web::Path<String>) -> Reply {
+    let worker = worker_of(&worker)?;
+    Ok(HttpResponse::Ok().json(store::list_volumes(&st.db, worker).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateBody {
+    state: VolumeState,
+}
+
+async fn put_state(st: web::Data<AppState>, handle: web::Path<String>, body: web::Bytes) -> Reply {
+    let handle = Handle::new(handle.into_inner()).map_err(|e| Error::BadRequest(e.to_string()))?;
+    let req: StateBody = decode("state", &body)?;
+    if req.state == VolumeState::Destroying {
+        return Err(Error::BadRequest(
+            "`destroying` is set by the GC when nothing uses the volume; delete its container or cache use instead".into(),
+        ));
+    }
+    Ok(HttpResponse::Ok().json(store::set_state(&st.db, &handle, req.state).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContainerBody {
+    handle: String,
+}
+
+async fn post_container(
+    st: web::Data<AppState>,
+    worker: web::Path<String>,
+    body: web::Bytes,
+) -> Reply {
+    let worker = worker_of(&worker)?;
+    let req: ContainerBody = decode("container", &body)?;
+    let created = store::create_container(&st.db, worker, &req.handle).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(HttpResponse::build(status)
+        .json(serde_json::json!({"handle": req.handle, "worker": worker})))
+}
+
+async fn delete_container(st: web::Data<AppState>, path: web::Path<(String, String)>) -> Reply {
+    let (worker, handle) = path.into_inner();
+    store::check_worker_name(&worker)?;
+    store::delete_container(&st.db, &worker, &handle).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn post_resource_config(st: web::Data<AppState>, body: web::Bytes) -> Reply {
+    let req: CreateResourceConfig = decode("resource config", &body)?;
+    let id = store::create_resource_config(&st.db, &req).await?;
+    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
+}
+
+async fn post_resource_cache(st: web::Data<AppState>, body: web::Bytes) -> Reply {
+    let req: CreateResourceCache = decode("resource cache", &body)?;
+    let id = store::create_resource_cache(&st.db, &req).await?;
+    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
+}
+
+async fn post_cache_use(st: web::Data<AppState>, path: web::Path<(i64, i64)>) -> Reply {
+    let (cache, build) = path.into_inner();
+    store::add_cache_use(&st.db, cache, build).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn delete_cache_use(st: web::Data<AppState>, path: web::Path<(i64, i64)>) -> Reply {
+    let (cache, build) = path.into_inner();
+    store::delete_cache_use(&st.db, cache, build).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().body("ok\n")
+}
+
+async fn readyz(st: web::Data<AppState>) -> HttpResponse {
+    let check = async {
+        st.db.ping().await?;
+        crate::migrate::check_current(&st.db).await
+    };
+    match check.await {
+        Ok(()) => {
+            st.metrics.db_up.store(1, Ordering::Relaxed);
+            HttpResponse::Ok().body("ready\n")
+        }
+        Err(err) => {
+            if err.is_unavailable() {
+                st.metrics.db_up.store(0, Ordering::Relaxed);
+            }
+            HttpResponse::ServiceUnavailable().body(format!("not ready: {err}\n"))
+        }
+    }
+}
+
+async fn metrics(st: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(st.metrics.render())
+}
+
+/// Refuses `/api` requests without the configured bearer token.
+async fn require_token(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let expected = req
+        .app_data::<web::Data<AppState>>()
+        .and_then(|st| st.token.clone());
+    if let Some(token) = expected {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            let resp = HttpResponse::Unauthorized()
+                .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
+                .json(serde_json::json!({
+                    "error": "missing or wrong bearer token; send `Authorization: Bearer <token>` with the token from the service's token_file"
+                }));
+            return Ok(req.into_response(resp));
+        }
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts every response by status class.
+pub(crate) async fn count_responses(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|st| st.metrics.clone());
+    let resp = next.call(req).await?.map_into_boxed_body();
+    if let Some(m) = metrics {
+        let status = resp.status();
+        m.count_status(status.as_u16());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            Metrics::inc(&m.db_unavailable);
+        }
+    }
+    Ok(resp)
+}
+
+/// Registers every route on an actix `App`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::PayloadConfig::new(MAX_BODY))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .service(
+            web::scope("/api/v1")
+                .wrap(from_fn(require_token))
+                .route(
+                    "/workers/{w}/base-resource-types",
+                    web::put().to(put_resource_types),
+                )
+                .route("/workers/{w}/volumes/desired", web::get().to(get_desired))
+                .route("/workers/{w}/volumes/report", web::put().to(put_report))
+                .route("/workers/{w}/volumes", web::post().to(post_volume))
+                .route("/workers/{w}/volumes", web::get().to(list_volumes))
+                .route("/workers/{w}/containers", web::post().to(post_container))
+                .route(
+                    "/workers/{w}/containers/{h}",
+                    web::delete().to(delete_container),
+                )
+                .route("/volumes/{h}/state", web::put().to(put_state))
+                .route("/resource-configs", web::post().to(post_resource_config))
+                .route("/resource-caches", web::post().to(post_resource_cache))
+                .route(
+                    "/resource-caches/{id}/uses/{build}",
+                    web::post().to(post_cache_use),
+                )
+                .route(
+                    "/resource-caches/{id}/uses/{build}",
+                    web::delete().to(delete_cache_use),
+                ),
+        );
+}

@@ -1,0 +1,841 @@
+//! Every read and write of the seed's tables, outside the GC.
+//!
+//! Each function is one transaction (or one statement) and safe to repeat.
+
+use chrono::{DateTime, Utc};
+use protocol::native::{DesiredSet, DesiredVolume, ResourceTypesReport, VolumeReport};
+use protocol::{Handle, VolumeState};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::IsolationLevel;
+
+use crate::db::Db;
+use crate::error::{sql_state, Error, Result};
+
+/// Longest worker name accepted.
+pub const MAX_WORKER_NAME: usize = 255;
+
+/// Checks a worker name from a URL path.
+pub fn check_worker_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_WORKER_NAME || name.chars().any(char::is_control) {
+        return Err(Error::BadRequest(format!(
+            "worker name {:?} is invalid; use 1 to {MAX_WORKER_NAME} printable characters",
+            name.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// The answer to a desired-set request.
+#[derive(Debug)]
+pub enum Desired {
+    /// The `If-None-Match` tag still matches.
+    NotModified { etag: String },
+    /// A full answer and its tag.
+    Full { set: DesiredSet, etag: String },
+    /// The central side does not know this worker.
+    UnknownWorker,
+}
+
+/// The ETag of revision `revision` (quoted, as it goes on the wire).
+pub fn etag_of(revision: i64) -> String {
+    format!("\"r{revision}\"")
+}
+
+/// Whether an `If-None-Match` header value matches `etag`.
+pub fn if_none_match_matches(header: &str, etag: &str) -> bool {
+    header.split(',').map(str::trim).any(|tag| {
+        let tag = tag.strip_prefix("W/").unwrap_or(tag);
+        tag == "*" || tag == etag
+    })
+}
+
+/// `GET /api/v1/workers/{w}/volumes/desired`.
+pub async fn desired(db: &Db, worker: &str, if_none_match: Option<&str>) -> Result<Desired> {
+    let mut client = db.client().await?;
+    if let Some(header) = if_none_match {
+        let stmt = client
+            .prepare_cached("SELECT revision FROM workers WHERE name = $1")
+            .await?;
+        let Some(row) = client.query_opt(&stmt, &[&worker]).await? else {
+            return Ok(Desired::UnknownWorker);
+        };
+        let etag = etag_of(row.get(0));
+        if if_none_match_matches(header, &etag) {
+            return Ok(Desired::NotModified { etag });
+        }
+    }
+    // One snapshot for the revision, the rows and `as_of`: the revision is bumped in the
+    // same transaction as every change to the rows, so the three agree.
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let head = tx
+        .prepare_cached("SELECT revision, now() FROM workers WHERE name = $1")
+        .await?;
+    let Some(row) = tx.query_opt(&head, &[&worker]).await? else {
+        return Ok(Desired::UnknownWorker);
+    };
+    let revision: i64 = row.get(0);
+    let as_of: DateTime<Utc> = row.get(1);
+    let rows_stmt = tx
+        .prepare_cached(
+            "SELECT v.handle, p.handle, v.state = 'destroying'
+               FROM volumes v LEFT JOIN volumes p ON p.id = v.parent_id
+              WHERE v.worker_name = $1
+              ORDER BY v.id",
+        )
+        .await?;
+    let rows = tx.query(&rows_stmt, &[&worker]).await?;
+    tx.commit().await?;
+    let mut volumes = Vec::with_capacity(rows.len());
+    let mut destroying = Vec::new();
+    for row in rows {
+        let handle = stored_handle(row.get(0))?;
+        if row.get::<_, bool>(2) {
+            destroying.push(handle);
+        } else {
+            let parent = row
+                .get::<_, Option<String>>(1)
+                .map(stored_handle)
+                .transpose()?;
+            volumes.push(DesiredVolume { handle, parent });
+        }
+    }
+    let etag = etag_of(revision);
+    Ok(Desired::Full {
+        set: DesiredSet {
+            worker: worker.to_string(),
+            revision: u64::try_from(revision).unwrap_or(0),
+            as_of,
+            volumes,
+            destroying,
+        },
+        etag,
+    })
+}
+
+fn stored_handle(s: String) -> Result<Handle> {
+    Handle::new(s).map_err(|err| Error::Database(format!("stored handle is invalid: {err}")))
+}
+
+async fn ensure_worker(tx: &tokio_postgres::Transaction<'_>, worker: &str) -> Result<()> {
+    tx.execute(
+        "INSERT INTO workers (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        &[&worker],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `PUT /api/v1/workers/{w}/base-resource-types`: registers the worker and its types. A
+/// type whose version changed loses its old `worker_base_resource_types` row, so volumes
+/// built on the old version become garbage.
+pub async fn put_resource_types(db: &Db, worker: &str, report: &ResourceTypesReport) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for t in &report.resource_types {
+        if t.name.is_empty() || t.version.is_empty() {
+            return Err(Error::BadRequest(
+                "resource type with an empty `type` or `version`; both are required".into(),
+            ));
+        }
+        if !seen.insert(t.name.as_str()) {
+            return Err(Error::BadRequest(format!(
+                "resource type {:?} is listed twice; send each type once with its current version",
+                t.name
+            )));
+        }
+    }
+    let names: Vec<&str> = report
+        .resource_types
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    let versions: Vec<&str> = report
+        .resource_types
+        .iter()
+        .map(|t| t.version.as_str())
+        .collect();
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    ensure_worker(&tx, worker).await?;
+    tx.execute(
+        "INSERT INTO base_resource_types (name, version)
+         SELECT * FROM unnest($1::text[], $2::text[])
+         ORDER BY 1, 2
+         ON CONFLICT (name, version) DO NOTHING",
+        &[&names, &versions],
+    )
+    .await?;
+    let ids: Vec<i64> = tx
+        .query(
+            "SELECT b.id FROM base_resource_types b
+               JOIN unnest($1::text[], $2::text[]) AS t(name, version)
+                 ON b.name = t.name AND b.version = t.version",
+            &[&names, &versions],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let removed = tx
+        .execute(
+            "DELETE FROM worker_base_resource_types
+              WHERE worker_name = $1 AND base_resource_type_id <> ALL($2)",
+            &[&worker, &ids],
+        )
+        .await?;
+    tx.execute(
+        "INSERT INTO worker_base_resource_types (worker_name, base_resource_type_id)
+         SELECT $1, unnest($2::bigint[])
+         ON CONFLICT (worker_name, base_resource_type_id) DO NOTHING",
+        &[&worker, &ids],
+    )
+    .await?;
+    tx.commit().await?;
+    if removed > 0 {
+        tracing::info!(
+            worker,
+            removed,
+            "base resource types changed; volumes on old versions are now garbage"
+        );
+    }
+    Ok(())
+}
+
+/// What a report changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReportOutcome {
+    pub confirmed: u64,
+    pub deleted: u64,
+    pub marked_missing: u64,
+    pub cleared_missing: u64,
+    /// Handles reported destroyed whose rows still have children: kept for now.
+    pub kept_with_children: u64,
+}
+
+/// `PUT /api/v1/workers/{w}/volumes/report`.
+pub async fn apply_report(db: &Db, worker: &str, report: &VolumeReport) -> Result<ReportOutcome> {
+    let present: Vec<&str> = report.volumes.iter().map(|v| v.handle.as_str()).collect();
+    let destroyed: Vec<&str> = report.destroyed.iter().map(Handle::as_str).collect();
+    let missing: Vec<&str> = report
+        .missing
+        .iter()
+        .map(Handle::as_str)
+        .filter(|h| !present.contains(h))
+        .collect();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_apply_report(db, worker, &present, &destroyed, &missing).await {
+            Err(Error::Conflict(msg)) if attempt < 3 => {
+                tracing::debug!(
+                    worker,
+                    attempt,
+                    "report raced a concurrent change: {msg}; retrying"
+                );
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_apply_report(
+    db: &Db,
+    worker: &str,
+    present: &[&str],
+    destroyed: &[&str],
+    missing: &[&str],
+) -> Result<ReportOutcome> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    let known = tx
+        .query_opt("SELECT 1 FROM workers WHERE name = $1", &[&worker])
+        .await?
+        .is_some();
+    if !known {
+        return Err(Error::NotFound(format!(
+            "worker {worker:?} is unknown; it registers with PUT /api/v1/workers/{worker}/base-resource-types"
+        )));
+    }
+    let mut out = ReportOutcome::default();
+    if !present.is_empty() {
+        out.confirmed = tx
+            .execute(
+                "UPDATE volumes SET state = 'created'
+                  WHERE worker_name = $1 AND state = 'creating' AND handle = ANY($2)",
+                &[&worker, &present],
+            )
+            .await?;
+        out.cleared_missing = tx
+            .execute(
+                "UPDATE volumes SET missing_since = NULL
+                  WHERE worker_name = $1 AND missing_since IS NOT NULL AND handle = ANY($2)",
+                &[&worker, &present],
+            )
+            .await?;
+    }
+    if !missing.is_empty() {
+        out.marked_missing = tx
+            .execute(
+                "UPDATE volumes SET missing_since = now()
+                  WHERE worker_name = $1 AND missing_since IS NULL
+                    AND state NOT IN ('creating', 'destroying') AND handle = ANY($2)",
+                &[&worker, &missing],
+            )
+            .await?;
+    }
+    if !destroyed.is_empty() {
+        // Deepest first: each statement deletes the reported rows that have no child
+        // left, until none is deleted. Rows whose children were not reported stay.
+        let stmt = tx
+            .prepare(
+                "DELETE FROM volumes v
+                  WHERE v.worker_name = $1 AND v.handle = ANY($2)
+                    AND NOT EXISTS (SELECT 1 FROM volumes c WHERE c.parent_id = v.id)",
+            )
+            .await?;
+        loop {
+            let n = tx
+                .execute(&stmt, &[&worker, &destroyed])
+                .await
+                .map_err(|err| restrict_to_conflict(err, "a reported volume got a new child"))?;
+            if n == 0 {
+                break;
+            }
+            out.deleted += n;
+        }
+        out.kept_with_children = tx
+            .query_one(
+                "SELECT count(*) FROM volumes WHERE worker_name = $1 AND handle = ANY($2)",
+                &[&worker, &destroyed],
+            )
+            .await?
+            .get::<_, i64>(0)
+            .try_into()
+            .unwrap_or(0);
+    }
+    tx.commit()
+        .await
+        .map_err(|err| restrict_to_conflict(err, "a reported volume changed concurrently"))?;
+    Ok(out)
+}
+
+fn restrict_to_conflict(err: tokio_postgres::Error, what: &str) -> Error {
+    match sql_state(&err) {
+        Some(s)
+            if *s == SqlState::FOREIGN_KEY_VIOLATION
+                || *s == SqlState::T_R_DEADLOCK_DETECTED
+                || *s == SqlState::T_R_SERIALIZATION_FAILURE =>
+        {
+            Error::Conflict(format!("{what}: {err}"))
+        }
+        _ => err.into(),
+    }
+}
+
+/// `POST /api/v1/workers/{w}/volumes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub handle: Handle,
+    #[serde(default)]
+    pub parent: Option<Handle>,
+    /// Handle of the container that uses the volume.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// Id of the resource cache the volume holds.
+    #[serde(default)]
+    pub resource_cache: Option<i64>,
+    /// Name of the worker's base resource type the volume was imported from.
+    #[serde(default)]
+    pub base_resource_type: Option<String>,
+}
+
+/// A volume row as the scheduler API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRow {
+    pub handle: Handle,
+    pub worker: String,
+    pub state: VolumeState,
+    pub parent: Option<Handle>,
+    pub container: Option<String>,
+    pub resource_cache: Option<i64>,
+    pub base_resource_type: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub missing_since: Option<DateTime<Utc>>,
+    /// Why the volume is kept (`container`, `resource cache`, `base resource type`), or
+    /// empty when it is garbage.
+    pub kept_by: Vec<String>,
+}
+
+const ROW_SELECT: &str = "
+SELECT v.handle, v.worker_name, v.state, p.handle, c.handle, v.resource_cache_id,
+       b.name || ' ' || b.version, v.created_at, v.missing_since
+  FROM volumes v
+  LEFT JOIN volumes p ON p.id = v.parent_id
+  LEFT JOIN containers c ON c.id = v.container_id
+  LEFT JOIN worker_base_resource_types w ON w.id = v.worker_base_resource_type_id
+  LEFT JOIN base_resource_types b ON b.id = w.base_resource_type_id";
+
+fn volume_row(row: &tokio_postgres::Row) -> Result<VolumeRow> {
+    let state: String = row.get(2);
+    let state: VolumeState = state.parse().map_err(Error::Database)?;
+    let container: Option<String> = row.get(4);
+    let resource_cache: Option<i64> = row.get(5);
+    let base_resource_type: Option<String> = row.get(6);
+    let mut kept_by = Vec::new();
+    if let Some(c) = &container {
+        kept_by.push(format!("container {c}"));
+    }
+    if let Some(id) = resource_cache {
+        kept_by.push(format!("resource cache {id}"));
+    }
+    if let Some(b) = &base_resource_type {
+        kept_by.push(format!("base resource type {b}"));
+    }
+    Ok(VolumeRow {
+        handle: stored_handle(row.get(0))?,
+        worker: row.get(1),
+        state,
+        parent: row
+            .get::<_, Option<String>>(3)
+            .map(stored_handle)
+            .transpose()?,
+        container,
+        resource_cache,
+        base_resource_type,
+        created_at: row.get(7),
+        missing_since: row.get(8),
+        kept_by,
+    })
+}
+
+/// Inserts a `creating` volume. A copy-on-write child is inserted with
+/// `parent_state = 'initialized'`: when the parent is not initialized or is being
+/// destroyed, the foreign key refuses it and the caller gets [`Error::Conflict`].
+pub async fn create_volume(db: &Db, worker: &str, req: &CreateVolume) -> Result<VolumeRow> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    ensure_worker(&tx, worker).await?;
+    let container_id: Option<i64> = match &req.container {
+        None => None,
+        Some(h) => Some(
+            tx.query_opt(
+                "SELECT id FROM containers WHERE handle = $1 AND worker_name = $2",
+                &[h, &worker],
+            )
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "container {h:?} is unknown on worker {worker:?}; create it with POST /api/v1/workers/{worker}/containers"
+                ))
+            })?
+            .get(0),
+        ),
+    };
+    if let Some(id) = req.resource_cache {
+        tx.query_opt("SELECT 1 FROM resource_caches WHERE id = $1", &[&id])
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "resource cache {id} is unknown; create it with POST /api/v1/resource-caches"
+                ))
+            })?;
+    }
+    let wbrt_id: Option<i64> = match &req.base_resource_type {
+        None => None,
+        Some(name) => Some(
+            tx.query_opt(
+                "SELECT w.id FROM worker_base_resource_types w
+                   JOIN base_resource_types b ON b.id = w.base_resource_type_id
+                  WHERE w.worker_name = $1 AND b.name = $2",
+                &[&worker, name],
+            )
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "worker {worker:?} has no base resource type {name:?}; its agent reports them with PUT /api/v1/workers/{worker}/base-resource-types"
+                ))
+            })?
+            .get(0),
+        ),
+    };
+    let parent_id: Option<i64> = match &req.parent {
+        None => None,
+        Some(p) => {
+            let row = tx
+                .query_opt(
+                    "SELECT id, worker_name, state FROM volumes WHERE handle = $1",
+                    &[&p.as_str()],
+                )
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("parent volume {p} is unknown")))?;
+            let pw: String = row.get(1);
+            if pw != worker {
+                return Err(Error::Conflict(format!(
+                    "parent volume {p} is on worker {pw:?}, not {worker:?}; a copy-on-write child lives beside its parent"
+                )));
+            }
+            let state: String = row.get(2);
+            if state != "initialized" {
+                return Err(parent_conflict(p, &state));
+            }
+            Some(row.get(0))
+        }
+    };
+    let parent_state: Option<&str> = parent_id.map(|_| "initialized");
+    let inserted = tx
+        .execute(
+            "INSERT INTO volumes (handle, worker_name, state, parent_id, parent_state,
+                                  resource_cache_id, worker_base_resource_type_id, container_id)
+             VALUES ($1, $2, 'creating', $3, $4, $5, $6, $7)",
+            &[
+                &req.handle.as_str(),
+                &worker,
+                &parent_id,
+                &parent_state,
+                &req.resource_cache,
+                &wbrt_id,
+                &container_id,
+            ],
+        )
+        .await;
+    if let Err(err) = inserted {
+        return Err(insert_error(err, req));
+    }
+    let row = tx
+        .query_one(
+            &format!("{ROW_SELECT} WHERE v.handle = $1"),
+            &[&req.handle.as_str()],
+        )
+        .await?;
+    tx.commit().await.map_err(|err| insert_error(err, req))?;
+    volume_row(&row)
+}
+
+fn parent_conflict(parent: &Handle, state: &str) -> Error {
+    if state == "destroying" {
+        Error::Conflict(format!(
+            "parent volume {parent} is being destroyed; create the child from another volume"
+        ))
+    } else {
+        Error::Conflict(format!(
+            "parent volume {parent} is {state}, not initialized; a copy-on-write child needs an initialized parent"
+        ))
+    }
+}
+
+fn insert_error(err: tokio_postgres::Error, req: &CreateVolume) -> Error {
+    let Some(db) = err.as_db_error() else {
+        return err.into();
+    };
+    match (db.code(), db.constraint()) {
+        (c, _) if *c == SqlState::UNIQUE_VIOLATION => Error::Conflict(format!(
+            "volume {} already exists; pick a new handle",
+            req.handle
+        )),
+        (c, Some("volumes_parent_fkey")) if *c == SqlState::FOREIGN_KEY_VIOLATION => {
+            match &req.parent {
+                Some(p) => Error::Conflict(format!(
+                    "parent volume {p} is being destroyed or is no longer initialized; create the child from another volume"
+                )),
+                None => Error::Conflict("parent volume changed concurrently".into()),
+            }
+        }
+        (c, Some(name)) if *c == SqlState::FOREIGN_KEY_VIOLATION => Error::NotFound(format!(
+            "a referenced row was deleted concurrently ({name}); retry with a current container, cache or type"
+        )),
+        _ => err.into(),
+    }
+}
+
+/// `PUT /api/v1/volumes/{h}/state`: forward only, as the agent's state route.
+pub async fn set_state(db: &Db, handle: &Handle, to: VolumeState) -> Result<VolumeRow> {
+    let from: Vec<&str> = VolumeState::ALL
+        .into_iter()
+        .filter(|s| s.may_advance_to(to))
+        .map(VolumeState::as_str)
+        .collect();
+    let client = db.client().await?;
+    let n = client
+        .execute(
+            "UPDATE volumes SET state = $2 WHERE handle = $1 AND state = ANY($3)",
+            &[&handle.as_str(), &to.as_str(), &from],
+        )
+        .await
+        .map_err(|err| restrict_to_conflict(err, "the volume has children"))?;
+    let row = client
+        .query_opt(
+            &format!("{ROW_SELECT} WHERE v.handle = $1"),
+            &[&handle.as_str()],
+        )
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("volume {handle} is unknown")))?;
+    let row = volume_row(&row)?;
+    if n == 0 && row.state != to {
+        return Err(Error::Conflict(format!(
+            "volume {handle} is {}; it cannot move to {to} (states move forward only, and `created` comes from the agent's report)",
+            row.state
+        )));
+    }
+    Ok(row)
+}
+
+/// `GET /api/v1/workers/{w}/volumes`.
+pub async fn list_volumes(db: &Db, worker: &str) -> Result<Vec<VolumeRow>> {
+    let client = db.client().await?;
+    if client
+        .query_opt("SELECT 1 FROM workers WHERE name = $1", &[&worker])
+        .await?
+        .is_none()
+    {
+        return Err(Error::NotFound(format!("worker {worker:?} is unknown")));
+    }
+    let rows = client
+        .query(
+            &format!("{ROW_SELECT} WHERE v.worker_name = $1 ORDER BY v.id"),
+            &[&worker],
+        )
+        .await?;
+    rows.iter().map(volume_row).collect()
+}
+
+/// `POST /api/v1/workers/{w}/containers`: idempotent for the same worker.
+pub async fn create_container(db: &Db, worker: &str, handle: &str) -> Result<bool> {
+    if handle.is_empty() || handle.len() > 255 {
+        return Err(Error::BadRequest(
+            "container handle must be 1 to 255 characters".into(),
+        ));
+    }
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    ensure_worker(&tx, worker).await?;
+    let created = tx
+        .execute(
+            "INSERT INTO containers (worker_name, handle) VALUES ($1, $2)
+             ON CONFLICT (handle) DO NOTHING",
+            &[&worker, &handle],
+        )
+        .await?
+        == 1;
+    if !created {
+        let owner: String = tx
+            .query_one(
+                "SELECT worker_name FROM containers WHERE handle = $1",
+                &[&handle],
+            )
+            .await?
+            .get(0);
+        if owner != worker {
+            return Err(Error::Conflict(format!(
+                "container {handle:?} exists on worker {owner:?}"
+            )));
+        }
+    }
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// `DELETE /api/v1/workers/{w}/containers/{h}`: its volumes lose their container and may
+/// become garbage. Idempotent.
+pub async fn delete_container(db: &Db, worker: &str, handle: &str) -> Result<()> {
+    let client = db.client().await?;
+    client
+        .execute(
+            "DELETE FROM containers WHERE worker_name = $1 AND handle = $2",
+            &[&worker, &handle],
+        )
+        .await?;
+    Ok(())
+}
+
+/// `POST /api/v1/resource-configs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateResourceConfig {
+    /// A base resource type's name (its most recently registered version is used)...
+    #[serde(default)]
+    pub base_resource_type: Option<String>,
+    /// ...or the cache of a custom resource type.
+    #[serde(default)]
+    pub resource_cache: Option<i64>,
+    pub source_hash: String,
+    #[serde(default)]
+    pub params_hash: String,
+}
+
+/// Finds or creates a resource config; returns its id.
+pub async fn create_resource_config(db: &Db, req: &CreateResourceConfig) -> Result<i64> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    let (brt, rc): (Option<i64>, Option<i64>) = match (&req.base_resource_type, req.resource_cache)
+    {
+        (Some(name), None) => {
+            let id: i64 = tx
+                .query_opt(
+                    "SELECT id FROM base_resource_types WHERE name = $1 ORDER BY id DESC LIMIT 1",
+                    &[name],
+                )
+                .await?
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "base resource type {name:?} is unknown; no worker has reported it"
+                    ))
+                })?
+                .get(0);
+            (Some(id), None)
+        }
+        (None, Some(cache)) => {
+            tx.query_opt("SELECT 1 FROM resource_caches WHERE id = $1", &[&cache])
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("resource cache {cache} is unknown")))?;
+            (None, Some(cache))
+        }
+        _ => {
+            return Err(Error::BadRequest(
+                "set exactly one of `base_resource_type` and `resource_cache`".into(),
+            ))
+        }
+    };
+    let existing = tx
+        .query_opt(
+            "SELECT id FROM resource_configs
+              WHERE base_resource_type_id IS NOT DISTINCT FROM $1
+                AND resource_cache_id IS NOT DISTINCT FROM $2
+                AND source_hash = $3 AND params_hash = $4
+              LIMIT 1",
+            &[&brt, &rc, &req.source_hash, &req.params_hash],
+        )
+        .await?;
+    let id = match existing {
+        Some(row) => row.get(0),
+        None => tx
+            .query_one(
+                "INSERT INTO resource_configs
+                   (base_resource_type_id, resource_cache_id, source_hash, params_hash)
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+                &[&brt, &rc, &req.source_hash, &req.params_hash],
+            )
+            .await?
+            .get(0),
+    };
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// `POST /api/v1/resource-caches`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateResourceCache {
+    pub resource_config: i64,
+    pub version: String,
+    /// A build that uses the cache: the use is created in the same transaction, so the
+    /// GC cannot delete the new cache before its first use exists.
+    #[serde(default)]
+    pub build: Option<i64>,
+}
+
+/// Finds or creates a resource cache (and its first use); returns its id.
+pub async fn create_resource_cache(db: &Db, req: &CreateResourceCache) -> Result<i64> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "INSERT INTO resource_caches (resource_config_id, version)
+             SELECT id, $2 FROM resource_configs WHERE id = $1
+             ON CONFLICT (resource_config_id, version) DO UPDATE SET version = EXCLUDED.version
+             RETURNING id",
+            &[&req.resource_config, &req.version],
+        )
+        .await
+        .map_err(|err| not_found_on_fk(err, "resource config", req.resource_config))?
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "resource config {} is unknown; create it with POST /api/v1/resource-configs",
+                req.resource_config
+            ))
+        })?;
+    let id: i64 = row.get(0);
+    if let Some(build) = req.build {
+        tx.execute(
+            "INSERT INTO resource_cache_uses (resource_cache_id, build_id) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING",
+            &[&id, &build],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(id)
+}
+
+fn not_found_on_fk(err: tokio_postgres::Error, what: &str, id: i64) -> Error {
+    if sql_state(&err) == Some(&SqlState::FOREIGN_KEY_VIOLATION) {
+        Error::NotFound(format!("{what} {id} is unknown (deleted concurrently)"))
+    } else {
+        err.into()
+    }
+}
+
+/// `POST /api/v1/resource-caches/{id}/uses/{build}`. Idempotent.
+pub async fn add_cache_use(db: &Db, cache: i64, build: i64) -> Result<()> {
+    let client = db.client().await?;
+    let n = client
+        .execute(
+            "INSERT INTO resource_cache_uses (resource_cache_id, build_id)
+             SELECT id, $2 FROM resource_caches WHERE id = $1
+             ON CONFLICT DO NOTHING",
+            &[&cache, &build],
+        )
+        .await
+        .map_err(|err| not_found_on_fk(err, "resource cache", cache))?;
+    if n == 0
+        && client
+            .query_opt("SELECT 1 FROM resource_caches WHERE id = $1", &[&cache])
+            .await?
+            .is_none()
+    {
+        return Err(Error::NotFound(format!(
+            "resource cache {cache} is unknown"
+        )));
+    }
+    Ok(())
+}
+
+/// `DELETE /api/v1/resource-caches/{id}/uses/{build}`. Idempotent.
+pub async fn delete_cache_use(db: &Db, cache: i64, build: i64) -> Result<()> {
+    let client = db.client().await?;
+    client
+        .execute(
+            "DELETE FROM resource_cache_uses WHERE resource_cache_id = $1 AND build_id = $2",
+            &[&cache, &build],
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_accepts_lists_weak_tags_and_star() {
+        let tag = etag_of(7);
+        assert!(if_none_match_matches("\"r7\"", &tag));
+        assert!(if_none_match_matches("\"r6\", W/\"r7\"", &tag));
+        assert!(if_none_match_matches("*", &tag));
+        assert!(!if_none_match_matches("\"r6\"", &tag));
+        assert!(!if_none_match_matches("r7", &tag));
+    }
+
+    #[test]
+    fn worker_names_refuse_empty_and_control_characters() {
+        assert!(check_worker_name("worker-0").is_ok());
+        assert!(check_worker_name("").is_err());
+        assert!(check_worker_name("a\nb").is_err());
+        assert!(check_worker_name(&"w".repeat(256)).is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! Helpers shared by the integration tests: a fresh database on the shared cluster.
+#![allow(dead_code)]
+
+use volume_central::testing::PgCluster;
+use volume_central::{Config, Db};
+
+/// A fresh, migrated database and a pool on it.
+pub async fn fresh_db() -> (Config, Db) {
+    let url = PgCluster::shared()
+        .create_database()
+        .expect("create database");
+    let mut config = Config::with_database_url(url.clone());
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.http_workers = 2;
+    config.pool_size = 8;
+    volume_central::migrate(&config).await.expect("migrate");
+    let db = Db::connect(&url, 32).expect("pool");
+    (config, db)
+}
+
+/// Runs `sql` and returns the first column of the first row as i64.
+pub async fn count(db: &Db, sql: &str) -> i64 {
+    let client = db.client().await.expect("client");
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+/// The state of volume `handle`, or None when the row is gone.
+pub async fn state_of(db: &Db, handle: &str) -> Option<String> {
+    let client = db.client().await.expect("client");
+    client
+        .query_opt("SELECT state FROM volumes WHERE handle = $1", &[&handle])
+        .await
+        .expect("query")
+        .map(|r| r.get(0))
+}
+
+/// Sets a volume's state directly (test setup).
+pub async fn force_state(db: &Db, handle: &str, state: &str) {
+    let client = db.client().await.expect("client");
+    client
+        .execute(
+            "UPDATE volumes SET state = $2 WHERE handle = $1",
+            &[&handle, &state],
+        )
+        .await
+        .expect("force state");
+}
+
+use protocol::native::{BaseResourceType, ResourceTypesReport};
+use protocol::Handle;
+use volume_central::store::{self, CreateVolume};
+
+pub fn h(s: &str) -> Handle {
+    Handle::new(s).expect("handle")
+}
+
+/// Registers `worker` with one base resource type `git` at `version`.
+pub async fn register(db: &Db, worker: &str, version: &str) {
+    let report = ResourceTypesReport {
+        resource_types: vec![BaseResourceType {
+            name: "git".into(),
+            image: "/types/git/rootfs.tgz".into(),
+            version: version.into(),
+            privileged: false,
+            unique_version_history: false,
+        }],
+    };
+    store::put_resource_types(db, worker, &report)
+        .await
+        .expect("register worker");
+}
+
+/// Creates container `handle` on `worker`.
+pub async fn container(db: &Db, worker: &str, handle: &str) {
+    store::create_container(db, worker, handle)
+        .await
+        .expect("create container");
+}
+
+/// Creates a volume used by `container` (or no owner when None) under `parent`.
+pub async fn volume(
+    db: &Db,
+    worker: &str,
+    handle: &str,
+    parent: Option<&str>,
+    container: Option<&str>,
+) -> Result<store::VolumeRow, volume_central::Error> {
+    store::create_volume(
+        db,
+        worker,
+        &CreateVolume {
+            handle: h(handle),
+            parent: parent.map(h),
+            container: container.map(str::to_string),
+            resource_cache: None,
+            base_resource_type: None,
+        },
+    )
+    .await
+}
+
+/// Creates an initialized volume used by `container` under `parent`.
+pub async fn initialized(
+    db: &Db,
+    worker: &str,
+    handle: &str,
+    parent: Option<&str>,
+    container: Option<&str>,
+) {
+    volume(db, worker, handle, parent, container)
+        .await
+        .expect("create volume");
+    force_state(db, handle, "initialized").await;
+}
+
+/// `(handle, state, parent_state)` of every row, sorted: a whole-table snapshot.
+pub async fn snapshot(db: &Db) -> Vec<(String, String, Option<String>, bool)> {
+    let client = db.client().await.expect("client");
+    client
+        .query(
+            "SELECT handle, state, parent_state, missing_since IS NOT NULL FROM volumes ORDER BY handle",
+            &[],
+        )
+        .await
+        .expect("snapshot")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// The revision of `worker`.
+pub async fn revision(db: &Db, worker: &str) -> i64 {
+    let client = db.client().await.expect("client");
+    client
+        .query_one("SELECT revision FROM workers WHERE name = $1", &[&worker])
+        .await
+        .expect("revision")
+        .get(0)
+}
+
+/// Polls `cond` until it holds (gives up after a minute so a broken build fails).
+pub async fn wait_until(cond: impl Fn() -> bool) {
+    for _ in 0..6000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within a minute");
+}

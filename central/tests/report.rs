@@ -1,0 +1,165 @@
+//! Report handling: created-confirmation, destroyed rows (children first), missing.
+
+mod common;
+
+use common::*;
+use protocol::native::{ReportedVolume, VolumeReport};
+use protocol::VolumeState;
+use volume_central::{store, Error};
+
+fn reported(handle: &str, state: VolumeState) -> ReportedVolume {
+    ReportedVolume {
+        handle: h(handle),
+        parent: None,
+        state,
+        bytes: None,
+    }
+}
+
+#[tokio::test]
+async fn report_confirms_creating_rows_as_created() {
+    let (_c, db) = fresh_db().await;
+    register(&db, "w1", "1.0").await;
+    container(&db, "w1", "c").await;
+    volume(&db, "w1", "a", None, Some("c")).await.expect("a");
+    volume(&db, "w1", "b", None, Some("c")).await.expect("b");
+    let report = VolumeReport {
+        volumes: vec![reported("a", VolumeState::Created)],
+        ..Default::default()
+    };
+    let out = store::apply_report(&db, "w1", &report)
+        .await
+        .expect("report");
+    assert_eq!(out.confirmed, 1);
+    assert_eq!(state_of(&db, "a").await.as_deref(), Some("created"));
+    assert_eq!(state_of(&db, "b").await.as_deref(), Some("creating"));
+}
+
+#[tokio::test]
+async fn report_deletes_destroyed_rows_children_first() {
+    let (_c, db) = fresh_db().await;
+    register(&db, "w1", "1.0").await;
+    container(&db, "w1", "c").await;
+    initialized(&db, "w1", "root", None, Some("c")).await;
+    initialized(&db, "w1", "mid", Some("root"), Some("c")).await;
+    initialized(&db, "w1", "leaf", Some("mid"), Some("c")).await;
+    initialized(&db, "w1", "other-root", None, Some("c")).await;
+    initialized(&db, "w1", "other-child", Some("other-root"), Some("c")).await;
+    store::delete_container(&db, "w1", "c")
+        .await
+        .expect("delete");
+    volume_central::gc::run_pass(&db, std::time::Duration::from_secs(3600))
+        .await
+        .expect("gc");
+    let rev = revision(&db, "w1").await;
+    // Parents listed before their children; other-root's child is not reported yet.
+    let report = VolumeReport {
+        destroyed: vec![h("root"), h("mid"), h("leaf"), h("other-root")],
+        ..Default::default()
+    };
+    let out = store::apply_report(&db, "w1", &report)
+        .await
+        .expect("report");
+    assert_eq!(out.deleted, 3);
+    assert_eq!(out.kept_with_children, 1);
+    for gone in ["root", "mid", "leaf"] {
+        assert_eq!(state_of(&db, gone).await, None, "{gone}");
+    }
+    assert_eq!(
+        state_of(&db, "other-root").await.as_deref(),
+        Some("destroying")
+    );
+    assert!(revision(&db, "w1").await > rev);
+    // The same report again changes nothing; the child's report then frees its parent.
+    let after = snapshot(&db).await;
+    let again = store::apply_report(&db, "w1", &report)
+        .await
+        .expect("again");
+    assert_eq!(again.deleted, 0);
+    assert_eq!(snapshot(&db).await, after);
+    let report = VolumeReport {
+        destroyed: vec![h("other-root"), h("other-child")],
+        ..Default::default()
+    };
+    assert_eq!(
+        store::apply_report(&db, "w1", &report)
+            .await
+            .expect("r")
+            .deleted,
+        2
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM volumes").await, 0);
+}
+
+#[tokio::test]
+async fn missing_sets_missing_since_except_for_creating_rows_and_is_cleared_when_seen() {
+    let (_c, db) = fresh_db().await;
+    register(&db, "w1", "1.0").await;
+    container(&db, "w1", "c").await;
+    initialized(&db, "w1", "gone", None, Some("c")).await;
+    volume(&db, "w1", "young", None, Some("c"))
+        .await
+        .expect("young");
+    let rev = revision(&db, "w1").await;
+    let report = VolumeReport {
+        missing: vec![h("gone"), h("young")],
+        ..Default::default()
+    };
+    let out = store::apply_report(&db, "w1", &report)
+        .await
+        .expect("report");
+    assert_eq!(out.marked_missing, 1);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM volumes WHERE missing_since IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        revision(&db, "w1").await,
+        rev,
+        "missing_since alone is not in the desired set"
+    );
+    // Reported again: the first missing_since stays (the grace counts from it).
+    let first = count(
+        &db,
+        "SELECT (extract(epoch FROM missing_since) * 1e6)::bigint FROM volumes WHERE handle = 'gone'",
+    )
+    .await;
+    store::apply_report(&db, "w1", &report)
+        .await
+        .expect("again");
+    let second = count(
+        &db,
+        "SELECT (extract(epoch FROM missing_since) * 1e6)::bigint FROM volumes WHERE handle = 'gone'",
+    )
+    .await;
+    assert_eq!(first, second);
+    // Seen again: cleared.
+    let report = VolumeReport {
+        volumes: vec![reported("gone", VolumeState::Initialized)],
+        ..Default::default()
+    };
+    let out = store::apply_report(&db, "w1", &report).await.expect("seen");
+    assert_eq!(out.cleared_missing, 1);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM volumes WHERE missing_since IS NOT NULL"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn report_from_an_unknown_worker_is_not_found_and_creates_nothing() {
+    let (_c, db) = fresh_db().await;
+    let err = store::apply_report(&db, "stranger", &VolumeReport::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert_eq!(count(&db, "SELECT count(*) FROM workers").await, 0);
+}
