@@ -12,7 +12,10 @@ use volume_agent::planner::{plan, Desired, LocalVolume, Policy};
 
 fn forest(n: usize, seed: u64) -> (Vec<LocalVolume>, Desired) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("time");
+    let t0 = Utc
+        .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+        .single()
+        .expect("time");
     let mut local = Vec::with_capacity(n);
     let mut keep = Vec::new();
     let mut destroying = Vec::new();
@@ -39,12 +42,22 @@ fn forest(n: usize, seed: u64) -> (Vec<LocalVolume>, Desired) {
         });
     }
     let as_of = t0 + chrono::Duration::hours(1);
-    (local, Desired::Native { keep, destroying, as_of })
+    (
+        local,
+        Desired::Native {
+            keep,
+            destroying,
+            as_of,
+        },
+    )
 }
 
 fn time_plan(n: usize) {
     let (local, desired) = forest(n, 7);
-    let now = Utc.with_ymd_and_hms(2026, 1, 1, 1, 0, 0).single().expect("time");
+    let now = Utc
+        .with_ymd_and_hms(2026, 1, 1, 1, 0, 0)
+        .single()
+        .expect("time");
     let policy = Policy::default();
     let mut times = Vec::new();
     let mut destroys = 0;

@@ -92,6 +92,11 @@ impl Ctl {
         self.get_json("/volumes").await
     }
 
+    /// Bytes per volume; empty when the daemon has not measured yet.
+    pub async fn usage(&self) -> Result<std::collections::BTreeMap<String, u64>, CtlError> {
+        self.get_json("/usage").await
+    }
+
     pub async fn inspect(&self, handle: &str) -> Result<VolumeJson, CtlError> {
         self.get_json(&format!("/volumes/{handle}")).await
     }
@@ -107,12 +112,16 @@ impl Ctl {
     }
 }
 
-/// A fixed-width table of volumes.
-pub fn volumes_table(volumes: &[VolumeJson]) -> String {
+/// A fixed-width table of volumes, with their measured bytes where known.
+pub fn volumes_table(
+    volumes: &[VolumeJson],
+    usage: &std::collections::BTreeMap<String, u64>,
+) -> String {
     let mut rows = vec![[
         "HANDLE".to_string(),
         "STATE".to_string(),
         "PARENT".to_string(),
+        "BYTES".to_string(),
         "PATH".to_string(),
     ]];
     for v in volumes {
@@ -121,6 +130,10 @@ pub fn volumes_table(volumes: &[VolumeJson]) -> String {
             v.state.to_string(),
             v.parent
                 .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "-".into()),
+            usage
+                .get(v.handle.as_str())
                 .map(ToString::to_string)
                 .unwrap_or_else(|| "-".into()),
             v.path.clone(),

@@ -25,6 +25,8 @@ use crate::reconciler::messages::{Drain, Ping};
 use crate::reconciler::ReconcilerActor;
 use crate::reporter::ReporterActor;
 use crate::resource_types::actor::ResourceTypesActor;
+use crate::usage::actor::AccountingActor;
+use crate::usage::Usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -94,12 +96,14 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
     let threads = config.gc.max_in_flight + 1;
     let inv_addr = InventoryActor::start(inventory.clone(), threads);
 
+    let usage = Usage::default();
     let reporter = ReporterActor::new(
         client.clone(),
         config.central.dialect,
         config.central.report_interval,
         inv_addr.clone().recipient(),
         metrics.clone(),
+        usage.clone(),
     )
     .start();
     let reconciler = ReconcilerActor::new(
@@ -132,6 +136,19 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         metrics.clone(),
     )
     .start();
+    AccountingActor {
+        inventory: inventory.clone(),
+        root: config.volumes.root.clone(),
+        min_free: config.gc.min_free,
+        interval: config.central.report_interval,
+        usage: usage.clone(),
+        reporter: reporter.clone().recipient(),
+        poll_now: desired.clone().recipient(),
+        metrics: metrics.clone(),
+        busy: false,
+        under_pressure: false,
+    }
+    .start();
     ResourceTypesActor::new(
         config.resource_types.dir.clone(),
         config.resource_types.rescan_interval,
@@ -148,6 +165,7 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         reconciler: Some(reconciler.clone()),
         desired: Some(desired.clone()),
         ready: ready.clone(),
+        usage,
         max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
     };
     let addr = config.api.listen;

@@ -236,7 +236,7 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
         .json()
         .await
         .map_err(failed)?;
-    print!("{}", crate::ctl::volumes_table(&vols));
+    print!("{}", crate::ctl::volumes_table(&vols, &Default::default()));
 
     println!("\n== 2. the central side marks the whole chain destroying (revision 3)");
     {
@@ -258,7 +258,7 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
         let reported = lock(&shared).destroying.is_empty();
         if vols.len() == 1 && reported {
             println!("\n   left on the worker:");
-            print!("{}", crate::ctl::volumes_table(&vols));
+            print!("{}", crate::ctl::volumes_table(&vols, &Default::default()));
             break;
         }
         if Instant::now() > deadline {

@@ -21,3 +21,4 @@ pub mod reconciler;
 pub mod remove;
 pub mod reporter;
 pub mod resource_types;
+pub mod usage;

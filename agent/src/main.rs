@@ -54,7 +54,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     if target.json {
                         println!("{}", serde_json::to_string_pretty(&vols)?);
                     } else {
-                        print!("{}", ctl::volumes_table(&vols));
+                        let usage = rt.block_on(ctl.usage()).unwrap_or_default();
+                        print!("{}", ctl::volumes_table(&vols, &usage));
                     }
                 }
                 VolumesCommand::Inspect { handle } => {

@@ -445,3 +445,59 @@ async fn sends_bearer_token_and_user_agent() {
         .to_string();
     assert!(ua.starts_with("volume-agent/"), "{ua}");
 }
+
+#[tokio::test]
+async fn reports_missing_volumes_bytes_and_disk_figures() {
+    let script = DesiredScript::new("w1");
+    let server = central(&script).await;
+    let agent = Agent::start(&server.uri(), &AgentSettings::default());
+    let local = Local::new(&agent);
+    let v = local.make("here", None).await;
+    std::fs::write(
+        std::path::Path::new(&v.path).join("blob"),
+        vec![5u8; 256 * 1024],
+    )
+    .expect("write blob");
+    script.set(&[("here", None), ("lost", None)], &[]);
+    eventually("a report with missing, bytes and disk", || async {
+        reports(&server).await.iter().any(|r| {
+            r.missing.iter().any(|m| m.as_str() == "lost")
+                && r.volumes
+                    .iter()
+                    .any(|v| v.handle.as_str() == "here" && v.bytes.unwrap_or(0) >= 256 * 1024)
+                && r.disk
+                    .as_ref()
+                    .is_some_and(|d| d.total_bytes > 0 && !d.pressure)
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn disk_pressure_is_reported_and_polls_at_once_without_destroying() {
+    let script = DesiredScript::new("w1");
+    let server = central(&script).await;
+    let settings = AgentSettings {
+        // Every disk is "full" below 100 % free, and polls are rare: only pressure polls.
+        poll_interval: "1h",
+        extra: "min_free = \"100%\"\n".into(),
+        ..AgentSettings::default()
+    };
+    let agent = Agent::start(&server.uri(), &settings);
+    let local = Local::new(&agent);
+    local.make("keep-me", None).await;
+    script.set(&[("keep-me", None)], &[]);
+    eventually("pressure reported", || async {
+        reports(&server)
+            .await
+            .iter()
+            .any(|r| r.disk.as_ref().is_some_and(|d| d.pressure))
+    })
+    .await;
+    eventually("extra polls under pressure", || async {
+        requests_to(&server, "/volumes/desired").await.len() >= 3
+    })
+    .await;
+    assert_eq!(local.metric("volume_agent_disk_pressure").await, Some(1.0));
+    assert_eq!(local.handles().await, ["keep-me"]);
+}

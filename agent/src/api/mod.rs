@@ -28,6 +28,8 @@ pub struct ApiState {
     pub desired: Option<Addr<DesiredStateActor>>,
     /// Set once recovery finished and the loop runs.
     pub ready: Arc<AtomicBool>,
+    /// Bytes per volume, as last measured.
+    pub usage: crate::usage::Usage,
     /// Largest JSON body accepted.
     pub max_body_bytes: usize,
 }

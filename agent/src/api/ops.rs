@@ -12,7 +12,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
         .route("/gc/plan", web::get().to(gc_plan))
-        .route("/gc/reset-revision", web::post().to(reset_revision));
+        .route("/gc/reset-revision", web::post().to(reset_revision))
+        .route("/usage", web::get().to(usage));
 }
 
 async fn healthz() -> HttpResponse {
@@ -58,4 +59,15 @@ async fn reset_revision(state: web::Data<ApiState>) -> Result<HttpResponse, ApiE
         .map_err(|e| ApiError::Unavailable(format!("the poller stopped: {e}")))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Bytes per volume as last measured: `{"handle": bytes}`.
+async fn usage(state: web::Data<ApiState>) -> HttpResponse {
+    let map: std::collections::BTreeMap<String, u64> = state
+        .usage
+        .all()
+        .into_iter()
+        .map(|(h, b)| (h.to_string(), b))
+        .collect();
+    HttpResponse::Ok().json(map)
 }

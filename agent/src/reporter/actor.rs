@@ -15,6 +15,7 @@ use crate::config::Dialect;
 use crate::metrics::Metrics;
 use crate::planner::LocalVolume;
 use crate::reconciler::messages::{PassReport, Snapshot};
+use crate::usage::Usage;
 
 /// Disk figures to add to the next report (from the accounting actor).
 #[derive(Message, Debug, Clone)]
@@ -27,6 +28,7 @@ pub struct ReporterActor {
     interval: Duration,
     snapshot: Recipient<Snapshot>,
     metrics: Arc<Metrics>,
+    usage: Usage,
     revision: Option<u64>,
     volumes: Vec<LocalVolume>,
     /// In the order they were destroyed (children first), without repeats.
@@ -47,6 +49,7 @@ impl ReporterActor {
         interval: Duration,
         snapshot: Recipient<Snapshot>,
         metrics: Arc<Metrics>,
+        usage: Usage,
     ) -> Self {
         ReporterActor {
             client,
@@ -54,6 +57,7 @@ impl ReporterActor {
             interval,
             snapshot,
             metrics,
+            usage,
             revision: None,
             volumes: Vec::new(),
             pending_destroyed: Vec::new(),
@@ -86,7 +90,7 @@ impl ReporterActor {
                     handle: v.handle.clone(),
                     parent: v.parent.clone(),
                     state: v.state,
-                    bytes: None,
+                    bytes: self.usage.bytes(&v.handle),
                 })
                 .collect(),
             destroyed: destroyed.clone(),

@@ -1,0 +1,97 @@
+//! The accounting actor: every interval, measures a bounded batch of volumes and the
+//! volumes filesystem on a blocking thread, publishes bytes and disk figures, and under
+//! disk pressure asks for a poll at once (it never destroys a desired volume on its own).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use protocol::native::DiskReport;
+use tracing::{debug, warn};
+
+use super::{disk, measure, own_data, Usage};
+use crate::central::actor::PollNow;
+use crate::config::MinFree;
+use crate::inventory::Inventory;
+use crate::metrics::Metrics;
+use crate::reporter::actor::DiskFigures;
+
+/// Volumes measured per round, at most.
+pub const BATCH: usize = 64;
+
+pub struct AccountingActor {
+    pub inventory: Inventory,
+    pub root: PathBuf,
+    pub min_free: MinFree,
+    pub interval: Duration,
+    pub usage: Usage,
+    pub reporter: Recipient<DiskFigures>,
+    pub poll_now: Recipient<PollNow>,
+    pub metrics: Arc<Metrics>,
+    pub busy: bool,
+    pub under_pressure: bool,
+}
+
+impl AccountingActor {
+    fn round(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        self.busy = true;
+        let inventory = self.inventory.clone();
+        let usage = self.usage.clone();
+        let root = self.root.clone();
+        let work = move || {
+            let records = inventory.list().map_err(|e| e.to_string())?;
+            let present: HashSet<&protocol::Handle> = records.iter().map(|r| &r.handle).collect();
+            usage.retain(&present);
+            for r in usage.next_batch(&records, BATCH) {
+                match measure(&own_data(r)) {
+                    Ok(bytes) => usage.record(r.handle.clone(), bytes, Instant::now()),
+                    Err(e) => debug!(handle = %r.handle, error = %e, "cannot measure volume"),
+                }
+            }
+            disk(&root).map_err(|e| format!("statvfs {}: {e}", root.display()))
+        };
+        let fut = async move { tokio::task::spawn_blocking(work).await };
+        ctx.spawn(fut.into_actor(self).map(|res, act, _| {
+            act.busy = false;
+            let figures = match res {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return warn!(error = %e, "disk accounting failed"),
+                Err(e) => return warn!(error = %e, "disk accounting task failed"),
+            };
+            act.metrics
+                .set_volume_bytes(act.usage.all().into_iter().map(|(h, b)| (h.to_string(), b)).collect());
+            let pressure = act.min_free.is_below(figures.free_bytes, figures.total_bytes);
+            act.metrics.disk_total_bytes.store(figures.total_bytes, Relaxed);
+            act.metrics.disk_free_bytes.store(figures.free_bytes, Relaxed);
+            act.metrics.disk_pressure.store(u64::from(pressure), Relaxed);
+            if pressure {
+                warn!(free_bytes = figures.free_bytes, total_bytes = figures.total_bytes,
+                    "the volumes disk is below gc.min_free: polling the central API now (desired volumes are never destroyed for space)");
+                act.poll_now.do_send(PollNow);
+            } else if act.under_pressure {
+                warn!(free_bytes = figures.free_bytes, "the volumes disk is above gc.min_free again");
+            }
+            act.under_pressure = pressure;
+            act.reporter.do_send(DiskFigures(DiskReport {
+                total_bytes: figures.total_bytes,
+                free_bytes: figures.free_bytes,
+                free_inodes: figures.free_inodes,
+                pressure,
+            }));
+        }));
+    }
+}
+
+impl Actor for AccountingActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.round(ctx);
+        ctx.run_interval(self.interval, |act, ctx| act.round(ctx));
+    }
+}
