@@ -103,13 +103,32 @@ impl Remover {
     }
 }
 
+/// CPU time (user + system) of this process, or of its waited-for children.
+fn cpu_time(who: libc::c_int) -> Duration {
+    // SAFETY: all-zero is a valid rusage, which getrusage fills.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.unsigned_abs())
+            + Duration::from_micros(t.tv_usec.unsigned_abs())
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Removes `tree` with `remover`; returns the wall time and the CPU time it took.
 fn run(
     remover: Remover,
     tree: &Path,
     entries: u64,
     rmz: Option<&Path>,
     opts: &RemoveOptions,
-) -> Duration {
+) -> (Duration, Duration) {
+    let who = match remover {
+        Remover::Ours => libc::RUSAGE_SELF,
+        _ => libc::RUSAGE_CHILDREN,
+    };
+    let cpu_before = cpu_time(who);
     let start = Instant::now();
     match remover {
         Remover::Ours => {
@@ -130,8 +149,9 @@ fn run(
         }
     }
     let took = start.elapsed();
+    let cpu = cpu_time(who).saturating_sub(cpu_before);
     assert!(!tree.exists(), "{} left the tree behind", remover.name());
-    took
+    (took, cpu)
 }
 
 fn find_rmz() -> Option<PathBuf> {
@@ -190,7 +210,10 @@ fn bench_size(
     println!("\n== tree of {entries} entries, {rounds} run(s) per remover ==");
     let mut rates: Vec<(Remover, Vec<f64>)> = removers.iter().map(|&r| (r, vec![])).collect();
     for round in 0..rounds {
-        for (remover, list) in &mut rates {
+        // Rotate who goes first, so no remover always follows the same neighbour.
+        let n = rates.len();
+        for i in 0..n {
+            let (remover, list) = &mut rates[(i + round as usize) % n];
             let tree = base.join(format!("tree-{entries}-{round}-{}", list.len()));
             let built = Instant::now();
             build_tree(&tree, entries);
@@ -198,14 +221,15 @@ fn bench_size(
             // for (or skips) writeback of the data just written.
             unsafe { libc::sync() };
             let build_time = built.elapsed();
-            let took = run(*remover, &tree, entries, rmz, opts);
+            let (took, cpu) = run(*remover, &tree, entries, rmz, opts);
             let rate = entries as f64 / took.as_secs_f64();
             println!(
-                "  {:<13} run {}: {:>8.3} s  {:>10.0} entries/s   (tree built+synced in {:.1} s)",
+                "  {:<13} run {}: {:>8.3} s  {:>10.0} entries/s  cpu {:>7.3} s   (tree built+synced in {:.1} s)",
                 remover.name(),
                 round + 1,
                 took.as_secs_f64(),
                 rate,
+                cpu.as_secs_f64(),
                 build_time.as_secs_f64()
             );
             list.push(rate);

@@ -60,6 +60,8 @@ pub(super) struct Engine<'a> {
     count_bytes: bool,
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Set with `Queue::done`, readable without the lock.
+    stop: AtomicBool,
     error: Mutex<Option<RemoveError>>,
 }
 
@@ -157,6 +159,7 @@ impl<'a> Engine<'a> {
                 done: false,
             }),
             wake: Condvar::new(),
+            stop: AtomicBool::new(false),
             error: Mutex::new(None),
         };
         let mut total = Tally::default();
@@ -167,9 +170,13 @@ impl<'a> Engine<'a> {
                 let helpers: Vec<_> = (1..threads).map(|_| s.spawn(|| engine.work())).collect();
                 total += engine.work();
                 for h in helpers {
-                    // A helper only panics on a bug; its share of the tally is then lost.
-                    if let Ok(t) = h.join() {
-                        total += t;
+                    match h.join() {
+                        Ok(t) => total += t,
+                        // Only a bug panics; the guard in `work` already stopped the others.
+                        Err(_) => engine.fail(RemoveError {
+                            path: root_path.to_owned(),
+                            source: io::Error::other("a removal thread panicked (a bug)"),
+                        }),
                     }
                 }
             });
@@ -220,6 +227,7 @@ impl<'a> Engine<'a> {
 
     fn finish_all(&self) {
         let mut q = self.lock();
+        self.stop.store(true, Ordering::Release);
         q.done = true;
         q.tasks.clear();
         self.wake.notify_all();
@@ -234,10 +242,20 @@ impl<'a> Engine<'a> {
     }
 
     fn stopped(&self) -> bool {
-        self.lock().done
+        self.stop.load(Ordering::Acquire)
     }
 
     fn work(&self) -> Tally {
+        /// Stops the other threads if this one panics, so they do not wait forever.
+        struct StopOnPanic<'g, 'a>(&'g Engine<'a>);
+        impl Drop for StopOnPanic<'_, '_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.finish_all();
+                }
+            }
+        }
+        let _guard = StopOnPanic(self);
         let mut w = Worker {
             buf: vec![0; DIRENT_BUF],
             counts: Counts {

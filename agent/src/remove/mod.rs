@@ -34,10 +34,10 @@ pub struct RemoveStats {
     pub throttled: Duration,
 }
 
-/// How to remove a tree. The default uses one thread per core and no rate limit.
+/// How to remove a tree. The default uses two threads per core and no rate limit.
 #[derive(Debug, Clone, Default)]
 pub struct RemoveOptions {
-    /// Threads to use; capped at the number of cores. `0` means one per core.
+    /// Threads to use; capped at 4 per core. `0` means 2 per core.
     pub threads: usize,
     /// Budget of entries per second, shared with every other removal given a clone of it.
     pub rate: Option<RateLimit>,
@@ -72,7 +72,7 @@ impl RemoveError {
 )]
 struct MountPointInside;
 
-/// Removes `path` and everything below it with default options (one thread per core, no
+/// Removes `path` and everything below it with default options (two threads per core, no
 /// rate limit). A path that does not exist is already removed; a file or symlink is unlinked.
 pub fn remove_tree(path: &Path) -> Result<RemoveStats, RemoveError> {
     remove_tree_with(path, &RemoveOptions::default())
@@ -153,10 +153,9 @@ pub fn remove_tree_with(path: &Path, opts: &RemoveOptions) -> Result<RemoveStats
         }
         Err(e) => return Err(err(e)),
     };
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = match opts.threads {
-        0 => cores,
-        n => n.min(cores),
+        0 => max_threads() / 2,
+        n => n.min(max_threads()),
     };
     let tally = engine::Engine::run(
         path,
@@ -172,6 +171,12 @@ pub fn remove_tree_with(path: &Path, opts: &RemoveOptions) -> Result<RemoveStats
         bytes_freed: bytes_freed(tally.bytes),
         throttled: tally.throttled + meter.throttled,
     })
+}
+
+/// The most threads a removal uses: removal mostly waits on the filesystem journal and the
+/// disk rather than computing, so a few threads per core keep more operations in flight.
+fn max_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// Opens the root directory `name` in `top`. `None` when it is gone, or was replaced by a
