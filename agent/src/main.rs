@@ -12,7 +12,12 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli) {
         eprintln!("volume-agent: error: {e:#}");
-        std::process::exit(1);
+        // 78 (EX_CONFIG): the unit's RestartPreventExitStatus, so a bad config is not
+        // restarted in a loop.
+        let config_error = e
+            .downcast_ref::<volume_agent::config::ConfigError>()
+            .is_some();
+        std::process::exit(if config_error { 78 } else { 1 });
     }
 }
 

@@ -4,25 +4,10 @@
 //! notification socket and passes it in NOTIFY_SOCKET / WATCHDOG_USEC.
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `volume-agent` binary cargo built next to this test's executable.
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let debug_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let bin = debug_dir.join("volume-agent");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p volume-agent`",
-        bin.display()
-    );
-    bin
-}
+use e2e::agent_binary;
 
 /// Kills the daemon if the test ends early, so no process outlives a failed test.
 struct Daemon(Child);
@@ -61,7 +46,6 @@ fn wait_for(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<String>) {
 }
 
 #[test]
-#[ignore = "enable once daemon::run calls volume_agent::notify (ready, watchdog, stopping)"]
 fn run_reports_ready_watchdog_and_stopping_to_systemd() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let socket_path = tmp.path().join("notify.sock");

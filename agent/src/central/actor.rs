@@ -207,32 +207,47 @@ impl DesiredStateActor {
     fn apply(&mut self, set: DesiredSet, etag: Option<String>, ctx: &mut Context<Self>) {
         let revision = set.revision;
         let newer = self.highest.is_none_or(|h| revision > h);
-        self.highest = Some(revision);
-        self.etag = etag;
-        self.metrics.desired_revision.store(revision, Relaxed);
-        let desired = Desired::Native {
-            keep: set.volumes.into_iter().map(|v| v.handle).collect(),
-            destroying: set.destroying,
-            as_of: set.as_of,
-        };
+        let named = set.destroying.clone();
         let update = DesiredUpdate {
-            desired: Some(desired),
+            desired: Some(Desired::Native {
+                keep: set.volumes.into_iter().map(|v| v.handle).collect(),
+                destroying: set.destroying,
+                as_of: set.as_of,
+            }),
             revision: Some(revision),
         };
         if !newer {
+            self.etag = etag;
             self.reconciler_update.do_send(update);
             return;
         }
         info!(revision, "new desired set");
-        // The revision is made durable before anything is destroyed on its word.
+        // The revision is made durable before anything is destroyed by absence on its
+        // word; only then is it the highest applied, and its ETag the one we send.
         let dir = self.state_dir.clone();
         let fut = async move {
             tokio::task::spawn_blocking(move || revision::store(&dir, revision)).await
         };
-        ctx.spawn(fut.into_actor(self).map(move |res, act, _| match res {
-            Ok(Ok(())) => act.reconciler_update.do_send(update),
-            Ok(Err(e)) => warn!(error = %e, "cannot record the applied revision; not acting on it"),
-            Err(e) => warn!(error = %e, "cannot record the applied revision; not acting on it"),
+        ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
+            let error = match res {
+                Ok(Ok(())) => {
+                    act.highest = Some(revision);
+                    act.etag = etag;
+                    act.metrics.desired_revision.store(revision, Relaxed);
+                    act.reconciler_update.do_send(update);
+                    return;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            // Typically ENOSPC. Destroying what the central side names can only free
+            // space, so that still happens; nothing goes by absence, and the whole answer
+            // is asked for again on the next poll.
+            warn!(revision, %error, "cannot record the applied revision; acting only on the volumes it names destroying");
+            act.reconciler_update.do_send(DesiredUpdate {
+                desired: Some(Desired::Concourse { destroying: named }),
+                revision: None,
+            });
         }));
     }
 }
