@@ -239,6 +239,16 @@ async fn sigkill_during_destroy_passes_loses_nothing_and_destroys_children_first
                 .all(|k| !have.contains(k) && !live_has(&agent, k))
         })
         .await;
+        // And report the named ones before the next round changes the list (a volume
+        // removed just before a kill is reported as already gone by a later pass).
+        eventually(
+            "the round's named volumes are reported destroyed",
+            || async {
+                let reported: BTreeSet<String> = destroyed(&server).await.into_iter().collect();
+                gone.iter().all(|k| !vols[k].named || reported.contains(k))
+            },
+        )
+        .await;
         fig.chaos_secs += t1.elapsed().as_secs_f64();
         // Blocked parents and kept unknown parents become desired from now on.
         fig.kept = vols.values().filter(|v| v.keep).count();
