@@ -16,6 +16,8 @@ use wiremock::{Request, Respond, ResponseTemplate};
 
 pub use wiremock;
 
+pub mod faults;
+
 /// How long a test waits for something that should happen within a few poll intervals.
 /// A guard against hangs, not a timing assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
