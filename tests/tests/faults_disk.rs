@@ -163,7 +163,6 @@ impl FullDisk {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: on a full disk the agent cannot write <state>/applied-revision (central/actor.rs apply -> durable::revision::store) and never acts on the desired set, so named volumes are never destroyed"]
 async fn full_disk_still_destroys_volumes_the_central_side_names() {
     let Some(fd) = FullDisk::new("full_disk_still_destroys_volumes_the_central_side_names").await
     else {
@@ -246,7 +245,6 @@ async fn full_disk_local_api_destroys_free_space_and_the_agent_lives() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: after a failed write of <state>/applied-revision the agent has already taken the answer's ETag (central/actor.rs apply), so once space is back it gets 304s and never applies that answer until the revision changes"]
 async fn answer_refused_on_a_full_disk_is_applied_once_space_is_back() {
     let Some(fd) =
         FullDisk::new("answer_refused_on_a_full_disk_is_applied_once_space_is_back").await
