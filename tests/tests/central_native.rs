@@ -2,28 +2,11 @@
 
 use std::time::Duration;
 
-use e2e::wiremock::matchers::{method, path};
-use e2e::wiremock::{Mock, MockServer, ResponseTemplate};
+use e2e::wiremock::{MockServer, ResponseTemplate};
 use e2e::*;
 
 async fn central(script: &DesiredScript) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/api/v1/workers/w1/volumes/desired"))
-        .respond_with(script.clone())
-        .mount(&server)
-        .await;
-    Mock::given(method("PUT"))
-        .and(path("/api/v1/workers/w1/volumes/report"))
-        .respond_with(ResponseTemplate::new(204))
-        .mount(&server)
-        .await;
-    Mock::given(method("PUT"))
-        .and(path("/api/v1/workers/w1/base-resource-types"))
-        .respond_with(ResponseTemplate::new(204))
-        .mount(&server)
-        .await;
-    server
+    e2e::faults::mock_central(script).await
 }
 
 /// Makes a chain a <- b <- c plus an unrelated keeper, all desired.
