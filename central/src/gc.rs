@@ -68,7 +68,7 @@ fn markable_ctes() -> String {
          ),
          markable AS MATERIALIZED (
              SELECT v.id, v.parent_id FROM volumes v
-              WHERE {cv} AND v.id NOT IN (SELECT id FROM tainted)
+              WHERE {cv} AND NOT EXISTS (SELECT 1 FROM tainted t WHERE t.id = v.id)
          )"
     )
 }
