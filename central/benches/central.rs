@@ -247,9 +247,10 @@ async fn bench(cluster: &PgCluster) {
             let c = d.client().await.expect("client");
             let rows = c
                 .query(
-                    "SELECT v.handle, p.handle, v.state = 'destroying'
-                       FROM volumes v LEFT JOIN volumes p ON p.id = v.parent_id
-                      WHERE v.worker_name = $1 ORDER BY v.id",
+                    "WITH w AS MATERIALIZED (
+                         SELECT id, handle, parent_id, state FROM volumes WHERE worker_name = $1)
+                     SELECT v.handle, p.handle, v.state = 'destroying'
+                       FROM w v LEFT JOIN w p ON p.id = v.parent_id ORDER BY v.id",
                     &[&"big"],
                 )
                 .await

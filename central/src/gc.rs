@@ -38,44 +38,67 @@ pub enum PassOutcome {
     Locked,
 }
 
-/// Candidate predicate on a `volumes` row aliased `v`; `$1` is the grace in seconds.
-const CANDIDATE: &str = "(v.state <> 'destroying' AND (
-      (v.resource_cache_id IS NULL AND v.worker_base_resource_type_id IS NULL
-       AND v.container_id IS NULL)
-      OR v.missing_since < now() - make_interval(secs => $1::float8)))";
+/// Candidate predicate on the `volumes` row aliased `v`; `$1` is the grace in seconds.
+/// Never NULL, so `NOT` of it is the live predicate.
+fn candidate(v: &str) -> String {
+    format!(
+        "({v}.state <> 'destroying' AND (
+          ({v}.resource_cache_id IS NULL AND {v}.worker_base_resource_type_id IS NULL
+           AND {v}.container_id IS NULL)
+          OR COALESCE({v}.missing_since < now() - make_interval(secs => $1::float8), false)))"
+    )
+}
 
-/// `cand` (candidates), `tainted` (candidates with a live descendant) and `markable`
-/// (candidates without one), as the head of a `WITH RECURSIVE` statement.
+/// `tainted` (candidates with a live descendant) and `markable` (candidates without one),
+/// as the head of a `WITH RECURSIVE` statement. Every lookup is a join on `volumes`
+/// (primary key or `parent_id` index), never a correlated scan of a CTE.
 fn markable_ctes() -> String {
+    let (cv, cp) = (candidate("v"), candidate("p"));
     format!(
         "WITH RECURSIVE
-         cand AS MATERIALIZED (SELECT v.id, v.parent_id FROM volumes v WHERE {CANDIDATE}),
          tainted(id) AS (
              -- candidates with a live child
-             SELECT p.id FROM volumes v JOIN cand p ON p.id = v.parent_id
-              WHERE v.state <> 'destroying' AND NOT EXISTS (SELECT 1 FROM cand c WHERE c.id = v.id)
+             SELECT p.id FROM volumes v JOIN volumes p ON p.id = v.parent_id
+              WHERE v.state <> 'destroying' AND NOT {cv} AND {cp}
              UNION
              -- and their candidate ancestors
-             SELECT p.id FROM tainted t JOIN cand c ON c.id = t.id JOIN cand p ON p.id = c.parent_id
+             SELECT p.id FROM tainted t JOIN volumes c ON c.id = t.id
+                                        JOIN volumes p ON p.id = c.parent_id
+              WHERE {cp}
          ),
          markable AS MATERIALIZED (
-             SELECT c.id, c.parent_id FROM cand c WHERE NOT EXISTS (SELECT 1 FROM tainted t WHERE t.id = c.id)
+             SELECT v.id, v.parent_id FROM volumes v
+              WHERE {cv} AND NOT EXISTS (SELECT 1 FROM tainted t WHERE t.id = v.id)
          )"
+    )
+}
+
+/// Moves the rows of `marked` (a CTE of ids) to `destroying` and their children's
+/// `parent_state` along; returns per row whether it was newly marked.
+fn mark_update(marked: &str) -> String {
+    format!(
+        "changes AS (
+             SELECT id, bool_or(mark) AS mark, bool_or(move_parent) AS move_parent FROM (
+                 SELECT m.id, true AS mark, false AS move_parent FROM {marked} m
+                 UNION ALL
+                 SELECT c.id, false, true FROM {marked} m JOIN volumes c ON c.parent_id = m.id
+             ) x GROUP BY id
+         )
+         UPDATE volumes v SET
+             state = CASE WHEN ch.mark THEN 'destroying' ELSE v.state END,
+             parent_state = CASE WHEN ch.move_parent THEN 'destroying' ELSE v.parent_state END
+           FROM changes ch
+          WHERE ch.id = v.id"
     )
 }
 
 fn mark_all_sql() -> String {
     format!(
-        "{}
-         UPDATE volumes v SET
-             state = CASE WHEN EXISTS (SELECT 1 FROM markable m WHERE m.id = v.id)
-                          THEN 'destroying' ELSE v.state END,
-             parent_state = CASE WHEN EXISTS (SELECT 1 FROM markable m WHERE m.id = v.parent_id)
-                          THEN 'destroying' ELSE v.parent_state END
-          WHERE v.id IN (SELECT id FROM markable)
-             OR v.parent_id IN (SELECT id FROM markable)
-         RETURNING (v.state = 'destroying' AND EXISTS (SELECT 1 FROM markable m WHERE m.id = v.id))",
-        markable_ctes()
+        "{},
+         {}
+         RETURNING ch.mark",
+        markable_ctes(),
+        mark_update("markable")
     )
 }
 
@@ -88,19 +111,23 @@ fn roots_sql() -> String {
     )
 }
 
+/// Marks the subtree of `$2` when it still has no live descendant.
 fn mark_subtree_sql() -> String {
+    let cv = candidate("v");
     format!(
         "WITH RECURSIVE
          sub(id) AS (SELECT $2::bigint UNION SELECT v.id FROM volumes v JOIN sub s ON v.parent_id = s.id),
          live AS (SELECT 1 FROM volumes v JOIN sub s ON s.id = v.id
-                   WHERE v.state <> 'destroying' AND NOT {CANDIDATE})
-         UPDATE volumes v SET
-             state = CASE WHEN v.id IN (SELECT id FROM sub) THEN 'destroying' ELSE v.state END,
-             parent_state = CASE WHEN v.parent_id IN (SELECT id FROM sub)
-                                 THEN 'destroying' ELSE v.parent_state END
-          WHERE NOT EXISTS (SELECT 1 FROM live)
-            AND EXISTS (SELECT 1 FROM volumes r WHERE r.id = $2 AND r.state <> 'destroying')
-            AND (v.id IN (SELECT id FROM sub) OR v.parent_id IN (SELECT id FROM sub))"
+                   WHERE v.state <> 'destroying' AND NOT {cv}),
+         root AS (SELECT 1 FROM volumes v WHERE v.id = $2 AND v.state <> 'destroying'),
+         picked AS MATERIALIZED (
+             SELECT v.id FROM sub s JOIN volumes v ON v.id = s.id
+              WHERE v.state <> 'destroying'
+                AND NOT EXISTS (SELECT 1 FROM live) AND EXISTS (SELECT 1 FROM root)
+         ),
+         {}
+         RETURNING ch.mark",
+        mark_update("picked")
     )
 }
 
@@ -177,10 +204,7 @@ pub async fn mark_garbage(db: &Db, missing_grace: Duration) -> Result<(u64, u64)
             let tx = client.transaction().await?;
             defer(&tx).await?;
             let n: u64 = tx
-                .query(
-                    &format!("{stmt} RETURNING v.id = ANY(SELECT id FROM sub)"),
-                    &[&grace, &root],
-                )
+                .query(&stmt, &[&grace, &root])
                 .await?
                 .iter()
                 .filter(|r| r.get::<_, bool>(0))

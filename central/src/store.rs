@@ -83,9 +83,12 @@ pub async fn desired(db: &Db, worker: &str, if_none_match: Option<&str>) -> Resu
     let as_of: DateTime<Utc> = row.get(1);
     let rows_stmt = tx
         .prepare_cached(
-            "SELECT v.handle, p.handle, v.state = 'destroying'
-               FROM volumes v LEFT JOIN volumes p ON p.id = v.parent_id
-              WHERE v.worker_name = $1
+            // Parents live on their child's worker: join the worker's rows with
+            // themselves rather than with the whole table.
+            "WITH w AS MATERIALIZED (
+                 SELECT id, handle, parent_id, state FROM volumes WHERE worker_name = $1)
+             SELECT v.handle, p.handle, v.state = 'destroying'
+               FROM w v LEFT JOIN w p ON p.id = v.parent_id
               ORDER BY v.id",
         )
         .await?;

@@ -227,6 +227,7 @@ async fn child_committing_first_makes_the_gc_skip_the_subtree() {
     container(&db, "w1", "live").await;
     initialized(&db, "w1", "grand", None, Some("gone")).await;
     initialized(&db, "w1", "parent", Some("grand"), Some("gone")).await;
+    initialized(&db, "w1", "other", None, Some("gone")).await;
     store::delete_container(&db, "w1", "gone")
         .await
         .expect("delete");
@@ -247,9 +248,10 @@ async fn child_committing_first_makes_the_gc_skip_the_subtree() {
     let (marked, skipped) = gc.await.expect("gc task").expect("gc");
     assert_eq!(
         (marked, skipped),
-        (0, 0),
-        "the fallback sees the live child and marks nothing"
+        (1, 0),
+        "the fallback sees the live child, keeps its subtree and marks the other garbage"
     );
+    assert_eq!(state_of(&db, "other").await.as_deref(), Some("destroying"));
     assert_eq!(state_of(&db, "grand").await.as_deref(), Some("initialized"));
     assert_eq!(
         state_of(&db, "parent").await.as_deref(),
