@@ -52,6 +52,12 @@ fn vm_rss_kib() -> u64 {
 
 /// Child role: open the inventory once and print `open_ms rss_kib volumes`.
 fn open_role(dir: &Path) {
+    if std::env::var_os("INVENTORY_BENCH_TRACE").is_some() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter("volume_agent=debug")
+            .init();
+    }
     let t = Instant::now();
     let (inv, report) = Inventory::open(&config(dir)).expect("open");
     let took = t.elapsed();
@@ -212,23 +218,28 @@ fn main() {
         .unwrap_or_else(std::env::temp_dir);
     let tmp = tempfile::tempdir_in(&base).expect("tempdir");
     println!("working under {}", base.display());
+    // INVENTORY_BENCH_STORE=DIR keeps (and reuses) the 100,000-volume store in DIR.
+    let kept = std::env::var_os("INVENTORY_BENCH_STORE").map(std::path::PathBuf::from);
+    let store_dir = kept.clone().unwrap_or_else(|| tmp.path().to_owned());
 
     println!(
         "inventory bench: {volumes} volumes, sled cache {} MiB",
         CACHE_BYTES >> 20
     );
-    let t = Instant::now();
-    let rebuild = make_store(tmp.path(), volumes);
-    println!(
-        "store made in {:.1} s; rebuilding it from {volumes} metadata files took {:.3} s",
-        t.elapsed().as_secs_f64(),
-        rebuild.as_secs_f64()
-    );
+    if kept.is_none() || !store_dir.join("state").exists() {
+        let t = Instant::now();
+        let rebuild = make_store(&store_dir, volumes);
+        println!(
+            "store made in {:.1} s; rebuilding it from {volumes} metadata files took {:.3} s",
+            t.elapsed().as_secs_f64(),
+            rebuild.as_secs_f64()
+        );
+    }
     let exe = std::env::current_exe().expect("bench binary");
     let mut best = f64::MAX;
     for run in 0..3 {
         let out = Command::new(&exe)
-            .arg(tmp.path())
+            .arg(&store_dir)
             .env(ROLE, "open")
             .output()
             .expect("open run");
@@ -253,6 +264,9 @@ fn main() {
     println!("open + recover best: {best:.0} ms");
 
     drop(tmp);
+    if trees == 0 {
+        return;
+    }
     let dtmp = tempfile::tempdir_in(&base).expect("tempdir");
     destroy_throughput(dtmp.path(), trees);
 }
