@@ -460,15 +460,26 @@ impl Inventory {
         );
         let t = std::time::Instant::now();
         // 3. live/ against the records.
+        // Reading the directory and the names tree are both mostly waiting: overlap them.
         let live_dir = layout.live_dir();
-        let mut on_disk: HashSet<String> = Layout::entries(&live_dir)
-            .map_err(io_err(&live_dir))?
-            .into_iter()
-            .collect();
-        for kv in store.names.iter() {
-            let (k, _) = kv.map_err(|e| store.err("listing volume names", e))?;
-            let name = String::from_utf8_lossy(&k);
-            if !on_disk.remove(name.as_ref()) {
+        let (on_disk, names) = std::thread::scope(|scope| {
+            let names = scope.spawn(|| -> Result<Vec<sled::IVec>, InventoryError> {
+                store
+                    .names
+                    .iter()
+                    .keys()
+                    .map(|k| k.map_err(|e| store.err("listing volume names", e)))
+                    .collect()
+            });
+            let on_disk = Layout::entries(&live_dir).map_err(io_err(&live_dir));
+            let names = names
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (on_disk, names)
+        });
+        let mut on_disk: HashSet<String> = on_disk?.into_iter().collect();
+        for k in names? {
+            if !on_disk.remove(String::from_utf8_lossy(&k).as_ref()) {
                 let h = store::handle_from_key(&k)?;
                 tracing::error!(handle = %h, dir = %layout.live(&h).display(), "volume record has no directory on disk; keeping the record (destroy the volume to clean it up)");
                 report.missing_on_disk.push(h);
