@@ -466,7 +466,7 @@ impl Inventory {
                     depth = Some(tx.mount_depth(p)?.unwrap_or(0) + 1);
                 }
             }
-            tx.put(&handle, &stored)?;
+            tx.add(&handle, &stored)?;
             tx.pending.insert(handle.as_str(), INTENT_CREATE)?;
             if let Some(d) = depth {
                 tx.mounts.insert(handle.as_str(), &d.to_be_bytes()[..])?;

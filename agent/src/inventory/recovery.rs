@@ -53,7 +53,12 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
 
     let db_dir = state_dir.join(DB_DIR);
     let existed = exists(&db_dir.join("db"));
+    let started = std::time::Instant::now();
     let (store, set_aside) = open_store(&db_dir, existed, cfg.cache_bytes)?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "opened the volume store"
+    );
     let live_count = if existed {
         0
     } else {
@@ -277,13 +282,13 @@ impl Inventory {
             placed.push((h, rec, mount));
         }
         if bulk {
-            let (mut v, mut c, mut m) = (
-                sled::Batch::default(),
-                sled::Batch::default(),
-                sled::Batch::default(),
-            );
+            let mut v = sled::Batch::default();
+            let mut c = sled::Batch::default();
+            let mut m = sled::Batch::default();
+            let mut n = sled::Batch::default();
             for (h, rec, mount) in &placed {
                 v.insert(h.as_str(), store::encode(rec));
+                n.insert(h.as_str(), &[][..]);
                 if let Some(p) = &rec.parent {
                     c.insert(store::child_key(p, h), &[][..]);
                 }
@@ -295,6 +300,7 @@ impl Inventory {
             store.volumes.apply_batch(v).map_err(werr)?;
             store.children.apply_batch(c).map_err(werr)?;
             store.mounts.apply_batch(m).map_err(werr)?;
+            store.names.apply_batch(n).map_err(werr)?;
         } else if !placed.is_empty() {
             store.tx("adopting volumes", |tx| {
                 for (p, (_, added)) in &outside {
@@ -305,7 +311,7 @@ impl Inventory {
                     tx.put(p, &prec)?;
                 }
                 for (h, rec, mount) in &placed {
-                    tx.put(h, rec)?;
+                    tx.add(h, rec)?;
                     if let Some(p) = &rec.parent {
                         tx.children.insert(store::child_key(p, h), &[][..])?;
                     }
@@ -424,6 +430,7 @@ impl Inventory {
             store.commit()?;
         }
 
+        let t = std::time::Instant::now();
         // 2. Leftovers in dead/ and init/: after step 1 no record wants them (a create or
         //    destroy always has its intent recorded before it touches the disk).
         for (dir, finished) in [(layout.dead_dir(), true), (layout.init_dir(), false)] {
@@ -447,16 +454,32 @@ impl Inventory {
             }
         }
 
+        tracing::debug!(
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "recovery: leftovers"
+        );
+        let t = std::time::Instant::now();
         // 3. live/ against the records.
+        // Reading the directory and the names tree are both mostly waiting: overlap them.
         let live_dir = layout.live_dir();
-        let mut on_disk: HashSet<String> = Layout::entries(&live_dir)
-            .map_err(io_err(&live_dir))?
-            .into_iter()
-            .collect();
-        for kv in store.volumes.iter() {
-            let (k, _) = kv.map_err(|e| store.err("listing volumes", e))?;
-            let name = String::from_utf8_lossy(&k);
-            if !on_disk.remove(name.as_ref()) {
+        let (on_disk, names) = std::thread::scope(|scope| {
+            let names = scope.spawn(|| -> Result<Vec<sled::IVec>, InventoryError> {
+                store
+                    .names
+                    .iter()
+                    .keys()
+                    .map(|k| k.map_err(|e| store.err("listing volume names", e)))
+                    .collect()
+            });
+            let on_disk = Layout::entries(&live_dir).map_err(io_err(&live_dir));
+            let names = names
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (on_disk, names)
+        });
+        let mut on_disk: HashSet<String> = on_disk?.into_iter().collect();
+        for k in names? {
+            if !on_disk.remove(String::from_utf8_lossy(&k).as_ref()) {
                 let h = store::handle_from_key(&k)?;
                 tracing::error!(handle = %h, dir = %layout.live(&h).display(), "volume record has no directory on disk; keeping the record (destroy the volume to clean it up)");
                 report.missing_on_disk.push(h);
@@ -468,6 +491,11 @@ impl Inventory {
         }
         report.adopted.extend(placed);
 
+        tracing::debug!(
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "recovery: live dirs against records"
+        );
+        let t = std::time::Instant::now();
         // 4. Re-mount overlay children, parents first.
         let mut mounts = Vec::new();
         for kv in store.mounts.iter() {
@@ -495,6 +523,10 @@ impl Inventory {
                 }
             }
         }
+        tracing::debug!(
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "recovery: re-mounts"
+        );
         Ok(())
     }
 }

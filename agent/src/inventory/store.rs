@@ -5,6 +5,8 @@
 //! * `children`: `<parent>/<child>` → empty, so a parent's children are one prefix scan;
 //! * `pending`:  `<handle>` → `create` | `destroy`, the intents recovery must finish;
 //! * `mounts`:   `<handle>` → depth (u32 BE), overlay children to re-mount on open, parents first;
+//! * `names`:    `<handle>` → empty, every recorded handle: a small tree that open scans to
+//!   compare the records with `live/` (much faster than scanning the records themselves);
 //! * `meta`:     `format` → `1`, written once the store is fully initialized.
 //!
 //! sled 0.34 transactions cannot scan, so the "has children" check inside the transaction
@@ -99,6 +101,7 @@ pub(crate) struct Tx<'a> {
     pub(crate) children: &'a TransactionalTree,
     pub(crate) pending: &'a TransactionalTree,
     pub(crate) mounts: &'a TransactionalTree,
+    pub(crate) names: &'a TransactionalTree,
 }
 
 fn unabortable(e: UnabortableTransactionError) -> ConflictableTransactionError<InventoryError> {
@@ -114,6 +117,13 @@ impl Tx<'_> {
                 Err(e) => abort(e),
             },
         }
+    }
+    /// Inserts a new volume's record.
+    pub(crate) fn add(&self, h: &Handle, s: &Stored) -> TxResult<()> {
+        self.names
+            .insert(h.as_str(), &[][..])
+            .map_err(unabortable)?;
+        self.put(h, s)
     }
     pub(crate) fn put(&self, h: &Handle, s: &Stored) -> TxResult<()> {
         self.volumes
@@ -137,6 +147,7 @@ impl Tx<'_> {
         self.volumes.remove(h.as_str()).map_err(unabortable)?;
         self.pending.remove(h.as_str()).map_err(unabortable)?;
         self.mounts.remove(h.as_str()).map_err(unabortable)?;
+        self.names.remove(h.as_str()).map_err(unabortable)?;
         Ok(())
     }
     pub(crate) fn mount_depth(&self, h: &Handle) -> TxResult<Option<u32>> {
@@ -156,6 +167,7 @@ pub(crate) struct Store {
     pub(crate) children: sled::Tree,
     pub(crate) pending: sled::Tree,
     pub(crate) mounts: sled::Tree,
+    pub(crate) names: sled::Tree,
     meta: sled::Tree,
     db_file: File,
 }
@@ -172,6 +184,7 @@ impl Store {
         let children = db.open_tree("children")?;
         let pending = db.open_tree("pending")?;
         let mounts = db.open_tree("mounts")?;
+        let names = db.open_tree("names")?;
         let meta = db.open_tree("meta")?;
         let db_file = File::open(dir.join("db"))?;
         Ok(Store {
@@ -181,6 +194,7 @@ impl Store {
             children,
             pending,
             mounts,
+            names,
             meta,
             db_file,
         })
@@ -214,13 +228,20 @@ impl Store {
         what: &str,
         f: impl Fn(&Tx<'_>) -> TxResult<T>,
     ) -> Result<T, InventoryError> {
-        (&self.volumes, &self.children, &self.pending, &self.mounts)
-            .transaction(|(volumes, children, pending, mounts)| {
+        (
+            &self.volumes,
+            &self.children,
+            &self.pending,
+            &self.mounts,
+            &self.names,
+        )
+            .transaction(|(volumes, children, pending, mounts, names)| {
                 f(&Tx {
                     volumes,
                     children,
                     pending,
                     mounts,
+                    names,
                 })
             })
             .map_err(|e| match e {
