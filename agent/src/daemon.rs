@@ -82,6 +82,12 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         .await
         .map_err(|e| DaemonError::Task(e.to_string()))??;
     log_recovery(&recovery);
+    let rate = crate::remove::RateLimit::per_second(config.gc.destroy_rate);
+    inventory.set_remove_options(crate::remove::RemoveOptions {
+        threads: 0,
+        rate: rate.clone(),
+        count_bytes: false,
+    });
 
     let state_dir = config.state.dir.clone();
     let highest = tokio::task::spawn_blocking(move || revision::load(&state_dir))
@@ -180,6 +186,18 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
     let handle = server.handle();
     actix_rt::spawn(server);
 
+    if let Some(rate) = rate {
+        // The budget is shared by every destroy; export how long they waited on it.
+        let m = metrics.clone();
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let micros = u64::try_from(rate.throttled().as_micros()).unwrap_or(u64::MAX);
+                m.destroy_throttled_micros.store(micros, Relaxed);
+            }
+        });
+    }
     ready.store(true, Relaxed);
     metrics.ready.store(1, Relaxed);
     info!(api = %api_addr, worker = %config.worker_name, central = %config.central.url,

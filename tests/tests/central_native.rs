@@ -483,3 +483,32 @@ async fn disk_pressure_is_reported_and_polls_at_once_without_destroying() {
     assert_eq!(local.metric("volume_agent_disk_pressure").await, Some(1.0));
     assert_eq!(local.handles().await, ["keep-me"]);
 }
+
+#[tokio::test]
+async fn destroy_rate_throttles_removal_and_the_metric_shows_it() {
+    let script = DesiredScript::new("w1");
+    let server = central(&script).await;
+    let settings = AgentSettings {
+        extra: "destroy_rate = 100\n".into(),
+        ..AgentSettings::default()
+    };
+    let agent = Agent::start(&server.uri(), &settings);
+    let local = Local::new(&agent);
+    let v = local.make("many", None).await;
+    for i in 0..400 {
+        std::fs::write(std::path::Path::new(&v.path).join(format!("f{i}")), b"x").expect("write");
+    }
+    script.set(&[], &["many"]);
+    eventually("the volume is destroyed", || async {
+        local.handles().await.is_empty()
+    })
+    .await;
+    eventually("throttling is exported", || async {
+        local
+            .metric("volume_agent_destroy_throttled_seconds_total")
+            .await
+            .unwrap_or(0.0)
+            > 0.5
+    })
+    .await;
+}

@@ -282,6 +282,8 @@ struct Inner {
     new_kind: DriverKind,
     stripes: Vec<Mutex<()>>,
     hook: RwLock<Option<StepHook>>,
+    /// How destroys remove trees (threads, `gc.destroy_rate`).
+    remove: RwLock<crate::remove::RemoveOptions>,
     reserve: PathBuf,
     _lock: File,
 }
@@ -348,6 +350,11 @@ impl Inventory {
 
     fn step_or(&self, step: Step, h: &Handle, path: &Path) -> Result<(), InventoryError> {
         self.step(step, h).map_err(io_err(path))
+    }
+
+    /// Sets how destroys remove trees: threads and the shared `gc.destroy_rate` budget.
+    pub fn set_remove_options(&self, opts: crate::remove::RemoveOptions) {
+        *self.inner.remove.write().unwrap_or_else(|p| p.into_inner()) = opts;
     }
 
     /// Installs (or removes) a hook called after each create/destroy step.
@@ -830,7 +837,13 @@ impl Inventory {
         self.step_or(Step::DestroyRenamedDead, h, &dead)?;
         d.detach(&dead)?;
         self.step_or(Step::DestroyDetached, h, &dead)?;
-        crate::remove::remove_tree(&dead)?;
+        let opts = self
+            .inner
+            .remove
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        crate::remove::remove_tree_with(&dead, &opts)?;
         Ok(())
     }
 

@@ -97,6 +97,7 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
             new_kind,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             hook: RwLock::new(None),
+            remove: RwLock::new(crate::remove::RemoveOptions::default()),
             _lock: lock,
         }),
     };
