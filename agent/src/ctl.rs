@@ -160,6 +160,11 @@ pub fn plan_table(plan: &PlanView) -> String {
         rows.push([a.handle.to_string(), a.action.clone(), a.reason.clone()]);
     }
     out.push_str(&table(&rows));
+    for q in &plan.quarantined {
+        out.push_str(&format!(
+            "quarantined (no record; kept, never deleted by the agent): {q}\n"
+        ));
+    }
     out
 }
 

@@ -129,6 +129,7 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         reporter.clone().recipient(),
         metrics.clone(),
     )
+    .with_orphans(inv_addr.clone().recipient())
     .start();
     let desired = DesiredStateActor::new(
         client.clone(),

@@ -115,4 +115,8 @@ pub struct PlanView {
     pub revision: Option<u64>,
     pub refused: Option<String>,
     pub actions: Vec<PlannedAction>,
+    /// Directories found on disk without a record (after a crash, a lost database or by
+    /// hand), moved aside and kept: the agent never deletes them by itself.
+    #[serde(default)]
+    pub quarantined: Vec<String>,
 }

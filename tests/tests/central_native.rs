@@ -512,3 +512,41 @@ async fn destroy_rate_throttles_removal_and_the_metric_shows_it() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn gc_plan_lists_directories_found_without_a_record() {
+    let script = DesiredScript::new("w1");
+    let server = central(&script).await;
+    let mut agent = Agent::start(&server.uri(), &AgentSettings::default());
+    let local = Local::new(&agent);
+    local.make("known", None).await;
+    assert_eq!(agent.terminate(), Some(0));
+    // A directory made by hand while the agent was down.
+    std::fs::create_dir_all(agent.root().join("live/handmade/volume")).expect("mkdir");
+    agent.spawn();
+    // A new client: the old one's pooled connection died with the old process.
+    let local = Local::new(&agent);
+    let plan: protocol::local::PlanView = local
+        .http
+        .get(format!("{}/gc/plan", local.base))
+        .send()
+        .await
+        .expect("plan")
+        .json()
+        .await
+        .expect("plan json");
+    assert!(
+        plan.quarantined.iter().any(|q| q.contains("handmade")),
+        "{plan:?}"
+    );
+    assert!(plan.actions.iter().any(|a| a.handle.as_str() == "known"));
+    assert!(
+        agent
+            .root()
+            .join("quarantine")
+            .read_dir()
+            .expect("quarantine")
+            .count()
+            == 1
+    );
+}

@@ -5,7 +5,7 @@ use actix::prelude::*;
 
 use super::{DestroyOutcome, Inventory, VolumeRecord};
 use crate::planner::LocalVolume;
-use crate::reconciler::messages::{DestroyDone, DestroyVolume, Snapshot, StoreFailure};
+use crate::reconciler::messages::{DestroyDone, DestroyVolume, Orphans, Snapshot, StoreFailure};
 
 pub struct InventoryActor {
     inventory: Inventory,
@@ -52,5 +52,14 @@ impl Handler<DestroyVolume> for InventoryActor {
             Ok(DestroyOutcome::AlreadyGone) => Ok(DestroyDone::AlreadyGone),
             Err(e) => Err(StoreFailure(e.to_string())),
         }
+    }
+}
+
+impl Handler<Orphans> for InventoryActor {
+    type Result = Result<Vec<std::path::PathBuf>, StoreFailure>;
+    fn handle(&mut self, _: Orphans, _: &mut SyncContext<Self>) -> Self::Result {
+        self.inventory
+            .orphans()
+            .map_err(|e| StoreFailure(e.to_string()))
     }
 }

@@ -33,6 +33,7 @@ pub struct ReconcilerActor {
     snapshot: Recipient<Snapshot>,
     destroyer: Recipient<DestroyVolume>,
     reporter: Recipient<PassReport>,
+    orphans: Option<Recipient<Orphans>>,
     metrics: Arc<Metrics>,
     desired: Option<Desired>,
     revision: Option<u64>,
@@ -57,6 +58,7 @@ impl ReconcilerActor {
             snapshot,
             destroyer,
             reporter,
+            orphans: None,
             metrics,
             desired: None,
             revision: None,
@@ -66,6 +68,12 @@ impl ReconcilerActor {
             again: false,
             draining: false,
         }
+    }
+
+    /// Where `gc plan` gets the quarantined directories from.
+    pub fn with_orphans(mut self, orphans: Recipient<Orphans>) -> Self {
+        self.orphans = Some(orphans);
+        self
     }
 
     fn start_pass(&mut self, ctx: &mut Context<Self>) {
@@ -223,7 +231,18 @@ impl Handler<GetPlan> for ReconcilerActor {
         let desired = self.desired.clone();
         let policy = self.settings.policy.clone();
         let revision = self.revision;
+        let orphans = self.orphans.clone();
         Box::pin(async move {
+            let quarantined: Vec<String> = match orphans {
+                Some(o) => o
+                    .send(Orphans)
+                    .await
+                    .map_err(|e| StoreFailure(format!("inventory unavailable: {e}")))??
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                None => Vec::new(),
+            };
             let local = snapshot
                 .send(Snapshot)
                 .await
@@ -238,10 +257,13 @@ impl Handler<GetPlan> for ReconcilerActor {
                         .iter()
                         .map(|v| action(&v.handle, "keep", "no desired set yet"))
                         .collect(),
+                    quarantined,
                 });
             };
             let plan = planner::plan(&local, &desired, chrono::Utc::now(), &policy);
-            Ok(view(&local, &plan, revision))
+            let mut view = view(&local, &plan, revision);
+            view.quarantined = quarantined;
+            Ok(view)
         })
     }
 }
@@ -333,5 +355,6 @@ pub fn view(local: &[LocalVolume], plan: &Plan, revision: Option<u64>) -> PlanVi
         revision,
         refused: plan.refused.as_ref().map(ToString::to_string),
         actions,
+        quarantined: Vec::new(),
     }
 }

@@ -90,3 +90,8 @@ pub struct Drain;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Ping;
+
+/// Inventory: directories found on disk without a record, kept in quarantine.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<std::path::PathBuf>, StoreFailure>")]
+pub struct Orphans;
