@@ -60,6 +60,15 @@ async fn poll(local: &Local, h: &str) -> (StatusCode, String, Value) {
     }
 }
 
+/// Starts a create that must fail; returns the poll's status and error body.
+async fn failed_create(local: &Local, body: Value) -> (StatusCode, Value) {
+    let h = body["handle"].as_str().expect("handle").to_string();
+    create_async(local, body).await;
+    let (status, _, err) = poll(local, &h).await;
+    assert!(err["error"].is_string(), "{err}");
+    (status, err)
+}
+
 async fn cancel(local: &Local, h: &str) -> StatusCode {
     local
         .http
@@ -251,12 +260,11 @@ async fn async_poll_of_unknown_future_is_404() {
 #[tokio::test]
 async fn async_create_with_unknown_parent_fails_422_on_poll() {
     let (_s, _agent, local) = start().await;
-    create_async(
+    let (status, body) = failed_create(
         &local,
         json!({"handle": "c", "strategy": {"type": "cow", "volume": "ghost"}}),
     )
     .await;
-    let (status, _, body) = poll(&local, "c").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
         body["error"].as_str().expect("error").contains("ghost"),
@@ -269,12 +277,11 @@ async fn async_create_with_unknown_parent_fails_422_on_poll() {
 #[tokio::test]
 async fn async_create_with_bad_strategy_fails_422_on_poll() {
     let (_s, _agent, local) = start().await;
-    create_async(
+    let (status, body) = failed_create(
         &local,
         json!({"handle": "b", "strategy": {"type": "teleport"}}),
     )
     .await;
-    let (status, _, body) = poll(&local, "b").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(body["error"].is_string(), "{body}");
     assert!(local.handles().await.is_empty());
@@ -284,12 +291,11 @@ async fn async_create_with_bad_strategy_fails_422_on_poll() {
 async fn async_create_of_duplicate_handle_fails_409_on_poll() {
     let (_s, _agent, local) = start().await;
     local.make("dup", None).await;
-    create_async(
+    let (status, body) = failed_create(
         &local,
         json!({"handle": "dup", "strategy": {"type": "empty"}}),
     )
     .await;
-    let (status, _, body) = poll(&local, "dup").await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(
         body["error"].as_str().expect("error").contains("dup"),
@@ -363,12 +369,11 @@ async fn import_copies_a_directory_and_extracts_a_tgz() {
 async fn import_of_missing_path_fails_422_on_poll() {
     let (_s, agent, local) = start().await;
     let missing = agent.dir.path().join("no-such-image");
-    create_async(
+    let (status, _) = failed_create(
         &local,
         json!({"handle": "m", "strategy": {"type": "import", "path": missing}}),
     )
     .await;
-    let (status, _, _) = poll(&local, "m").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(local.handles().await.is_empty());
 }
@@ -378,16 +383,12 @@ async fn privileged_get_is_a_bare_bool_and_put_changes_it() {
     let (_s, _agent, local) = start().await;
     make_async(&local, "pv", json!({"type": "empty"}), false).await;
     let url = format!("{}/volumes/pv/privileged", local.base);
-    let text = local
-        .http
-        .get(&url)
-        .send()
-        .await
-        .expect("get")
-        .text()
-        .await
-        .expect("text");
-    assert_eq!(text, "false");
+    let get_text = || async {
+        let resp = local.http.get(&url).send().await.expect("get");
+        assert_eq!(content_type(&resp), "application/json");
+        resp.text().await.expect("text")
+    };
+    assert_eq!(get_text().await, "false");
     let resp = local
         .http
         .put(&url)
@@ -396,16 +397,7 @@ async fn privileged_get_is_a_bare_bool_and_put_changes_it() {
         .await
         .expect("put");
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    let text = local
-        .http
-        .get(&url)
-        .send()
-        .await
-        .expect("get")
-        .text()
-        .await
-        .expect("text");
-    assert_eq!(text, "true");
+    assert_eq!(get_text().await, "true");
 }
 
 #[tokio::test]
@@ -666,17 +658,7 @@ async fn volume_named_destroy_cannot_shadow_the_bulk_route() {
 /// The highest valid id of a `/proc/self` map, as the agent computes it.
 fn max_id(file: &str) -> u32 {
     let map = std::fs::read_to_string(format!("/proc/self/{file}")).expect("id map");
-    map.lines()
-        .filter_map(|l| {
-            let v: Vec<u64> = l
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            (v.len() == 3 && v[2] > 0).then(|| v[0] + v[2] - 1)
-        })
-        .max()
-        .map(|m| m as u32)
-        .expect("a line")
+    volume_agent::api::privilege::parse_max_id(&map).expect("an id map line")
 }
 
 #[tokio::test]
@@ -689,21 +671,19 @@ async fn unprivileged_volume_maps_root_on_stream_in_and_back_on_stream_out() {
         .expect("meta");
     assert_eq!((m.uid(), m.gid()), (max_id("uid_map"), max_id("gid_map")));
     let (_, out) = stream_out(&local, "u", "dir/hello.txt", "gzip").await;
-    let tar = gunzip(&out);
-    let mut a = tar::Archive::new(&tar[..]);
-    let e = a
+    assert_eq!(owners(&gunzip(&out)), [(0, 0)]);
+}
+
+/// `(uid, gid)` of every entry of a tar.
+fn owners(tar: &[u8]) -> Vec<(u64, u64)> {
+    tar::Archive::new(tar)
         .entries()
         .expect("entries")
-        .next()
-        .expect("one")
-        .expect("entry");
-    assert_eq!(
-        (
-            e.header().uid().expect("uid"),
-            e.header().gid().expect("gid")
-        ),
-        (0, 0)
-    );
+        .map(|e| {
+            let h = e.expect("entry").header().clone();
+            (h.uid().expect("uid"), h.gid().expect("gid"))
+        })
+        .collect()
 }
 
 #[tokio::test]
