@@ -174,6 +174,7 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         ready: ready.clone(),
         usage,
         max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
+        futures: Default::default(),
     };
     let addr = config.api.listen;
     let server = HttpServer::new(move || App::new().configure(api::configure(state.clone())))

@@ -63,6 +63,8 @@ pub struct AgentSettings {
     pub request_timeout: &'static str,
     pub max_body_bytes: u64,
     pub token_file: Option<PathBuf>,
+    /// `api.max_body_bytes` (the local API's JSON body limit); `None` = the default.
+    pub api_max_body_bytes: Option<u64>,
     /// Appended to the `[gc]` section.
     pub extra: String,
 }
@@ -78,6 +80,7 @@ impl Default for AgentSettings {
             request_timeout: "2s",
             max_body_bytes: 1 << 20,
             token_file: None,
+            api_max_body_bytes: None,
             extra: String::new(),
         }
     }
@@ -103,7 +106,7 @@ impl Agent {
              [central]\nurl = \"{central_url}\"\ndialect = \"{dialect}\"\npoll_interval = \"{poll}\"\n\
              report_interval = \"{report}\"\n{token}request_timeout = \"{timeout}\"\nmax_body_bytes = {max_body}\nmax_backoff = \"2s\"\n\
              [volumes]\nroot = {root:?}\ndriver = \"naive\"\n[state]\ndir = {state:?}\n\
-             [api]\nlisten = \"127.0.0.1:{port}\"\n[resource_types]\ndir = {types:?}\nrescan_interval = \"200ms\"\n\
+             [api]\nlisten = \"127.0.0.1:{port}\"\n{api_limit}[resource_types]\ndir = {types:?}\nrescan_interval = \"200ms\"\n\
              [gc]\nunknown_grace = \"{grace}\"\n{extra}",
             worker = settings.worker,
             token = settings
@@ -119,6 +122,10 @@ impl Agent {
             root = dir.path().join("volumes"),
             state = dir.path().join("state"),
             grace = settings.unknown_grace,
+            api_limit = settings
+                .api_max_body_bytes
+                .map(|n| format!("max_body_bytes = {n}\n"))
+                .unwrap_or_default(),
             extra = settings.extra,
         );
         let config_path = dir.path().join("config.toml");

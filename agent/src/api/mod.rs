@@ -2,8 +2,12 @@
 //! metrics and the operator's `gc` routes. Handlers are thin: every change goes through
 //! the [`Inventory`] on a blocking thread (`web::block`).
 
+pub mod archive;
+pub mod baggageclaim;
 pub mod error;
 pub mod ops;
+pub mod privilege;
+pub mod stream;
 pub mod volumes;
 
 use std::sync::atomic::AtomicBool;
@@ -32,6 +36,8 @@ pub struct ApiState {
     pub usage: crate::usage::Usage,
     /// Largest JSON body accepted.
     pub max_body_bytes: usize,
+    /// Creates started by `POST /volumes-async`, until deleted.
+    pub futures: Arc<baggageclaim::Futures>,
 }
 
 /// Registers every route. The bulk destroy route is registered before `/volumes/{handle}`
@@ -48,6 +54,8 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
             .app_data(web::QueryConfig::default().error_handler(error::query_error))
             .configure(ops::routes)
             .configure(volumes::routes)
+            .configure(baggageclaim::routes)
+            .configure(stream::routes)
             .default_service(web::to(error::not_found));
     }
 }

@@ -10,7 +10,7 @@ use protocol::local::{
 use protocol::Handle;
 
 use super::{ApiError, ApiState};
-use crate::inventory::{CreateSpec, DestroyOutcome, Inventory, InventoryError, VolumeRecord};
+use crate::inventory::{DestroyOutcome, Inventory, InventoryError, VolumeRecord};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/volumes", web::post().to(create))
@@ -65,24 +65,16 @@ async fn create(
     body: web::Json<CreateVolumeRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let req = body.into_inner();
-    let parent = match &req.strategy {
-        Strategy::Empty => None,
-        Strategy::Cow { volume } => Some(volume.clone()),
-        Strategy::Import { .. } => {
-            return Err(ApiError::Unprocessable(
-                "the import strategy is served by POST /volumes-async".into(),
-            ))
-        }
-    };
-    let spec = CreateSpec {
-        handle: req.handle,
-        parent,
-        properties: req.properties,
-        privileged: req.privileged,
-        initial_state: protocol::VolumeState::Created,
-        populate: None,
-    };
-    let record = blocking(&state, move |inv| inv.create(spec)).await?;
+    if let Strategy::Import { .. } = &req.strategy {
+        return Err(ApiError::Unprocessable(
+            "the import strategy is served by POST /volumes-async".into(),
+        ));
+    }
+    let inv = state.inventory.clone();
+    let record = web::block(move || {
+        super::baggageclaim::create_volume(&inv, req, protocol::VolumeState::Created)
+    })
+    .await??;
     Ok(HttpResponse::Created().json(volume_json(&record)))
 }
 

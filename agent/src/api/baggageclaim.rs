@@ -1,0 +1,307 @@
+//! Baggageclaim's asynchronous create (`POST /volumes-async`, `GET` and `DELETE
+//! /volumes-async/{handle}`), the `import` strategy, and the owner shift of a
+//! copy-on-write child whose privilege differs from its parent's.
+//!
+//! A future lives in memory only: after a restart the client's poll answers 404 and the
+//! client fails the create, as it does when baggageclaim restarts.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse, ResponseError};
+use protocol::local::{CreateVolumeRequest, ErrorBody, Strategy, VolumeFuture, VolumeJson};
+use protocol::{Handle, VolumeState};
+
+use super::archive::{self, Encoding};
+use super::privilege::{shift_tree, IdMap};
+use super::volumes::{handle, volume_json};
+use super::{ApiError, ApiState};
+use crate::inventory::{CreateSpec, Inventory, InventoryError, Populate, VolumeRecord};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/volumes-async", web::post().to(create_async))
+        .route("/volumes-async/{handle}", web::get().to(poll))
+        .route("/volumes-async/{handle}", web::delete().to(cancel));
+}
+
+enum Status {
+    Pending,
+    Done(VolumeJson),
+    Failed(StatusCode, String),
+}
+
+struct Entry {
+    status: Status,
+    /// Set when the future is deleted while pending: the finished volume is destroyed.
+    canceled: Arc<AtomicBool>,
+}
+
+/// The creates started by `POST /volumes-async`, by handle, until deleted.
+#[derive(Default)]
+pub struct Futures {
+    map: Mutex<HashMap<Handle, Entry>>,
+}
+
+impl Futures {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Handle, Entry>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Creates the volume `req` asks for, in `initial_state`: fills an import, shifts owners
+/// of a copy-on-write child whose privilege differs from its parent's. Blocking.
+pub fn create_volume(
+    inv: &Inventory,
+    req: CreateVolumeRequest,
+    initial_state: VolumeState,
+) -> Result<VolumeRecord, ApiError> {
+    let ids = IdMap::for_volume(req.privileged);
+    let (parent, populate): (Option<Handle>, Option<Populate>) = match req.strategy {
+        Strategy::Empty => (None, None),
+        Strategy::Cow { volume } => {
+            let shift: Option<Populate> = match inv.get(&volume)? {
+                Some(p) if p.privileged != req.privileged => {
+                    let from = IdMap::for_volume(p.privileged);
+                    Some(Box::new(move |data: &Path| shift_tree(data, from, ids)))
+                }
+                _ => None,
+            };
+            (Some(volume), shift)
+        }
+        Strategy::Import {
+            path,
+            follow_symlinks,
+        } => {
+            let source = PathBuf::from(&path);
+            let meta = if follow_symlinks {
+                fs::metadata(&source)
+            } else {
+                fs::symlink_metadata(&source)
+            };
+            let fill: Populate = match meta {
+                Ok(m) if m.is_dir() => Box::new(move |data: &Path| {
+                    copy_into(&source, data, follow_symlinks, ids, &mut HashMap::new())
+                }),
+                Ok(m) if m.is_file() => Box::new(move |data: &Path| {
+                    let file = fs::File::open(&source)?;
+                    let dest = archive::open_dir(data)?;
+                    archive::extract_compressed(&dest, io::BufReader::new(file), Encoding::Gzip, ids)
+                        .map(drop)
+                        .map_err(|e| io::Error::other(format!("{}: {e}", source.display())))
+                }),
+                Ok(_) => {
+                    return Err(ApiError::Unprocessable(format!(
+                        "import path {path} is neither a directory nor a .tgz file"
+                    )))
+                }
+                Err(e) => {
+                    return Err(ApiError::Unprocessable(format!(
+                        "import path {path}: {e}; import a directory or a .tgz file that exists on the worker"
+                    )))
+                }
+            };
+            (None, Some(fill))
+        }
+    };
+    let spec = CreateSpec {
+        handle: req.handle,
+        parent,
+        properties: req.properties,
+        privileged: req.privileged,
+        initial_state,
+        populate,
+    };
+    inv.create(spec).map_err(|e| match e {
+        e @ InventoryError::Populate { .. } => ApiError::Unprocessable(e.to_string()),
+        e => e.into(),
+    })
+}
+
+/// Copies the children of directory `from` into the existing directory `to`, owners mapped
+/// with `ids`; symlinks are followed only when `follow` is set. Hard links within the
+/// tree stay hard links.
+fn copy_into(
+    from: &Path,
+    to: &Path,
+    follow: bool,
+    ids: IdMap,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+) -> io::Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(from)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let src = e.path();
+        let dst = to.join(e.file_name());
+        let meta = if follow {
+            fs::metadata(&src)?
+        } else {
+            fs::symlink_metadata(&src)?
+        };
+        let ft = meta.file_type();
+        let (uid, gid) = ids.to_disk(meta.uid(), meta.gid());
+        if ft.is_dir() {
+            fs::create_dir(&dst)?;
+            copy_into(&src, &dst, follow, ids, links)?;
+        } else {
+            if meta.nlink() > 1 {
+                let key = (meta.dev(), meta.ino());
+                if let Some(first) = links.get(&key) {
+                    fs::hard_link(first, &dst)?;
+                    continue;
+                }
+                links.insert(key, dst.clone());
+            }
+            if ft.is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+                std::os::unix::fs::lchown(&dst, Some(uid), Some(gid))?;
+                continue;
+            }
+            if ft.is_file() {
+                fs::copy(&src, &dst)?;
+            } else {
+                let c =
+                    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dst.as_os_str()))
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path")
+                        })?;
+                // SAFETY: NUL-terminated path; mode and device come from an existing node.
+                if unsafe { libc::mknod(c.as_ptr(), meta.mode(), meta.rdev()) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        std::os::unix::fs::lchown(&dst, Some(uid), Some(gid))?;
+        // chown clears set-id bits; put the exact mode back.
+        fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    }
+    Ok(())
+}
+
+fn error_response(status: StatusCode, error: String) -> HttpResponse {
+    HttpResponse::build(status).json(ErrorBody { error })
+}
+
+async fn create_async(
+    state: web::Data<ApiState>,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let value = body.into_inner();
+    let raw = value
+        .get("handle")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| {
+            ApiError::BadRequest("the body needs a \"handle\" string: {\"handle\", \"strategy\", \"properties\", \"privileged\"}".into())
+        })?;
+    let h = handle(raw)?;
+    let parsed = serde_json::from_value::<CreateVolumeRequest>(value);
+    let canceled = Arc::new(AtomicBool::new(false));
+    {
+        let mut map = state.futures.lock();
+        if map.contains_key(&h) {
+            return Err(ApiError::Conflict(format!(
+                "a create of volume {h} is already tracked; poll it, or DELETE /volumes-async/{h} first"
+            )));
+        }
+        let status = match &parsed {
+            Ok(_) => Status::Pending,
+            Err(e) => Status::Failed(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("invalid create request: {e}; strategies are empty, cow (with \"volume\") and import (with \"path\")"),
+            ),
+        };
+        map.insert(
+            h.clone(),
+            Entry {
+                status,
+                canceled: canceled.clone(),
+            },
+        );
+    }
+    if let Ok(req) = parsed {
+        let state = state.into_inner();
+        let h = h.clone();
+        actix_web::rt::spawn(async move {
+            let inv = state.inventory.clone();
+            let res = match web::block(move || create_volume(&inv, req, VolumeState::Initialized))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => Err(e.into()),
+            };
+            finish(&state, &h, &canceled, res).await;
+        });
+    }
+    Ok(HttpResponse::Created().json(VolumeFuture { handle: h }))
+}
+
+/// Records the outcome of an async create; destroys the volume when the future was
+/// deleted meanwhile (nobody will ever learn about it).
+async fn finish(
+    state: &ApiState,
+    h: &Handle,
+    canceled: &Arc<AtomicBool>,
+    res: Result<VolumeRecord, ApiError>,
+) {
+    {
+        let mut map = state.futures.lock();
+        if !canceled.load(Ordering::SeqCst) {
+            if let Some(entry) = map.get_mut(h) {
+                if Arc::ptr_eq(&entry.canceled, canceled) {
+                    entry.status = match &res {
+                        Ok(rec) => Status::Done(volume_json(rec)),
+                        Err(e) => Status::Failed(e.status_code(), e.to_string()),
+                    };
+                }
+            }
+            return;
+        }
+    }
+    if res.is_ok() {
+        let h = h.clone();
+        let inv = state.inventory.clone();
+        let out = web::block(move || inv.destroy(&h).map(|_| h)).await;
+        match out {
+            Ok(Ok(h)) => {
+                tracing::info!(handle = %h, reason = "its async create was canceled", "destroyed volume")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not destroy a canceled create"),
+            Err(e) => tracing::warn!(error = %e, "could not destroy a canceled create"),
+        }
+    }
+}
+
+async fn poll(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let h = handle(&path)?;
+    let map = state.futures.lock();
+    match map.get(&h).map(|e| &e.status) {
+        None => Err(ApiError::NotFound(format!(
+            "no create of volume {h} is tracked; start one with POST /volumes-async"
+        ))),
+        Some(Status::Pending) => Ok(HttpResponse::NoContent().finish()),
+        Some(Status::Done(v)) => Ok(HttpResponse::Ok().json(v)),
+        Some(Status::Failed(code, msg)) => Ok(error_response(*code, msg.clone())),
+    }
+}
+
+async fn cancel(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let h = handle(&path)?;
+    let mut map = state.futures.lock();
+    if let Some(entry) = map.remove(&h) {
+        if matches!(entry.status, Status::Pending) {
+            entry.canceled.store(true, Ordering::SeqCst);
+        }
+    }
+    Ok(HttpResponse::NoContent().finish())
+}

@@ -1,0 +1,136 @@
+//! Owner mapping of unprivileged volumes, as baggageclaim does it: in a volume with
+//! `privileged: false`, host uid/gid 0 is stored as the highest valid id of
+//! `/proc/self/uid_map` / `gid_map` (usually 4294967294); every other id is unchanged. A
+//! privileged volume keeps ids as they are.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// The highest id baggageclaim falls back to when the map cannot be read.
+const FALLBACK_MAX_ID: u32 = 4_294_967_294;
+
+/// How ids of one volume relate to the ids a tar stream (or the caller) speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdMap {
+    /// `Some((uid, gid))`: the on-disk ids that stand for root; `None`: identity.
+    root_as: Option<(u32, u32)>,
+}
+
+impl IdMap {
+    /// No mapping (a privileged volume).
+    pub const IDENTITY: IdMap = IdMap { root_as: None };
+
+    /// Root is stored as `(uid, gid)`.
+    pub fn root_as(uid: u32, gid: u32) -> IdMap {
+        IdMap {
+            root_as: Some((uid, gid)),
+        }
+    }
+
+    /// The mapping of a volume with the given privilege on this host.
+    pub fn for_volume(privileged: bool) -> IdMap {
+        if privileged {
+            IdMap::IDENTITY
+        } else {
+            IdMap::root_as(max_valid_id("uid_map"), max_valid_id("gid_map"))
+        }
+    }
+
+    /// Ids as written to disk for ids `(uid, gid)` of a stream.
+    pub fn to_disk(&self, uid: u32, gid: u32) -> (u32, u32) {
+        match self.root_as {
+            None => (uid, gid),
+            Some((ru, rg)) => (
+                if uid == 0 { ru } else { uid },
+                if gid == 0 { rg } else { gid },
+            ),
+        }
+    }
+
+    /// Ids as streamed out for on-disk ids `(uid, gid)`.
+    pub fn from_disk(&self, uid: u32, gid: u32) -> (u32, u32) {
+        match self.root_as {
+            None => (uid, gid),
+            Some((ru, rg)) => (
+                if uid == ru { 0 } else { uid },
+                if gid == rg { 0 } else { gid },
+            ),
+        }
+    }
+}
+
+/// The highest id a map file of `/proc/self` allows (`inside + count - 1` over its lines).
+fn max_valid_id(file: &str) -> u32 {
+    fs::read_to_string(Path::new("/proc/self").join(file))
+        .ok()
+        .and_then(|s| parse_max_id(&s))
+        .unwrap_or(FALLBACK_MAX_ID)
+}
+
+/// Parses an id map (`inside outside count` per line) into its highest valid inside id.
+pub fn parse_max_id(map: &str) -> Option<u32> {
+    map.lines()
+        .filter_map(|line| {
+            let mut it = line.split_whitespace().map(str::parse::<u64>);
+            let inside = it.next()?.ok()?;
+            let _outside = it.next()?.ok()?;
+            let count = it.next()?.ok()?;
+            (count > 0).then(|| inside + count - 1)
+        })
+        .max()
+        .map(|m| u32::try_from(m).unwrap_or(u32::MAX))
+}
+
+/// Changes owners under `dir` (not following symlinks) from what `from` stores to what
+/// `to` stores: used when a copy-on-write child's privilege differs from its parent's.
+pub fn shift_tree(dir: &Path, from: IdMap, to: IdMap) -> io::Result<()> {
+    if from == to {
+        return Ok(());
+    }
+    let meta = fs::symlink_metadata(dir)?;
+    let (u, g) = from.from_disk(meta.uid(), meta.gid());
+    let (nu, ng) = to.to_disk(u, g);
+    if (nu, ng) != (meta.uid(), meta.gid()) {
+        std::os::unix::fs::lchown(dir, Some(nu), Some(ng))?;
+        if !meta.file_type().is_symlink() {
+            // chown clears set-id bits; put the exact mode back.
+            fs::set_permissions(
+                dir,
+                std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777),
+            )?;
+        }
+    }
+    if meta.is_dir() {
+        for e in fs::read_dir(dir)? {
+            shift_tree(&e?.path(), from, to)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn highest_id_of_the_initial_namespace_is_one_below_the_top() {
+        assert_eq!(
+            parse_max_id("         0          0 4294967295\n"),
+            Some(4_294_967_294)
+        );
+        assert_eq!(parse_max_id("0 1000 1\n1 100000 65536\n"), Some(65536));
+        assert_eq!(parse_max_id(""), None);
+    }
+
+    #[test]
+    fn unprivileged_maps_only_root_both_ways() {
+        let m = IdMap::root_as(65534, 65533);
+        assert_eq!(m.to_disk(0, 0), (65534, 65533));
+        assert_eq!(m.to_disk(1000, 0), (1000, 65533));
+        assert_eq!(m.from_disk(65534, 65533), (0, 0));
+        assert_eq!(m.from_disk(1000, 1000), (1000, 1000));
+        assert_eq!(IdMap::IDENTITY.to_disk(0, 0), (0, 0));
+    }
+}
