@@ -30,11 +30,16 @@ pub fn agent_binary() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    dir.join("agent-under-test")
+    // A test runs from target/<profile>/deps/, a binary of this package from
+    // target/<profile>/; the agent sits in target/<profile>/ either way.
+    let dir = exe.parent().expect("executable's directory");
+    let beside = dir.join("agent-under-test");
+    if beside.exists() {
+        return beside;
+    }
+    dir.parent()
+        .expect("target/<profile>")
+        .join("agent-under-test")
 }
 
 pub fn workspace_root() -> PathBuf {
