@@ -432,7 +432,12 @@ async fn sends_bearer_token_and_user_agent() {
 async fn reports_missing_volumes_bytes_and_disk_figures() {
     let script = DesiredScript::new("w1");
     let server = central(&script).await;
-    let agent = Agent::start(&server.uri(), &AgentSettings::default());
+    // No floor: whatever this machine's disk holds, there is no pressure.
+    let settings = AgentSettings {
+        extra: "min_free = \"0%\"\n".into(),
+        ..AgentSettings::default()
+    };
+    let agent = Agent::start(&server.uri(), &settings);
     let local = Local::new(&agent);
     let v = local.make("here", None).await;
     std::fs::write(
