@@ -42,6 +42,8 @@ pub struct DesiredStateActor {
     highest: Option<u64>,
     errors: u32,
     polling: bool,
+    /// A poll was asked for while one was in flight: run another right after it.
+    again: bool,
     stopped: bool,
     timer: Option<SpawnHandle>,
 }
@@ -75,6 +77,7 @@ impl DesiredStateActor {
             highest,
             errors: 0,
             polling: false,
+            again: false,
             stopped: false,
             timer: None,
         }
@@ -107,8 +110,21 @@ impl DesiredStateActor {
         self.timer = Some(ctx.run_later(delay, |act, ctx| act.poll(ctx)));
     }
 
+    /// After a poll: another at once if one was asked for meanwhile, else on the timer.
+    fn next(&mut self, ctx: &mut Context<Self>) {
+        if std::mem::take(&mut self.again) && self.errors == 0 {
+            self.poll(ctx);
+        } else {
+            self.schedule(ctx);
+        }
+    }
+
     fn poll(&mut self, ctx: &mut Context<Self>) {
-        if self.polling || self.stopped {
+        if self.stopped {
+            return;
+        }
+        if self.polling {
+            self.again = true;
             return;
         }
         self.polling = true;
@@ -120,7 +136,7 @@ impl DesiredStateActor {
                 ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
                     act.polling = false;
                     act.on_native(res, ctx);
-                    act.schedule(ctx);
+                    act.next(ctx);
                 }));
             }
             Dialect::Concourse => {
@@ -137,7 +153,7 @@ impl DesiredStateActor {
                         }
                         Err(e) => act.failed("destroying", &e),
                     }
-                    act.schedule(ctx);
+                    act.next(ctx);
                 }));
             }
         }

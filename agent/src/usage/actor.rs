@@ -70,11 +70,13 @@ impl AccountingActor {
             act.metrics.disk_total_bytes.store(figures.total_bytes, Relaxed);
             act.metrics.disk_free_bytes.store(figures.free_bytes, Relaxed);
             act.metrics.disk_pressure.store(u64::from(pressure), Relaxed);
-            if pressure {
+            if pressure && !act.under_pressure {
+                // Once, when pressure begins: a poll now rather than at the next interval.
+                // Polling on every round would hammer a central API that is failing.
                 warn!(free_bytes = figures.free_bytes, total_bytes = figures.total_bytes,
                     "the volumes disk is below gc.min_free: polling the central API now (desired volumes are never destroyed for space)");
                 act.poll_now.do_send(PollNow);
-            } else if act.under_pressure {
+            } else if !pressure && act.under_pressure {
                 warn!(free_bytes = figures.free_bytes, "the volumes disk is above gc.min_free again");
             }
             act.under_pressure = pressure;
