@@ -443,7 +443,8 @@ impl Inventory {
             changed_at: now,
             children: 0,
         };
-        self.make_room();
+        // No make_room here: the reserve is for destroys, which free space; a create on a
+        // full disk must fail rather than eat the room the next destroy needs.
         let store = &self.inner.store;
         store.tx("recording a create", |tx| {
             if tx.get(&handle)?.is_some() {
@@ -682,7 +683,6 @@ impl Inventory {
     ) -> Result<Stored, InventoryError> {
         let _guard = self.lock(h);
         let now = Utc::now();
-        self.make_room();
         let (rec, changed) = self.inner.store.tx(what, |tx| {
             let Some(mut rec) = tx.get(h)? else {
                 return abort(InventoryError::NotFound(h.clone()));
