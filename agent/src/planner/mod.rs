@@ -160,19 +160,29 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
     let mut out = Plan::default();
     let mut candidate: Vec<Option<Reason>> = vec![None; n];
 
-    let (named, keep, as_of): (&[Handle], Option<HashSet<&str>>, Option<DateTime<Utc>>) =
-        match desired {
-            Desired::Native {
-                keep,
-                destroying,
-                as_of,
-            } => (
-                destroying,
-                Some(keep.iter().map(Handle::as_str).collect()),
-                Some(*as_of),
-            ),
-            Desired::Concourse { destroying } => (destroying, None, None),
-        };
+    let (named, keep, as_of): (&[Handle], Option<&[Handle]>, Option<DateTime<Utc>>) = match desired
+    {
+        Desired::Native {
+            keep,
+            destroying,
+            as_of,
+        } => (destroying, Some(keep), Some(*as_of)),
+        Desired::Concourse { destroying } => (destroying, None, None),
+    };
+    // Which local volumes are desired (one index lookup per desired handle), and which
+    // desired handles this worker does not have.
+    let kept: Option<Vec<bool>> = keep.map(|keep| {
+        let mut kept = vec![false; n];
+        for h in keep {
+            match index.get(h.as_str()) {
+                Some(&i) => kept[i] = true,
+                None => out.missing.push(h.clone()),
+            }
+        }
+        out.missing.sort();
+        out.missing.dedup();
+        kept
+    });
 
     let mut seen_named = HashSet::new();
     for h in named {
@@ -194,23 +204,11 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
             candidate[i] = Some(Reason::Resume);
             continue;
         }
-        if keep.is_none() || candidate[i].is_some() {
-            continue;
-        }
-        if keep.as_ref().is_some_and(|k| k.contains(v.handle.as_str())) {
+        let Some(kept) = &kept else { continue };
+        if candidate[i].is_some() || kept[i] {
             continue;
         }
         unknown.push(i);
-    }
-
-    if let Some(keep) = &keep {
-        let mut missing: Vec<Handle> = keep
-            .iter()
-            .filter(|h| !index.contains_key(*h))
-            .filter_map(|h| Handle::new(*h).ok())
-            .collect();
-        missing.sort();
-        out.missing = missing;
     }
 
     let guard_trips = unknown.len() > policy.guard_min_volumes
@@ -248,30 +246,43 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
         }
     }
 
-    // Children by parent, for volumes whose parent is on this worker.
-    let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+    // Children by parent (volumes whose parent is on this worker), as one flat array:
+    // the children of `p` are `child_list[start[p]..start[p + 1]]`.
     let mut parent_of: Vec<Option<usize>> = vec![None; n];
+    let mut start = vec![0usize; n + 1];
     for (i, v) in local.iter().enumerate() {
         if let Some(&p) = v.parent.as_ref().and_then(|p| index.get(p.as_str())) {
             if p != i {
-                children[p].push(i);
                 parent_of[i] = Some(p);
+                start[p + 1] += 1;
             }
         }
     }
+    for p in 0..n {
+        start[p + 1] += start[p];
+    }
+    let mut fill = start.clone();
+    let mut child_list = vec![0usize; start[n]];
+    for (i, p) in parent_of.iter().enumerate() {
+        if let Some(p) = *p {
+            child_list[fill[p]] = i;
+            fill[p] += 1;
+        }
+    }
+    let children = |p: usize| &child_list[start[p]..start[p + 1]];
 
     // Leaves first (Kahn): a volume is resolved once all its children are. Volumes on a
     // parent cycle (impossible in a sound inventory) are never resolved and so never go.
-    let mut pending: Vec<usize> = children.iter().map(Vec::len).collect();
+    let mut pending: Vec<usize> = (0..n).map(|p| children(p).len()).collect();
     let mut destroyable = vec![false; n];
     let mut resolved = vec![false; n];
     let mut height = vec![0u32; n];
     let mut queue: VecDeque<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
     while let Some(i) = queue.pop_front() {
         resolved[i] = true;
-        let all_children_go = children[i].iter().all(|&c| destroyable[c]);
+        let all_children_go = children(i).iter().all(|&c| destroyable[c]);
         destroyable[i] = candidate[i].is_some() && all_children_go;
-        height[i] = children[i]
+        height[i] = children(i)
             .iter()
             .map(|&c| height[c] + 1)
             .max()
@@ -286,7 +297,7 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
 
     for i in 0..n {
         let Some(reason) = candidate[i] else { continue };
-        let mut kids: Vec<Handle> = children[i]
+        let mut kids: Vec<Handle> = children(i)
             .iter()
             .map(|&c| local[c].handle.clone())
             .collect();
