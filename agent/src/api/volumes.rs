@@ -92,19 +92,22 @@ async fn list(
     Ok(HttpResponse::Ok().json(out))
 }
 
+/// The volume named in the path, or 404.
+async fn find(state: &ApiState, raw: &str) -> Result<VolumeRecord, ApiError> {
+    let h = handle(raw)?;
+    let found = {
+        let h = h.clone();
+        blocking(state, move |inv| inv.get(&h)).await?
+    };
+    found.ok_or_else(|| InventoryError::NotFound(h).into())
+}
+
 async fn get(
     state: web::Data<ApiState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let h = handle(&path)?;
-    let found = {
-        let h = h.clone();
-        blocking(&state, move |inv| inv.get(&h)).await?
-    };
-    match found {
-        Some(r) => Ok(HttpResponse::Ok().json(volume_json(&r))),
-        None => Err(InventoryError::NotFound(h).into()),
-    }
+    let r = find(&state, &path).await?;
+    Ok(HttpResponse::Ok().json(volume_json(&r)))
 }
 
 async fn destroy(
@@ -210,15 +213,8 @@ async fn get_privileged(
     state: web::Data<ApiState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let h = handle(&path)?;
-    let found = {
-        let h = h.clone();
-        blocking(&state, move |inv| inv.get(&h)).await?
-    };
-    match found {
-        Some(r) => Ok(HttpResponse::Ok().json(r.privileged)),
-        None => Err(InventoryError::NotFound(h).into()),
-    }
+    let r = find(&state, &path).await?;
+    Ok(HttpResponse::Ok().json(r.privileged))
 }
 
 async fn set_privileged(
