@@ -333,6 +333,14 @@ impl Local {
             .expect("metrics text")
     }
 
+    /// Waits until the counter `series` reaches `at_least` (see [`eventually`]).
+    pub async fn wait_counter(&self, what: &str, series: &str, at_least: f64) {
+        eventually(what, || async {
+            self.metric(series).await.unwrap_or(0.0) >= at_least
+        })
+        .await;
+    }
+
     /// The value of one metric line (`name{labels}` exactly as exported).
     pub async fn metric(&self, series: &str) -> Option<f64> {
         self.metrics()

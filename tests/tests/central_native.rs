@@ -135,14 +135,13 @@ async fn ignores_desired_set_with_older_revision() {
         s.keep.clear();
         s.destroying = vec![h("v")];
     });
-    eventually("the stale answer is counted", || async {
-        local
-            .metric("volume_agent_stale_answers_total")
-            .await
-            .unwrap_or(0.0)
-            >= 2.0
-    })
-    .await;
+    local
+        .wait_counter(
+            "the stale answer is counted",
+            "volume_agent_stale_answers_total",
+            2.0,
+        )
+        .await;
     assert_eq!(local.handles().await, ["v"]);
     assert_eq!(
         local.metric("volume_agent_desired_revision").await,
@@ -162,14 +161,13 @@ async fn ignores_desired_set_of_another_worker() {
         s.destroying = vec![h("v")];
         s.revision += 1;
     });
-    eventually("the misrouted answer is counted", || async {
-        local
-            .metric("volume_agent_stale_answers_total")
-            .await
-            .unwrap_or(0.0)
-            >= 2.0
-    })
-    .await;
+    local
+        .wait_counter(
+            "the misrouted answer is counted",
+            "volume_agent_stale_answers_total",
+            2.0,
+        )
+        .await;
     assert_eq!(local.handles().await, ["v"]);
 }
 
@@ -186,16 +184,13 @@ async fn server_errors_and_timeouts_back_off_and_destroy_nothing() {
     })
     .await;
     script.with(|s| s.override_response = Some(ResponseTemplate::new(500).set_body_string("boom")));
-    eventually("5xx counted", || async {
-        local
-            .metric(
-                "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"status_5xx\"}",
-            )
-            .await
-            .unwrap_or(0.0)
-            >= 2.0
-    })
-    .await;
+    local
+        .wait_counter(
+            "5xx counted",
+            "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"status_5xx\"}",
+            2.0,
+        )
+        .await;
     // Backing off: the gaps between polls grow beyond the 200 ms interval.
     let before = desired_polls(&server).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -208,14 +203,13 @@ async fn server_errors_and_timeouts_back_off_and_destroy_nothing() {
     script.with(|s| {
         s.override_response = Some(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
     });
-    eventually("timeouts counted", || async {
-        local
-            .metric("volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"timeout\"}")
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+    local
+        .wait_counter(
+            "timeouts counted",
+            "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"timeout\"}",
+            1.0,
+        )
+        .await;
     assert_eq!(local.handles().await, ["v"]);
     // Recovers when the central side does.
     script.with(|s| s.override_response = None);
@@ -241,28 +235,22 @@ async fn malformed_json_and_oversized_body_are_errors_not_crashes() {
         s.override_response =
             Some(ResponseTemplate::new(200).set_body_string("{\"worker\": \"w1\", \"revision\": "))
     });
-    eventually("malformed answer counted", || async {
-        local
-            .metric(
-                "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"malformed\"}",
-            )
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+    local
+        .wait_counter(
+            "malformed answer counted",
+            "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"malformed\"}",
+            1.0,
+        )
+        .await;
     let big = format!("[\"{}\"]", "x".repeat(200 * 1024));
     script.with(|s| s.override_response = Some(ResponseTemplate::new(200).set_body_string(big)));
-    eventually("oversized answer counted", || async {
-        local
-            .metric(
-                "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"too_large\"}",
-            )
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+    local
+        .wait_counter(
+            "oversized answer counted",
+            "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"too_large\"}",
+            1.0,
+        )
+        .await;
     assert_eq!(local.handles().await, ["v"]);
     assert!(agent.pid().is_some());
     assert_eq!(
