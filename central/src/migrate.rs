@@ -19,19 +19,16 @@ const MIGRATE_LOCK: i64 = 0x766f_6c6d_6967; // "volmig"
 /// once. Returns the versions applied by this call.
 pub async fn migrate(db: &Db) -> Result<Vec<i32>> {
     let mut client = db.client().await?;
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS central_schema_migrations (
-                 version    integer PRIMARY KEY,
-                 name       text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await
-        .or_else(ignore_concurrent_create)?;
+    // The lock comes first: `CREATE TABLE IF NOT EXISTS` is not atomic against itself,
+    // two replicas racing on it collide on the catalog (table, row type or index name).
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
         .await?;
-    let result = apply_pending(&mut client).await;
+    let result = create_bookkeeping(&client).await;
+    let result = match result {
+        Ok(()) => apply_pending(&mut client).await,
+        Err(err) => Err(err),
+    };
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
         .await;
@@ -40,11 +37,23 @@ pub async fn migrate(db: &Db) -> Result<Vec<i32>> {
     Ok(applied)
 }
 
-/// Two replicas creating the bookkeeping table at once: one gets a unique violation on
-/// the catalog; the table exists either way.
+async fn create_bookkeeping(client: &deadpool_postgres::Object) -> Result<()> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS central_schema_migrations (
+                 version    integer PRIMARY KEY,
+                 name       text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .or_else(ignore_concurrent_create)
+}
+
+/// A replica of an older build that creates the bookkeeping table without the lock can
+/// still race with us: the table, its row type or its index then already exist.
 fn ignore_concurrent_create(err: tokio_postgres::Error) -> Result<()> {
     match crate::error::sql_state(&err).map(|s| s.code()) {
-        Some("23505") | Some("42P07") => Ok(()),
+        Some("23505") | Some("42P07") | Some("42710") => Ok(()),
         _ => Err(err.into()),
     }
 }
