@@ -15,7 +15,7 @@
 //!   than `max_destroy_fraction` of the volumes (and more than `guard_min_volumes`) unknown,
 //!   whatever their age: an empty or truncated answer is the usual cause.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -151,11 +151,14 @@ pub struct Plan {
 /// Computes the plan. Pure: same inputs, same plan.
 pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy: &Policy) -> Plan {
     let n = local.len();
-    let index: HashMap<&str, usize> = local
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.handle.as_str(), i))
-        .collect();
+    // Handle → position. foldhash (seeded per process) instead of SipHash: the index is
+    // built and probed a few hundred thousand times per pass at 100,000 volumes, and
+    // hashing was a fifth of the planner's time.
+    let mut index: HashMap<&str, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(n, foldhash::fast::RandomState::default());
+    for (i, v) in local.iter().enumerate() {
+        index.insert(v.handle.as_str(), i);
+    }
 
     let mut out = Plan::default();
     let mut candidate: Vec<Option<Reason>> = vec![None; n];
@@ -184,16 +187,14 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
         kept
     });
 
-    let mut seen_named = HashSet::new();
     for h in named {
-        if !seen_named.insert(h.as_str()) {
-            continue;
-        }
         match index.get(h.as_str()) {
             Some(&i) => candidate[i] = Some(Reason::Named),
             None => out.already_gone.push(h.clone()),
         }
     }
+    out.already_gone.sort();
+    out.already_gone.dedup();
 
     // Unknown volumes: in neither list and not already being destroyed. The guard counts
     // all of them, whatever their age, so a truncated answer cannot leak destroys out a
@@ -297,25 +298,25 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
 
     for i in 0..n {
         let Some(reason) = candidate[i] else { continue };
-        let mut kids: Vec<Handle> = children(i)
-            .iter()
-            .map(|&c| local[c].handle.clone())
-            .collect();
-        kids.sort();
+        let handles = |keep: &dyn Fn(usize) -> bool| {
+            let mut kids: Vec<Handle> = children(i)
+                .iter()
+                .filter(|&&c| keep(c))
+                .map(|&c| local[c].handle.clone())
+                .collect();
+            kids.sort();
+            kids
+        };
         if destroyable[i] {
             out.destroy.push(Destroy {
                 handle: local[i].handle.clone(),
                 reason,
-                after: kids,
+                after: handles(&|_| true),
                 height: height[i],
             });
         } else {
-            let by_children = if resolved[i] {
-                kids.retain(|k| index.get(k.as_str()).is_some_and(|&c| !destroyable[c]));
-                kids
-            } else {
-                kids
-            };
+            // Resolved: name only the children that stay. On a cycle: all of them.
+            let by_children = handles(&|c| !resolved[i] || !destroyable[c]);
             out.blocked.push(Blocked {
                 handle: local[i].handle.clone(),
                 reason,
@@ -327,7 +328,6 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
     out.destroy
         .sort_by(|a, b| (a.height, &a.handle).cmp(&(b.height, &b.handle)));
     out.blocked.sort_by(|a, b| a.handle.cmp(&b.handle));
-    out.already_gone.sort();
     out.waiting.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }

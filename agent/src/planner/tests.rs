@@ -1,6 +1,7 @@
 use super::*;
 use chrono::TimeZone;
 use proptest::prelude::*;
+use std::collections::HashSet;
 
 fn h(s: &str) -> Handle {
     Handle::new(s).expect("test handle")
