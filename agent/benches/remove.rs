@@ -1,5 +1,7 @@
 //! Removal speed: this engine against `rm -rf` and `rmz` (the fuc project's parallel remover)
-//! on identical, freshly made trees shaped like a root filesystem, in the same run.
+//! on identical, freshly made trees shaped like a root filesystem, in the same run; and the
+//! agent's whole destroy of a volume holding such a tree (`Inventory::destroy`: intent, fsync,
+//! rename, removal, record deleted), from request to inodes freed.
 //!
 //! Run with `cargo bench -p volume-agent --bench remove`. Environment:
 //! `REMOVE_BENCH_SMALL` / `REMOVE_BENCH_BIG` (entries, default 20000 / 1000000),
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use volume_agent::inventory::{CreateSpec, DriverChoice, Handle, Inventory, InventoryConfig};
 use volume_agent::remove::{remove_tree_with, RemoveOptions};
 
 /// A small deterministic random generator, so every remover gets the same tree.
@@ -38,6 +41,11 @@ const MAX_DEPTH: u32 = 7;
 /// hundreds; one file in 40 holds 1 KiB, one in 20 is a symlink.
 fn build_tree(root: &Path, entries: u64) {
     std::fs::create_dir(root).expect("mkdir root");
+    fill_tree(root, entries);
+}
+
+/// Fills the existing directory `root` so that it and everything below are `entries` entries.
+fn fill_tree(root: &Path, entries: u64) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut budget = entries - 1;
     let mut top = 0;
@@ -88,7 +96,12 @@ fn fill(dir: &Path, depth: u32, rng: &mut Rng, budget: &mut u64) {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Remover {
+    /// The removal engine alone.
     Ours,
+    /// `Inventory::destroy` of a naive volume holding the tree: the agent's whole destroy
+    /// (intent written and fsynced, rename to `dead/`, removal, record deleted), from the
+    /// request to the inodes freed, without the HTTP hop.
+    Agent,
     Rm,
     Rmz,
 }
@@ -96,7 +109,8 @@ enum Remover {
 impl Remover {
     fn name(self) -> &'static str {
         match self {
-            Remover::Ours => "volume-agent",
+            Remover::Ours => "engine",
+            Remover::Agent => "agent destroy",
             Remover::Rm => "rm -rf",
             Remover::Rmz => "rmz",
         }
@@ -116,16 +130,66 @@ fn cpu_time(who: libc::c_int) -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Removes `tree` with `remover`; returns the wall time and the CPU time it took.
+/// What a remover removes: a plain tree, or a volume of the agent's inventory.
+enum Target {
+    Tree(PathBuf),
+    Volume(Inventory, Handle, PathBuf),
+}
+
+impl Target {
+    fn path(&self) -> &Path {
+        match self {
+            Target::Tree(p) | Target::Volume(_, _, p) => p,
+        }
+    }
+}
+
+/// Builds the tree `name` of `entries` entries for `remover` under `base`.
+fn prepare(
+    remover: Remover,
+    base: &Path,
+    name: &str,
+    entries: u64,
+    opts: &RemoveOptions,
+) -> Target {
+    if remover != Remover::Agent {
+        let tree = base.join(name);
+        build_tree(&tree, entries);
+        return Target::Tree(tree);
+    }
+    let dir = base.join(format!("{name}-agent"));
+    let (inv, _) = Inventory::open(&InventoryConfig {
+        state_dir: dir.join("state"),
+        volumes_root: dir.join("volumes"),
+        driver: DriverChoice::Naive,
+        cache_bytes: 16 << 20,
+    })
+    .expect("open the inventory");
+    inv.set_remove_options(opts.clone());
+    let handle = Handle::new(name.to_owned()).expect("handle");
+    let record = inv
+        .create(CreateSpec {
+            populate: Some(Box::new(move |data: &Path| {
+                fill_tree(data, entries);
+                Ok(())
+            })),
+            ..CreateSpec::empty(handle.clone())
+        })
+        .expect("create the volume");
+    Target::Volume(inv, handle, record.path)
+}
+
+/// Removes `target` with `remover`; returns the wall time and the CPU time it took.
 fn run(
     remover: Remover,
-    tree: &Path,
+    target: &Target,
     entries: u64,
     rmz: Option<&Path>,
     opts: &RemoveOptions,
 ) -> (Duration, Duration) {
+    let tree = target.path();
     let who = match remover {
-        Remover::Ours => libc::RUSAGE_SELF,
+        Remover::Ours | Remover::Agent => libc::RUSAGE_SELF,
         _ => libc::RUSAGE_CHILDREN,
     };
     let cpu_before = cpu_time(who);
@@ -134,6 +198,12 @@ fn run(
         Remover::Ours => {
             let stats = remove_tree_with(tree, opts).expect("volume-agent removes the tree");
             assert_eq!(stats.entries, entries, "tree size or removal count is off");
+        }
+        Remover::Agent => {
+            let Target::Volume(inv, handle, _) = target else {
+                unreachable!("the agent destroys volumes")
+            };
+            inv.destroy(handle).expect("the agent destroys the volume");
         }
         Remover::Rm | Remover::Rmz => {
             let mut cmd = match (remover, rmz) {
@@ -214,14 +284,15 @@ fn bench_size(
         let n = rates.len();
         for i in 0..n {
             let (remover, list) = &mut rates[(i + round as usize) % n];
-            let tree = base.join(format!("tree-{entries}-{round}-{}", list.len()));
+            let name = format!("tree-{entries}-{round}-{}", list.len());
             let built = Instant::now();
-            build_tree(&tree, entries);
+            let target = prepare(*remover, base, &name, entries, opts);
             // SAFETY: sync has no preconditions. Flush the new tree so no remover pays
             // for (or skips) writeback of the data just written.
             unsafe { libc::sync() };
             let build_time = built.elapsed();
-            let (took, cpu) = run(*remover, &tree, entries, rmz, opts);
+            let (took, cpu) = run(*remover, &target, entries, rmz, opts);
+            drop(target);
             let rate = entries as f64 / took.as_secs_f64();
             println!(
                 "  {:<13} run {}: {:>8.3} s  {:>10.0} entries/s  cpu {:>7.3} s   (tree built+synced in {:.1} s)",
@@ -247,14 +318,23 @@ fn bench_size(
             println!("    {:<13} {:>10.0}", r.name(), m);
         }
     }
-    if let (Some(ours), Some(rm)) = (med(Remover::Ours), med(Remover::Rm)) {
-        println!("  ratio ours/rm  = {:.2}  (target >= 1.5)", ours / rm);
-    }
-    match (med(Remover::Ours), med(Remover::Rmz)) {
-        (Some(ours), Some(rmz)) => {
-            println!("  ratio ours/rmz = {:.2}  (target >= 1.0)", ours / rmz)
+    for ours in [Remover::Ours, Remover::Agent] {
+        let Some(rate) = med(ours) else { continue };
+        if let Some(rm) = med(Remover::Rm) {
+            println!(
+                "  ratio {:<13}/ rm -rf = {:.2}  (target >= 1.5)",
+                ours.name(),
+                rate / rm
+            );
         }
-        _ => println!("  ratio ours/rmz: skipped, rmz not found"),
+        match med(Remover::Rmz) {
+            Some(rmz) => println!(
+                "  ratio {:<13}/ rmz    = {:.2}  (target >= 1.0)",
+                ours.name(),
+                rate / rmz
+            ),
+            None => println!("  ratio {:<13}/ rmz: skipped, rmz not found", ours.name()),
+        }
     }
 }
 
@@ -275,7 +355,7 @@ fn main() {
     }
     std::fs::create_dir_all(&base).expect("bench dir");
     let rmz = find_rmz();
-    let mut removers = vec![Remover::Ours, Remover::Rm];
+    let mut removers = vec![Remover::Ours, Remover::Agent, Remover::Rm];
     match &rmz {
         Some(p) => {
             println!("rmz: {}", p.display());
