@@ -17,6 +17,7 @@ use wiremock::{Request, Respond, ResponseTemplate};
 pub use wiremock;
 
 pub mod faults;
+pub mod system;
 
 /// How long a test waits for something that should happen within a few poll intervals.
 /// A guard against hangs, not a timing assertion.
