@@ -20,7 +20,8 @@ pub struct ResourceTypesActor {
     client: CentralClient,
     dialect: Dialect,
     metrics: Arc<Metrics>,
-    /// The set last seen on disk, and whether the central side has it.
+    /// The types last seen on disk (by folder), and whether the central side has them.
+    found: super::Found,
     seen: Option<Vec<BaseResourceType>>,
     reported: bool,
     busy: bool,
@@ -40,6 +41,7 @@ impl ResourceTypesActor {
             client,
             dialect,
             metrics,
+            found: super::Found::new(),
             seen: None,
             reported: false,
             busy: false,
@@ -54,10 +56,27 @@ impl ResourceTypesActor {
         let dir = self.dir.clone();
         let fut = async move { tokio::task::spawn_blocking(move || super::scan(&dir)).await };
         ctx.spawn(fut.into_actor(self).then(|res, act, _| {
-            let (types, skipped) = res.unwrap_or_default();
-            for s in &skipped {
-                warn!(folder = %s.folder.display(), "skipping resource type: {}", s.why);
+            let scan = match res {
+                Ok(scan) => scan,
+                Err(e) => {
+                    // A scan that did not finish says nothing: keep what was reported.
+                    warn!(error = %e, "scanning the resource types folder failed; keeping the last set");
+                    super::Scan {
+                        unlisted: true,
+                        ..super::Scan::default()
+                    }
+                }
+            };
+            for s in &scan.skipped {
+                let kept = act.found.contains_key(&s.folder);
+                warn!(
+                    folder = %s.folder.display(),
+                    kept_last_good = kept,
+                    "skipping resource type: {}", s.why
+                );
             }
+            act.found = super::carry_forward(&act.found, &scan);
+            let types = super::listed(&act.found);
             if act.seen.as_ref() != Some(&types) {
                 let list: Vec<String> = types
                     .iter()

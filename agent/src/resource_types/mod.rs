@@ -1,8 +1,12 @@
 //! Base resource types: `<dir>/<name>/resource_metadata.json` beside `rootfs.tgz`.
-//! A folder whose metadata is unreadable or invalid is skipped with a warning.
+//! A folder whose metadata is unreadable or invalid is skipped with a warning; one that was
+//! read before keeps its last good entry until the folder itself goes, so a half-written
+//! metadata file never tells the central side that the type is gone (which would make
+//! every volume of the type garbage).
 
 pub mod actor;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use protocol::native::{BaseResourceType, ResourceMetadata};
@@ -14,35 +18,72 @@ pub struct Skipped {
     pub why: String,
 }
 
-/// Reads every type folder under `dir`, sorted by type name. A missing `dir` is no types.
-pub fn scan(dir: &Path) -> (Vec<BaseResourceType>, Vec<Skipped>) {
-    let mut types = Vec::new();
-    let mut skipped = Vec::new();
+/// The types read in one scan, by folder.
+pub type Found = BTreeMap<PathBuf, BaseResourceType>;
+
+/// One look at the resource types folder.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scan {
+    /// Folders whose metadata was read.
+    pub found: Found,
+    /// Folders present but unreadable or invalid now.
+    pub skipped: Vec<Skipped>,
+    /// The folder itself could not be listed: this scan says nothing about any type.
+    pub unlisted: bool,
+}
+
+/// Reads every type folder under `dir`. A missing `dir` is no types.
+pub fn scan(dir: &Path) -> Scan {
+    let mut out = Scan::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (types, skipped),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
         Err(e) => {
-            skipped.push(Skipped {
+            out.unlisted = true;
+            out.skipped.push(Skipped {
                 folder: dir.to_owned(),
-                why: format!("cannot read the resource types folder: {e}"),
+                why: format!("cannot list the resource types folder: {e}; fix its permissions"),
             });
-            return (types, skipped);
+            return out;
         }
     };
-    let mut folders: Vec<PathBuf> = entries
+    for folder in entries
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.is_dir())
-        .collect();
-    folders.sort();
-    for folder in folders {
+    {
         match read_type(&folder) {
-            Ok(t) => types.push(t),
-            Err(why) => skipped.push(Skipped { folder, why }),
+            Ok(t) => {
+                out.found.insert(folder, t);
+            }
+            Err(why) => out.skipped.push(Skipped { folder, why }),
         }
     }
-    types.sort_by(|a, b| a.name.cmp(&b.name));
-    (types, skipped)
+    out.skipped.sort_by(|a, b| a.folder.cmp(&b.folder));
+    out
+}
+
+/// The types to report after `scan`, given the ones reported before: what the scan read,
+/// plus the last good entry of every folder that is still there but could not be read this
+/// time. A scan that could not list the folder at all changes nothing. Pure.
+pub fn carry_forward(previous: &Found, scan: &Scan) -> Found {
+    if scan.unlisted {
+        return previous.clone();
+    }
+    let mut next = scan.found.clone();
+    for s in &scan.skipped {
+        if let Some(old) = previous.get(&s.folder) {
+            next.insert(s.folder.clone(), old.clone());
+        }
+    }
+    next
+}
+
+/// The report's list: sorted by type name (then image, for two folders of one name).
+pub fn listed(found: &Found) -> Vec<BaseResourceType> {
+    let mut types: Vec<BaseResourceType> = found.values().cloned().collect();
+    types.sort_by(|a, b| (&a.name, &a.image).cmp(&(&b.name, &b.image)));
+    types
 }
 
 fn read_type(folder: &Path) -> Result<BaseResourceType, String> {
@@ -89,17 +130,67 @@ mod tests {
         write_type(dir.path(), "time", r#"{"type":"time","version":"1.2"}"#);
         write_type(dir.path(), "broken", "{not json");
         write_type(dir.path(), "noversion", r#"{"type":"x"}"#);
-        let (types, skipped) = scan(dir.path());
+        let scan = scan(dir.path());
+        let types = listed(&scan.found);
         let names: Vec<&str> = types.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["git", "time"]);
         assert!(types[0].image.ends_with("git/rootfs.tgz"));
-        assert_eq!(skipped.len(), 2);
-        assert!(skipped.iter().any(|s| s.why.contains("version")));
+        assert_eq!(scan.skipped.len(), 2);
+        assert!(scan.skipped.iter().any(|s| s.why.contains("version")));
     }
 
     #[test]
     fn missing_folder_means_no_types() {
-        let (types, skipped) = scan(Path::new("/nonexistent/volume-agent-types"));
-        assert!(types.is_empty() && skipped.is_empty());
+        let scan = scan(Path::new("/nonexistent/volume-agent-types"));
+        assert!(scan.found.is_empty() && scan.skipped.is_empty() && !scan.unlisted);
+    }
+
+    #[test]
+    fn half_written_metadata_keeps_the_last_good_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_type(dir.path(), "git", r#"{"type":"git","version":"1.0"}"#);
+        let before = carry_forward(&Found::new(), &scan(dir.path()));
+        std::fs::write(
+            dir.path().join("git/resource_metadata.json"),
+            r#"{"type":"gi"#,
+        )
+        .expect("truncate");
+        let during = carry_forward(&before, &scan(dir.path()));
+        assert_eq!(during, before, "an unreadable file is not a removed type");
+        write_type(dir.path(), "git", r#"{"type":"git","version":"2.0"}"#);
+        let after = carry_forward(&during, &scan(dir.path()));
+        assert_eq!(listed(&after)[0].version, "2.0");
+    }
+
+    #[test]
+    fn a_removed_type_folder_is_no_longer_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_type(dir.path(), "git", r#"{"type":"git","version":"1.0"}"#);
+        write_type(dir.path(), "time", r#"{"type":"time","version":"1.0"}"#);
+        let before = carry_forward(&Found::new(), &scan(dir.path()));
+        std::fs::remove_dir_all(dir.path().join("git")).expect("rm");
+        let after = carry_forward(&before, &scan(dir.path()));
+        let names: Vec<String> = listed(&after).into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["time"]);
+    }
+
+    #[test]
+    fn an_unlistable_folder_changes_nothing() {
+        let mut previous = Found::new();
+        previous.insert(
+            PathBuf::from("/types/git"),
+            BaseResourceType {
+                name: "git".into(),
+                image: "/types/git/rootfs.tgz".into(),
+                version: "1.0".into(),
+                privileged: false,
+                unique_version_history: false,
+            },
+        );
+        let failed = Scan {
+            unlisted: true,
+            ..Scan::default()
+        };
+        assert_eq!(carry_forward(&previous, &failed), previous);
     }
 }
