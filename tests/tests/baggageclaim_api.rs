@@ -227,6 +227,25 @@ async fn async_create_polls_to_an_initialized_volume_and_cancel_forgets_the_futu
 }
 
 #[tokio::test]
+async fn async_create_with_unknown_fields_ignores_them_as_go_does() {
+    let (_s, _agent, local) = start().await;
+    let body = json!({
+        "handle": "x",
+        "strategy": {"type": "empty", "Uid": 1000, "Gid": 1000},
+        "properties": null,
+        "Uid": 1000,
+        "Gid": 1000,
+        "something_newer": {"nested": true},
+    });
+    create_async(&local, body).await;
+    let (status, _, v) = poll(&local, "x").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["handle"], "x");
+    assert_eq!(cancel(&local, "x").await, StatusCode::NO_CONTENT);
+    assert_eq!(local.handles().await, ["x"]);
+}
+
+#[tokio::test]
 async fn async_poll_answers_exact_json_content_type() {
     let (_s, _agent, local) = start().await;
     create_async(
@@ -630,6 +649,77 @@ async fn bulk_destroy_removes_child_before_parent() {
     assert_eq!(local.handles().await, ["other"]);
     assert!(!agent.root().join("live/parent").exists());
     assert!(!agent.root().join("live/child").exists());
+}
+
+async fn bulk_destroy(local: &Local, handles: Value) -> (StatusCode, Value) {
+    let resp = local
+        .http
+        .delete(format!("{}/volumes/destroy", local.base))
+        .json(&handles)
+        .send()
+        .await
+        .expect("bulk destroy");
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[tokio::test]
+async fn bulk_destroy_goes_on_past_a_volume_with_children_and_names_it() {
+    let (_s, _agent, local) = start().await;
+    local.make("parent", None).await;
+    local.make("child", Some("parent")).await;
+    local.make("a", None).await;
+    local.make("z", None).await;
+    let (status, body) = bulk_destroy(&local, json!(["a", "parent", "z"])).await;
+    assert!(!status.is_success(), "{status} {body}");
+    let err = body["error"].as_str().expect("error");
+    assert!(err.contains("parent"), "{err}");
+    assert_eq!(
+        local.handles().await,
+        ["child", "parent"],
+        "the others were destroyed"
+    );
+}
+
+#[tokio::test]
+async fn bulk_destroy_tries_every_handle_and_answers_500_naming_the_failed_ones() {
+    if !is_root() {
+        eprintln!("skipped: making a volume undeletable (chattr +i) needs root");
+        return;
+    }
+    let (_s, agent, local) = start().await;
+    let stuck = local.make("stuck", None).await;
+    local.make("a", None).await;
+    local.make("z", None).await;
+    let pinned = Path::new(&stuck.path).join("stuck.txt");
+    let ok = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&pinned)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let (status, body) = bulk_destroy(&local, json!(["a", "stuck", "unknown", "z"])).await;
+    let _ = std::process::Command::new("chattr")
+        .arg("-R")
+        .arg("-i")
+        .arg(agent.root())
+        .status();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let err = body["error"].as_str().expect("error");
+    assert!(err.contains("stuck"), "{err}");
+    assert!(!err.contains("unknown"), "unknown handles are skipped: {err}");
+    let left = local.handles().await;
+    assert!(!left.contains(&"a".to_string()), "{left:?}");
+    assert!(!left.contains(&"z".to_string()), "{left:?}");
 }
 
 #[tokio::test]
