@@ -385,6 +385,42 @@ async fn import_copies_a_directory_and_extracts_a_tgz() {
 }
 
 #[tokio::test]
+async fn import_follows_a_symlinked_source_path_even_without_follow_symlinks() {
+    let (_s, _agent, local) = start().await;
+    let src = tempfile::tempdir().expect("src");
+    std::fs::create_dir(src.path().join("rootfs")).expect("rootfs");
+    std::fs::write(src.path().join("rootfs/a.txt"), b"via link").expect("a");
+    std::os::unix::fs::symlink("a.txt", src.path().join("rootfs/l")).expect("symlink");
+    std::os::unix::fs::symlink(src.path().join("rootfs"), src.path().join("current"))
+        .expect("dir link");
+    let v = make_async(
+        &local,
+        "imp-link-dir",
+        json!({"type": "import", "path": src.path().join("current"), "follow_symlinks": false}),
+        true,
+    )
+    .await;
+    let vp = Path::new(v["path"].as_str().expect("path")).to_owned();
+    assert_eq!(std::fs::read(vp.join("a.txt")).expect("a"), b"via link");
+    assert_eq!(
+        std::fs::read_link(vp.join("l")).expect("entries beneath stay symlinks"),
+        Path::new("a.txt")
+    );
+
+    let tgz = src.path().join("image.tgz");
+    std::fs::write(&tgz, gzip(&sample_tree())).expect("tgz");
+    std::os::unix::fs::symlink(&tgz, src.path().join("image-link.tgz")).expect("tgz link");
+    let t = make_async(
+        &local,
+        "imp-link-tgz",
+        json!({"type": "import", "path": src.path().join("image-link.tgz"), "follow_symlinks": false}),
+        true,
+    )
+    .await;
+    assert_sample_tree(Path::new(t["path"].as_str().expect("path")));
+}
+
+#[tokio::test]
 async fn import_of_missing_path_fails_422_on_poll() {
     let (_s, agent, local) = start().await;
     let missing = agent.dir.path().join("no-such-image");

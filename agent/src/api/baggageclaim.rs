@@ -79,12 +79,9 @@ pub fn create_volume(
             follow_symlinks,
         } => {
             let source = PathBuf::from(&path);
-            let meta = if follow_symlinks {
-                fs::metadata(&source)
-            } else {
-                fs::symlink_metadata(&source)
-            };
-            let fill: Populate = match meta {
+            // The import path itself is always followed (baggageclaim stats it);
+            // `follow_symlinks` only governs the entries beneath it.
+            let fill: Populate = match fs::metadata(&source) {
                 Ok(m) if m.is_dir() => Box::new(move |data: &Path| {
                     copy_into(&source, data, follow_symlinks, ids, &mut HashMap::new())
                 }),
