@@ -829,3 +829,53 @@ async fn cow_child_with_other_privilege_gets_shifted_owners() {
         .expect("meta");
     assert_eq!((m.uid(), m.gid()), (max_id("uid_map"), max_id("gid_map")));
 }
+
+fn owner(path: &Path) -> (u32, u32) {
+    let m = std::fs::symlink_metadata(path).expect("meta");
+    (m.uid(), m.gid())
+}
+
+#[tokio::test]
+async fn unprivileged_empty_and_import_volumes_have_their_root_owned_by_the_mapped_id() {
+    if !is_root() {
+        eprintln!("skipped: re-owning a volume's root needs root");
+        return;
+    }
+    let (_s, _agent, local) = start().await;
+    let top = (max_id("uid_map"), max_id("gid_map"));
+    let v = make_async(&local, "ue", json!({"type": "empty"}), false).await;
+    assert_eq!(owner(Path::new(v["path"].as_str().expect("path"))), top);
+    let p = make_async(&local, "pe", json!({"type": "empty"}), true).await;
+    assert_eq!(owner(Path::new(p["path"].as_str().expect("path"))), (0, 0));
+
+    let src = tempfile::tempdir().expect("src");
+    std::fs::write(src.path().join("a.txt"), b"a").expect("a");
+    let i = make_async(
+        &local,
+        "ui",
+        json!({"type": "import", "path": src.path()}),
+        false,
+    )
+    .await;
+    let ip = Path::new(i["path"].as_str().expect("path")).to_owned();
+    assert_eq!(owner(&ip), top);
+    assert_eq!(owner(&ip.join("a.txt")), top);
+}
+
+#[tokio::test]
+async fn stream_in_makes_missing_destination_folders_owned_by_the_mapped_root() {
+    if !is_root() {
+        eprintln!("skipped: owners other than our own need root");
+        return;
+    }
+    let (_s, _agent, local) = start().await;
+    let top = (max_id("uid_map"), max_id("gid_map"));
+    let v = make_async(&local, "sf", json!({"type": "empty"}), false).await;
+    let tar = raw_tar(&[("f", tar::EntryType::Regular, None, b"f")]);
+    let (status, err) = stream_in(&local, "sf", "new/sub", "gzip", gzip(&tar)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    let vp = Path::new(v["path"].as_str().expect("path")).to_owned();
+    assert_eq!(owner(&vp.join("new")), top);
+    assert_eq!(owner(&vp.join("new/sub")), top);
+    assert_eq!(owner(&vp.join("new/sub/f")), top);
+}

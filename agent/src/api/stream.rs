@@ -169,7 +169,7 @@ async fn stream_in(
     let root = rec.path.clone();
     let job = web::block(move || -> Result<archive::Extracted, ArchiveError> {
         let comps: Vec<&[u8]> = comps.iter().map(Vec::as_slice).collect();
-        let dest = archive::open_dest(&root, &comps)?;
+        let dest = archive::open_dest(&root, &comps, ids)?;
         archive::extract_compressed(&dest, ChannelReader::new(rx), encoding, ids)
     });
     let mut tx = Some(tx);
