@@ -879,3 +879,50 @@ async fn stream_in_makes_missing_destination_folders_owned_by_the_mapped_root() 
     assert_eq!(owner(&vp.join("new/sub")), top);
     assert_eq!(owner(&vp.join("new/sub/f")), top);
 }
+
+async fn set_privileged(local: &Local, h: &str, value: bool) {
+    let resp = local
+        .http
+        .put(format!("{}/volumes/{h}/privileged", local.base))
+        .json(&json!({ "value": value }))
+        .send()
+        .await
+        .expect("put privileged");
+    assert_eq!(
+        resp.status(),
+        StatusCode::NO_CONTENT,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test]
+async fn setting_privileged_re_owns_the_volume_data_both_ways() {
+    if !is_root() {
+        eprintln!("skipped: re-owning files needs root");
+        return;
+    }
+    let (_s, _agent, local) = start().await;
+    let top = (max_id("uid_map"), max_id("gid_map"));
+    let v = make_async(&local, "sp", json!({"type": "empty"}), true).await;
+    let (status, _) = stream_in(&local, "sp", ".", "gzip", gzip(&sample_tree())).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let vp = Path::new(v["path"].as_str().expect("path")).to_owned();
+    std::fs::write(vp.join("theirs"), b"1000").expect("theirs");
+    std::os::unix::fs::chown(vp.join("theirs"), Some(1000), Some(1000)).expect("chown");
+    assert_eq!(owner(&vp.join("dir/hello.txt")), (0, 0));
+
+    set_privileged(&local, "sp", false).await;
+    for p in ["", "dir", "dir/hello.txt", "dir/link", "big.bin"] {
+        assert_eq!(owner(&vp.join(p)), top, "{p}");
+    }
+    assert_eq!(owner(&vp.join("theirs")), (1000, 1000), "other ids stay");
+    let (_, out) = stream_out(&local, "sp", "dir/hello.txt", "gzip").await;
+    assert_eq!(owners(&gunzip(&out)), [(0, 0)]);
+
+    set_privileged(&local, "sp", true).await;
+    for p in ["", "dir", "dir/hello.txt", "dir/link", "big.bin"] {
+        assert_eq!(owner(&vp.join(p)), (0, 0), "{p}");
+    }
+    assert_eq!(owner(&vp.join("theirs")), (1000, 1000), "other ids stay");
+}

@@ -9,6 +9,7 @@ use protocol::local::{
 };
 use protocol::Handle;
 
+use super::privilege::IdMap;
 use super::{ApiError, ApiState};
 use crate::inventory::{DestroyOutcome, Inventory, InventoryError, VolumeRecord};
 
@@ -243,6 +244,11 @@ async fn set_privileged(
 ) -> Result<HttpResponse, ApiError> {
     let h = handle(&path)?;
     let value = body.into_inner().value;
-    blocking(&state, move |inv| inv.set_privileged(&h, value)).await?;
+    blocking(&state, move |inv| {
+        inv.set_privileged(&h, value, |data, was, now| {
+            super::privilege::shift_tree(data, IdMap::for_volume(was), IdMap::for_volume(now))
+        })
+    })
+    .await?;
     Ok(HttpResponse::NoContent().finish())
 }
