@@ -495,12 +495,18 @@ async fn streams_a_zstd_tar_in_and_the_same_tree_out() {
     round_trip("zstd").await;
 }
 
+#[tokio::test]
+async fn streams_a_raw_tar_in_and_the_same_tree_out() {
+    round_trip("raw").await;
+}
+
 async fn round_trip(enc: &str) {
     let (_s, _agent, local) = start().await;
     let v = make_async(&local, "s", json!({"type": "empty"}), true).await;
     let tar = sample_tree();
     let body = match enc {
         "gzip" => gzip(&tar),
+        "raw" => tar.clone(),
         _ => zstd::encode_all(&tar[..], 3).expect("zstd"),
     };
     let (status, err) = stream_in(&local, "s", "sub/dir", enc, body).await;
@@ -511,6 +517,7 @@ async fn round_trip(enc: &str) {
     assert_eq!(status, StatusCode::OK);
     let out = match enc {
         "gzip" => gunzip(&out),
+        "raw" => out,
         _ => zstd::decode_all(&out[..]).expect("unzstd"),
     };
     let names = entry_names(&out);

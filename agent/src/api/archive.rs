@@ -24,10 +24,12 @@ use super::privilege::IdMap;
 pub enum Encoding {
     Gzip,
     Zstd,
+    /// A plain, uncompressed tar (baggageclaim's `raw`).
+    Raw,
 }
 
 impl Encoding {
-    /// Parses a header value; `None` when it is neither `gzip` nor `zstd`.
+    /// Parses a header value; `None` when it is none of `gzip`, `zstd` and `raw`.
     pub fn parse(value: &str) -> Option<Encoding> {
         value.split(',').find_map(|v| {
             match v
@@ -40,6 +42,7 @@ impl Encoding {
             {
                 "gzip" | "x-gzip" => Some(Encoding::Gzip),
                 "zstd" => Some(Encoding::Zstd),
+                "raw" => Some(Encoding::Raw),
                 _ => None,
             }
         })
@@ -49,6 +52,7 @@ impl Encoding {
         match self {
             Encoding::Gzip => "gzip",
             Encoding::Zstd => "zstd",
+            Encoding::Raw => "raw",
         }
     }
 }
@@ -66,7 +70,7 @@ pub enum ArchiveError {
     #[error("no such file or directory")]
     NotFound,
     /// The request body is not a readable compressed tar.
-    #[error("reading the tar stream: {0}; send a gzip or zstd compressed tar")]
+    #[error("reading the tar stream: {0}; send a tar, gzip or zstd compressed or raw as Content-Encoding says")]
     Malformed(io::Error),
     /// The volume's disk failed.
     #[error("{path}: {source}")]
@@ -439,6 +443,7 @@ pub fn extract_compressed(
             let d = zstd::stream::read::Decoder::new(input).map_err(ArchiveError::Malformed)?;
             extract(dest, d, ids)
         }
+        Encoding::Raw => extract(dest, input, ids),
     }
 }
 
@@ -727,6 +732,7 @@ pub fn pack_compressed<W: Write>(
             let z = zstd::stream::write::Encoder::new(out, 3).map_err(io_err)?;
             pack(source, z, ids, root)?.finish().map_err(io_err)
         }
+        Encoding::Raw => pack(source, out, ids, root),
     }
 }
 
