@@ -759,7 +759,10 @@ async fn bulk_destroy_tries_every_handle_and_answers_500_naming_the_failed_ones(
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     let err = body["error"].as_str().expect("error");
     assert!(err.contains("stuck"), "{err}");
-    assert!(!err.contains("unknown"), "unknown handles are skipped: {err}");
+    assert!(
+        !err.contains("unknown"),
+        "unknown handles are skipped: {err}"
+    );
     let left = local.handles().await;
     assert!(!left.contains(&"a".to_string()), "{left:?}");
     assert!(!left.contains(&"z".to_string()), "{left:?}");

@@ -195,11 +195,12 @@ fn walk(root: RawFd, comps: &[&[u8]], create: bool, ids: IdMap) -> io::Result<Ow
         let next = match open_dir_at(cur.as_raw_fd(), &name) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
                 // SAFETY: valid fd and NUL-terminated name.
-                let made = match cvt(unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) }) {
-                    Ok(_) => true,
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
-                    Err(e) => return Err(e),
-                };
+                let made =
+                    match cvt(unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) }) {
+                        Ok(_) => true,
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
+                        Err(e) => return Err(e),
+                    };
                 let fd = open_dir_at(cur.as_raw_fd(), &name)?;
                 // A folder made here belongs to the volume's root, as the volume's own
                 // root does (mapped in an unprivileged volume).

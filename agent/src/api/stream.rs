@@ -145,7 +145,9 @@ fn encoding_of(req: &HttpRequest, name: header::HeaderName) -> Result<Encoding, 
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     Encoding::parse(value).ok_or_else(|| {
-        ApiError::BadRequest(format!("unsupported {name} {value:?}; send gzip, zstd or raw"))
+        ApiError::BadRequest(format!(
+            "unsupported {name} {value:?}; send gzip, zstd or raw"
+        ))
     })
 }
 

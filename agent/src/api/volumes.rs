@@ -172,7 +172,7 @@ async fn destroy_many(
                 Ok(DestroyOutcome::AlreadyGone) | Err(InventoryError::NotFound(_)) => {}
                 Err(e) => {
                     tracing::warn!(handle = %h, error = %e, "bulk destroy: could not destroy volume; going on with the rest");
-                    failed.push((h, e));
+                    failed.push((h, ApiError::from(e)));
                 }
             }
         }
@@ -182,9 +182,11 @@ async fn destroy_many(
     if failed.is_empty() {
         return Ok(HttpResponse::NoContent().finish());
     }
-    let only_children = failed
+    // A conflict the caller can resolve (live children, a volume still being created)
+    // stays a 409; anything else is the 500 baggageclaim answers.
+    let only_conflicts = failed
         .iter()
-        .all(|(_, e)| matches!(e, InventoryError::HasChildren { .. }));
+        .all(|(_, e)| matches!(e, ApiError::Conflict(_)));
     let msg = format!(
         "failed to destroy {} of the volumes: {}",
         failed.len(),
@@ -194,7 +196,7 @@ async fn destroy_many(
             .collect::<Vec<_>>()
             .join("; ")
     );
-    if only_children {
+    if only_conflicts {
         Err(ApiError::Conflict(msg))
     } else {
         Err(ApiError::Internal(msg))
