@@ -107,7 +107,20 @@ fn properties_and_privilege_are_stored_and_survive_reopen() {
         let inv = open(&cfg);
         inv.create(CreateSpec::empty(h("a"))).expect("create");
         inv.set_property(&h("a"), "cache", "yes").expect("prop");
-        inv.set_privileged(&h("a"), true).expect("priv");
+        let mut reowned = None;
+        inv.set_privileged(&h("a"), true, |data, was, now| {
+            reowned = Some((data.to_owned(), was, now));
+            Ok(())
+        })
+        .expect("priv");
+        let data = inv.get(&h("a")).expect("get").expect("exists").path;
+        assert_eq!(
+            reowned,
+            Some((data, false, true)),
+            "the data is re-owned first"
+        );
+        inv.set_privileged(&h("a"), true, |_, _, _| panic!("unchanged: no re-own"))
+            .expect("same again");
         let err = inv.set_property(&h("zz"), "k", "v").expect_err("unknown");
         assert!(matches!(err, InventoryError::NotFound(_)));
     }

@@ -7,9 +7,10 @@ use utoipa::ToSchema;
 use crate::native::Properties;
 use crate::{Handle, VolumeState};
 
-/// How a volume's contents come to be.
+/// How a volume's contents come to be. Unknown fields are ignored, as Go's decoder does:
+/// newer baggageclaim clients send fields this agent does not use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum Strategy {
     /// An empty directory.
     Empty,
@@ -37,9 +38,9 @@ fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Properties, D::Error
     Ok(Option::<Properties>::deserialize(d)?.unwrap_or_default())
 }
 
-/// `POST /volumes` and `POST /volumes-async`.
+/// `POST /volumes` and `POST /volumes-async`. Unknown fields are ignored, as Go's decoder
+/// does: newer baggageclaim clients send fields (e.g. `Uid`, `Gid`) this agent does not use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CreateVolumeRequest {
     pub handle: Handle,
     pub strategy: Strategy,

@@ -135,6 +135,22 @@ fn local_volume_json_round_trips() {
     assert_eq!(v.state, VolumeState::Initialized);
 }
 
+#[test]
+fn create_request_ignores_unknown_fields_as_go_does() {
+    let req = decode::<CreateVolumeRequest>(
+        "create",
+        br#"{"handle":"a","strategy":{"type":"import","path":"/x","Uid":1,"Gid":2},"Uid":1,"Gid":2,"extra":[1]}"#,
+    )
+    .expect("unknown fields are ignored");
+    assert_eq!(
+        req.strategy,
+        VolumeStrategy::Import {
+            path: "/x".into(),
+            follow_symlinks: false
+        }
+    );
+}
+
 fn rejection(
     what: &'static str,
     result: Result<impl std::fmt::Debug, protocol::DecodeError>,

@@ -227,6 +227,25 @@ async fn async_create_polls_to_an_initialized_volume_and_cancel_forgets_the_futu
 }
 
 #[tokio::test]
+async fn async_create_with_unknown_fields_ignores_them_as_go_does() {
+    let (_s, _agent, local) = start().await;
+    let body = json!({
+        "handle": "x",
+        "strategy": {"type": "empty", "Uid": 1000, "Gid": 1000},
+        "properties": null,
+        "Uid": 1000,
+        "Gid": 1000,
+        "something_newer": {"nested": true},
+    });
+    create_async(&local, body).await;
+    let (status, _, v) = poll(&local, "x").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["handle"], "x");
+    assert_eq!(cancel(&local, "x").await, StatusCode::NO_CONTENT);
+    assert_eq!(local.handles().await, ["x"]);
+}
+
+#[tokio::test]
 async fn async_poll_answers_exact_json_content_type() {
     let (_s, _agent, local) = start().await;
     create_async(
@@ -366,6 +385,42 @@ async fn import_copies_a_directory_and_extracts_a_tgz() {
 }
 
 #[tokio::test]
+async fn import_follows_a_symlinked_source_path_even_without_follow_symlinks() {
+    let (_s, _agent, local) = start().await;
+    let src = tempfile::tempdir().expect("src");
+    std::fs::create_dir(src.path().join("rootfs")).expect("rootfs");
+    std::fs::write(src.path().join("rootfs/a.txt"), b"via link").expect("a");
+    std::os::unix::fs::symlink("a.txt", src.path().join("rootfs/l")).expect("symlink");
+    std::os::unix::fs::symlink(src.path().join("rootfs"), src.path().join("current"))
+        .expect("dir link");
+    let v = make_async(
+        &local,
+        "imp-link-dir",
+        json!({"type": "import", "path": src.path().join("current"), "follow_symlinks": false}),
+        true,
+    )
+    .await;
+    let vp = Path::new(v["path"].as_str().expect("path")).to_owned();
+    assert_eq!(std::fs::read(vp.join("a.txt")).expect("a"), b"via link");
+    assert_eq!(
+        std::fs::read_link(vp.join("l")).expect("entries beneath stay symlinks"),
+        Path::new("a.txt")
+    );
+
+    let tgz = src.path().join("image.tgz");
+    std::fs::write(&tgz, gzip(&sample_tree())).expect("tgz");
+    std::os::unix::fs::symlink(&tgz, src.path().join("image-link.tgz")).expect("tgz link");
+    let t = make_async(
+        &local,
+        "imp-link-tgz",
+        json!({"type": "import", "path": src.path().join("image-link.tgz"), "follow_symlinks": false}),
+        true,
+    )
+    .await;
+    assert_sample_tree(Path::new(t["path"].as_str().expect("path")));
+}
+
+#[tokio::test]
 async fn import_of_missing_path_fails_422_on_poll() {
     let (_s, agent, local) = start().await;
     let missing = agent.dir.path().join("no-such-image");
@@ -440,12 +495,18 @@ async fn streams_a_zstd_tar_in_and_the_same_tree_out() {
     round_trip("zstd").await;
 }
 
+#[tokio::test]
+async fn streams_a_raw_tar_in_and_the_same_tree_out() {
+    round_trip("raw").await;
+}
+
 async fn round_trip(enc: &str) {
     let (_s, _agent, local) = start().await;
     let v = make_async(&local, "s", json!({"type": "empty"}), true).await;
     let tar = sample_tree();
     let body = match enc {
         "gzip" => gzip(&tar),
+        "raw" => tar.clone(),
         _ => zstd::encode_all(&tar[..], 3).expect("zstd"),
     };
     let (status, err) = stream_in(&local, "s", "sub/dir", enc, body).await;
@@ -456,6 +517,7 @@ async fn round_trip(enc: &str) {
     assert_eq!(status, StatusCode::OK);
     let out = match enc {
         "gzip" => gunzip(&out),
+        "raw" => out,
         _ => zstd::decode_all(&out[..]).expect("unzstd"),
     };
     let names = entry_names(&out);
@@ -632,6 +694,80 @@ async fn bulk_destroy_removes_child_before_parent() {
     assert!(!agent.root().join("live/child").exists());
 }
 
+async fn bulk_destroy(local: &Local, handles: Value) -> (StatusCode, Value) {
+    let resp = local
+        .http
+        .delete(format!("{}/volumes/destroy", local.base))
+        .json(&handles)
+        .send()
+        .await
+        .expect("bulk destroy");
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[tokio::test]
+async fn bulk_destroy_goes_on_past_a_volume_with_children_and_names_it() {
+    let (_s, _agent, local) = start().await;
+    local.make("parent", None).await;
+    local.make("child", Some("parent")).await;
+    local.make("a", None).await;
+    local.make("z", None).await;
+    let (status, body) = bulk_destroy(&local, json!(["a", "parent", "z"])).await;
+    assert!(!status.is_success(), "{status} {body}");
+    let err = body["error"].as_str().expect("error");
+    assert!(err.contains("parent"), "{err}");
+    assert_eq!(
+        local.handles().await,
+        ["child", "parent"],
+        "the others were destroyed"
+    );
+}
+
+#[tokio::test]
+async fn bulk_destroy_tries_every_handle_and_answers_500_naming_the_failed_ones() {
+    if !is_root() {
+        eprintln!("skipped: making a volume undeletable (chattr +i) needs root");
+        return;
+    }
+    let (_s, agent, local) = start().await;
+    let stuck = local.make("stuck", None).await;
+    local.make("a", None).await;
+    local.make("z", None).await;
+    let pinned = Path::new(&stuck.path).join("stuck.txt");
+    let ok = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&pinned)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let (status, body) = bulk_destroy(&local, json!(["a", "stuck", "unknown", "z"])).await;
+    let _ = std::process::Command::new("chattr")
+        .arg("-R")
+        .arg("-i")
+        .arg(agent.root())
+        .status();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let err = body["error"].as_str().expect("error");
+    assert!(err.contains("stuck"), "{err}");
+    assert!(
+        !err.contains("unknown"),
+        "unknown handles are skipped: {err}"
+    );
+    let left = local.handles().await;
+    assert!(!left.contains(&"a".to_string()), "{left:?}");
+    assert!(!left.contains(&"z".to_string()), "{left:?}");
+}
+
 #[tokio::test]
 async fn volume_named_destroy_cannot_shadow_the_bulk_route() {
     let (_s, _agent, local) = start().await;
@@ -702,4 +838,101 @@ async fn cow_child_with_other_privilege_gets_shifted_owners() {
     let m = std::fs::metadata(Path::new(c["path"].as_str().expect("path")).join("dir/hello.txt"))
         .expect("meta");
     assert_eq!((m.uid(), m.gid()), (max_id("uid_map"), max_id("gid_map")));
+}
+
+fn owner(path: &Path) -> (u32, u32) {
+    let m = std::fs::symlink_metadata(path).expect("meta");
+    (m.uid(), m.gid())
+}
+
+#[tokio::test]
+async fn unprivileged_empty_and_import_volumes_have_their_root_owned_by_the_mapped_id() {
+    if !is_root() {
+        eprintln!("skipped: re-owning a volume's root needs root");
+        return;
+    }
+    let (_s, _agent, local) = start().await;
+    let top = (max_id("uid_map"), max_id("gid_map"));
+    let v = make_async(&local, "ue", json!({"type": "empty"}), false).await;
+    assert_eq!(owner(Path::new(v["path"].as_str().expect("path"))), top);
+    let p = make_async(&local, "pe", json!({"type": "empty"}), true).await;
+    assert_eq!(owner(Path::new(p["path"].as_str().expect("path"))), (0, 0));
+
+    let src = tempfile::tempdir().expect("src");
+    std::fs::write(src.path().join("a.txt"), b"a").expect("a");
+    let i = make_async(
+        &local,
+        "ui",
+        json!({"type": "import", "path": src.path()}),
+        false,
+    )
+    .await;
+    let ip = Path::new(i["path"].as_str().expect("path")).to_owned();
+    assert_eq!(owner(&ip), top);
+    assert_eq!(owner(&ip.join("a.txt")), top);
+}
+
+#[tokio::test]
+async fn stream_in_makes_missing_destination_folders_owned_by_the_mapped_root() {
+    if !is_root() {
+        eprintln!("skipped: owners other than our own need root");
+        return;
+    }
+    let (_s, _agent, local) = start().await;
+    let top = (max_id("uid_map"), max_id("gid_map"));
+    let v = make_async(&local, "sf", json!({"type": "empty"}), false).await;
+    let tar = raw_tar(&[("f", tar::EntryType::Regular, None, b"f")]);
+    let (status, err) = stream_in(&local, "sf", "new/sub", "gzip", gzip(&tar)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{err}");
+    let vp = Path::new(v["path"].as_str().expect("path")).to_owned();
+    assert_eq!(owner(&vp.join("new")), top);
+    assert_eq!(owner(&vp.join("new/sub")), top);
+    assert_eq!(owner(&vp.join("new/sub/f")), top);
+}
+
+async fn set_privileged(local: &Local, h: &str, value: bool) {
+    let resp = local
+        .http
+        .put(format!("{}/volumes/{h}/privileged", local.base))
+        .json(&json!({ "value": value }))
+        .send()
+        .await
+        .expect("put privileged");
+    assert_eq!(
+        resp.status(),
+        StatusCode::NO_CONTENT,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test]
+async fn setting_privileged_re_owns_the_volume_data_both_ways() {
+    if !is_root() {
+        eprintln!("skipped: re-owning files needs root");
+        return;
+    }
+    let (_s, _agent, local) = start().await;
+    let top = (max_id("uid_map"), max_id("gid_map"));
+    let v = make_async(&local, "sp", json!({"type": "empty"}), true).await;
+    let (status, _) = stream_in(&local, "sp", ".", "gzip", gzip(&sample_tree())).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let vp = Path::new(v["path"].as_str().expect("path")).to_owned();
+    std::fs::write(vp.join("theirs"), b"1000").expect("theirs");
+    std::os::unix::fs::chown(vp.join("theirs"), Some(1000), Some(1000)).expect("chown");
+    assert_eq!(owner(&vp.join("dir/hello.txt")), (0, 0));
+
+    set_privileged(&local, "sp", false).await;
+    for p in ["", "dir", "dir/hello.txt", "dir/link", "big.bin"] {
+        assert_eq!(owner(&vp.join(p)), top, "{p}");
+    }
+    assert_eq!(owner(&vp.join("theirs")), (1000, 1000), "other ids stay");
+    let (_, out) = stream_out(&local, "sp", "dir/hello.txt", "gzip").await;
+    assert_eq!(owners(&gunzip(&out)), [(0, 0)]);
+
+    set_privileged(&local, "sp", true).await;
+    for p in ["", "dir", "dir/hello.txt", "dir/link", "big.bin"] {
+        assert_eq!(owner(&vp.join(p)), (0, 0), "{p}");
+    }
+    assert_eq!(owner(&vp.join("theirs")), (1000, 1000), "other ids stay");
 }

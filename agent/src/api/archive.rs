@@ -24,10 +24,12 @@ use super::privilege::IdMap;
 pub enum Encoding {
     Gzip,
     Zstd,
+    /// A plain, uncompressed tar (baggageclaim's `raw`).
+    Raw,
 }
 
 impl Encoding {
-    /// Parses a header value; `None` when it is neither `gzip` nor `zstd`.
+    /// Parses a header value; `None` when it is none of `gzip`, `zstd` and `raw`.
     pub fn parse(value: &str) -> Option<Encoding> {
         value.split(',').find_map(|v| {
             match v
@@ -40,6 +42,7 @@ impl Encoding {
             {
                 "gzip" | "x-gzip" => Some(Encoding::Gzip),
                 "zstd" => Some(Encoding::Zstd),
+                "raw" => Some(Encoding::Raw),
                 _ => None,
             }
         })
@@ -49,6 +52,7 @@ impl Encoding {
         match self {
             Encoding::Gzip => "gzip",
             Encoding::Zstd => "zstd",
+            Encoding::Raw => "raw",
         }
     }
 }
@@ -66,7 +70,7 @@ pub enum ArchiveError {
     #[error("no such file or directory")]
     NotFound,
     /// The request body is not a readable compressed tar.
-    #[error("reading the tar stream: {0}; send a gzip or zstd compressed tar")]
+    #[error("reading the tar stream: {0}; send a tar, gzip or zstd compressed or raw as Content-Encoding says")]
     Malformed(io::Error),
     /// The volume's disk failed.
     #[error("{path}: {source}")]
@@ -182,7 +186,7 @@ fn symlink_stays_inside(depth: usize, target: &[u8]) -> bool {
 
 /// Walks `comps` from `root` without following symlinks; creates missing directories when
 /// `create` is set. A component that is a symlink or not a directory is refused.
-fn walk(root: RawFd, comps: &[&[u8]], create: bool) -> io::Result<OwnedFd> {
+fn walk(root: RawFd, comps: &[&[u8]], create: bool, ids: IdMap) -> io::Result<OwnedFd> {
     // SAFETY: dup of a valid fd gives an fd we own.
     let mut cur =
         unsafe { OwnedFd::from_raw_fd(cvt(libc::fcntl(root, libc::F_DUPFD_CLOEXEC, 0))?) };
@@ -191,12 +195,20 @@ fn walk(root: RawFd, comps: &[&[u8]], create: bool) -> io::Result<OwnedFd> {
         let next = match open_dir_at(cur.as_raw_fd(), &name) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
                 // SAFETY: valid fd and NUL-terminated name.
-                match cvt(unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) }) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => return Err(e),
+                let made =
+                    match cvt(unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) }) {
+                        Ok(_) => true,
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
+                        Err(e) => return Err(e),
+                    };
+                let fd = open_dir_at(cur.as_raw_fd(), &name)?;
+                // A folder made here belongs to the volume's root, as the volume's own
+                // root does (mapped in an unprivileged volume).
+                if let (true, Some((uid, gid))) = (made, ids.mapped_root()) {
+                    // SAFETY: valid fd.
+                    cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })?;
                 }
-                open_dir_at(cur.as_raw_fd(), &name)?
+                fd
             }
             other => other?,
         };
@@ -294,7 +306,7 @@ pub fn extract(dest: &OwnedFd, input: impl Read, ids: IdMap) -> Result<Extracted
         let parent_key = parents.join(&b'/');
         let parent = match cached.take() {
             Some((k, fd)) if k == parent_key => fd,
-            _ => walk(dest.as_raw_fd(), parents, true).map_err(io_err)?,
+            _ => walk(dest.as_raw_fd(), parents, true, ids).map_err(io_err)?,
         };
         let pfd = parent.as_raw_fd();
         let name = cstr(last).map_err(io_err)?;
@@ -361,7 +373,7 @@ pub fn extract(dest: &OwnedFd, input: impl Read, ids: IdMap) -> Result<Extracted
                 let Some((tlast, tparents)) = tcomps.split_last() else {
                     return Err(unsafe_entry(&raw, "is a hard link to a directory"));
                 };
-                let tdir = walk(dest.as_raw_fd(), tparents, false).map_err(io_err)?;
+                let tdir = walk(dest.as_raw_fd(), tparents, false, ids).map_err(io_err)?;
                 let tname = cstr(tlast).map_err(io_err)?;
                 remove_non_dir(pfd, &name).map_err(io_err)?;
                 // SAFETY: valid fds and NUL-terminated names; no AT_SYMLINK_FOLLOW.
@@ -432,18 +444,20 @@ pub fn extract_compressed(
             let d = zstd::stream::read::Decoder::new(input).map_err(ArchiveError::Malformed)?;
             extract(dest, d, ids)
         }
+        Encoding::Raw => extract(dest, input, ids),
     }
 }
 
 /// Opens (making it when missing) the directory `comps` under the volume's data dir
-/// `root`, never through a symlink.
-pub fn open_dest(root: &Path, comps: &[&[u8]]) -> Result<OwnedFd, ArchiveError> {
+/// `root`, never through a symlink. Folders it makes are owned by the volume's root
+/// (`ids` maps it).
+pub fn open_dest(root: &Path, comps: &[&[u8]], ids: IdMap) -> Result<OwnedFd, ArchiveError> {
     let shown = || String::from_utf8_lossy(&comps.join(&b'/')).into_owned();
     let rootfd = open_dir(root).map_err(|source| ArchiveError::Io {
         path: root.to_owned(),
         source,
     })?;
-    walk(rootfd.as_raw_fd(), comps, true).map_err(|source| {
+    walk(rootfd.as_raw_fd(), comps, true, ids).map_err(|source| {
         if is_escape(&source) {
             ArchiveError::BadPath(shown())
         } else {
@@ -480,7 +494,7 @@ pub fn open_source(root: &Path, path: &str) -> Result<Source, ArchiveError> {
     let Some((last, parents)) = comps.split_last() else {
         return Ok(Source::Dir(rootfd));
     };
-    let parent = walk(rootfd.as_raw_fd(), parents, false).map_err(io_err)?;
+    let parent = walk(rootfd.as_raw_fd(), parents, false, IdMap::IDENTITY).map_err(io_err)?;
     let name = cstr(last).map_err(io_err)?;
     let st = lstat_at(parent.as_raw_fd(), &name).map_err(io_err)?;
     if is_dir(&st) {
@@ -719,6 +733,7 @@ pub fn pack_compressed<W: Write>(
             let z = zstd::stream::write::Encoder::new(out, 3).map_err(io_err)?;
             pack(source, z, ids, root)?.finish().map_err(io_err)
         }
+        Encoding::Raw => pack(source, out, ids, root),
     }
 }
 

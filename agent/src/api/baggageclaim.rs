@@ -63,6 +63,11 @@ pub fn create_volume(
 ) -> Result<VolumeRecord, ApiError> {
     let ids = IdMap::for_volume(req.privileged);
     let (parent, populate): (Option<Handle>, Option<Populate>) = match req.strategy {
+        // The data root the driver made belongs to the volume's (mapped) root.
+        Strategy::Empty if !req.privileged => (
+            None,
+            Some(Box::new(move |data: &Path| ids.own_root(data)) as Populate),
+        ),
         Strategy::Empty => (None, None),
         Strategy::Cow { volume } => {
             let shift: Option<Populate> = match inv.get(&volume)? {
@@ -79,16 +84,16 @@ pub fn create_volume(
             follow_symlinks,
         } => {
             let source = PathBuf::from(&path);
-            let meta = if follow_symlinks {
-                fs::metadata(&source)
-            } else {
-                fs::symlink_metadata(&source)
-            };
-            let fill: Populate = match meta {
+            // The import path itself is always followed (baggageclaim stats it);
+            // `follow_symlinks` only governs the entries beneath it.
+            let fill: Populate = match fs::metadata(&source) {
                 Ok(m) if m.is_dir() => Box::new(move |data: &Path| {
+                    ids.own_root(data)?;
                     copy_into(&source, data, follow_symlinks, ids, &mut HashMap::new())
                 }),
                 Ok(m) if m.is_file() => Box::new(move |data: &Path| {
+                    // Before extracting: a `./` entry in the archive sets the root's owner.
+                    ids.own_root(data)?;
                     let file = fs::File::open(&source)?;
                     let dest = archive::open_dir(data)?;
                     archive::extract_compressed(&dest, io::BufReader::new(file), Encoding::Gzip, ids)

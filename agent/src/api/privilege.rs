@@ -38,6 +38,18 @@ impl IdMap {
         }
     }
 
+    /// The on-disk ids that stand for root, when they differ from root's own.
+    pub fn mapped_root(&self) -> Option<(u32, u32)> {
+        self.root_as
+    }
+
+    /// Re-owns the directory `dir` itself (not its contents) as this map stores its
+    /// current owner: a new volume's data root, made by the agent as root, becomes the
+    /// mapped root in an unprivileged volume, as baggageclaim does.
+    pub fn own_root(&self, dir: &Path) -> io::Result<()> {
+        shift_one(dir, IdMap::IDENTITY, *self).map(drop)
+    }
+
     /// Ids as written to disk for ids `(uid, gid)` of a stream.
     pub fn to_disk(&self, uid: u32, gid: u32) -> (u32, u32) {
         match self.root_as {
@@ -89,6 +101,18 @@ pub fn shift_tree(dir: &Path, from: IdMap, to: IdMap) -> io::Result<()> {
     if from == to {
         return Ok(());
     }
+    let meta = shift_one(dir, from, to)?;
+    if meta.is_dir() {
+        for e in fs::read_dir(dir)? {
+            shift_tree(&e?.path(), from, to)?;
+        }
+    }
+    Ok(())
+}
+
+/// Changes the owner of `dir` itself (never following a symlink) from what `from`
+/// stores to what `to` stores; returns its metadata from before.
+fn shift_one(dir: &Path, from: IdMap, to: IdMap) -> io::Result<fs::Metadata> {
     let meta = fs::symlink_metadata(dir)?;
     let (u, g) = from.from_disk(meta.uid(), meta.gid());
     let (nu, ng) = to.to_disk(u, g);
@@ -102,12 +126,7 @@ pub fn shift_tree(dir: &Path, from: IdMap, to: IdMap) -> io::Result<()> {
             )?;
         }
     }
-    if meta.is_dir() {
-        for e in fs::read_dir(dir)? {
-            shift_tree(&e?.path(), from, to)?;
-        }
-    }
-    Ok(())
+    Ok(meta)
 }
 
 #[cfg(test)]

@@ -145,7 +145,9 @@ fn encoding_of(req: &HttpRequest, name: header::HeaderName) -> Result<Encoding, 
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     Encoding::parse(value).ok_or_else(|| {
-        ApiError::BadRequest(format!("unsupported {name} {value:?}; send gzip or zstd"))
+        ApiError::BadRequest(format!(
+            "unsupported {name} {value:?}; send gzip, zstd or raw"
+        ))
     })
 }
 
@@ -169,7 +171,7 @@ async fn stream_in(
     let root = rec.path.clone();
     let job = web::block(move || -> Result<archive::Extracted, ArchiveError> {
         let comps: Vec<&[u8]> = comps.iter().map(Vec::as_slice).collect();
-        let dest = archive::open_dest(&root, &comps)?;
+        let dest = archive::open_dest(&root, &comps, ids)?;
         archive::extract_compressed(&dest, ChannelReader::new(rx), encoding, ids)
     });
     let mut tx = Some(tx);

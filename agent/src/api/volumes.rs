@@ -9,6 +9,7 @@ use protocol::local::{
 };
 use protocol::Handle;
 
+use super::privilege::IdMap;
 use super::{ApiError, ApiState};
 use crate::inventory::{DestroyOutcome, Inventory, InventoryError, VolumeRecord};
 
@@ -153,31 +154,52 @@ pub fn children_first(handles: Vec<Handle>, records: &[VolumeRecord]) -> Vec<Han
     with_depth.into_iter().map(|(_, h)| h).collect()
 }
 
+/// `DELETE /volumes/destroy`: like baggageclaim, tries every handle (children before
+/// parents within the batch), skips unknown ones and reports every failure at the end.
 async fn destroy_many(
     state: web::Data<ApiState>,
     body: web::Json<Vec<Handle>>,
 ) -> Result<HttpResponse, ApiError> {
     let handles = body.into_inner();
-    let blocked = blocking(&state, move |inv| {
+    let failed = blocking(&state, move |inv| {
         let records = inv.list()?;
-        let mut blocked = Vec::new();
+        let mut failed = Vec::new();
         for h in children_first(handles, &records) {
             match inv.destroy(&h) {
                 Ok(DestroyOutcome::Destroyed) => {
                     tracing::info!(handle = %h, reason = "bulk destroy through the local API", "destroyed volume")
                 }
-                Ok(DestroyOutcome::AlreadyGone) => {}
-                Err(e @ InventoryError::HasChildren { .. }) => blocked.push(e.to_string()),
-                Err(e) => return Err(e),
+                Ok(DestroyOutcome::AlreadyGone) | Err(InventoryError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(handle = %h, error = %e, "bulk destroy: could not destroy volume; going on with the rest");
+                    failed.push((h, ApiError::from(e)));
+                }
             }
         }
-        Ok(blocked)
+        Ok(failed)
     })
     .await?;
-    if blocked.is_empty() {
-        Ok(HttpResponse::NoContent().finish())
+    if failed.is_empty() {
+        return Ok(HttpResponse::NoContent().finish());
+    }
+    // A conflict the caller can resolve (live children, a volume still being created)
+    // stays a 409; anything else is the 500 baggageclaim answers.
+    let only_conflicts = failed
+        .iter()
+        .all(|(_, e)| matches!(e, ApiError::Conflict(_)));
+    let msg = format!(
+        "failed to destroy {} of the volumes: {}",
+        failed.len(),
+        failed
+            .iter()
+            .map(|(h, e)| format!("{h}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if only_conflicts {
+        Err(ApiError::Conflict(msg))
     } else {
-        Err(ApiError::Conflict(blocked.join("; ")))
+        Err(ApiError::Internal(msg))
     }
 }
 
@@ -224,6 +246,11 @@ async fn set_privileged(
 ) -> Result<HttpResponse, ApiError> {
     let h = handle(&path)?;
     let value = body.into_inner().value;
-    blocking(&state, move |inv| inv.set_privileged(&h, value)).await?;
+    blocking(&state, move |inv| {
+        inv.set_privileged(&h, value, |data, was, now| {
+            super::privilege::shift_tree(data, IdMap::for_volume(was), IdMap::for_volume(now))
+        })
+    })
+    .await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -682,6 +682,16 @@ impl Inventory {
         f: impl Fn(&mut Stored) -> Result<bool, InventoryError>,
     ) -> Result<Stored, InventoryError> {
         let _guard = self.lock(h);
+        self.update_locked(h, what, f)
+    }
+
+    /// [`Self::update`] with the volume's lock already held.
+    fn update_locked(
+        &self,
+        h: &Handle,
+        what: &str,
+        f: impl Fn(&mut Stored) -> Result<bool, InventoryError>,
+    ) -> Result<Stored, InventoryError> {
         let now = Utc::now();
         let (rec, changed) = self.inner.store.tx(what, |tx| {
             let Some(mut rec) = tx.get(h)? else {
@@ -714,8 +724,28 @@ impl Inventory {
         .map(drop)
     }
 
-    pub fn set_privileged(&self, h: &Handle, privileged: bool) -> Result<(), InventoryError> {
-        self.update(h, "setting privileged", |rec| {
+    /// Sets the privileged flag. When it changes, `reown(data, was, now)` first re-owns the
+    /// volume's data (baggageclaim re-owns the whole data dir), under the volume's lock and
+    /// before the flag is stored: a failed re-own leaves the flag as it was, and repeating
+    /// the request finishes the re-own.
+    pub fn set_privileged(
+        &self,
+        h: &Handle,
+        privileged: bool,
+        reown: impl FnOnce(&Path, bool, bool) -> io::Result<()>,
+    ) -> Result<(), InventoryError> {
+        let _guard = self.lock(h);
+        let Some(cur) = self.inner.store.get(h)? else {
+            return Err(InventoryError::NotFound(h.clone()));
+        };
+        if cur.privileged == privileged {
+            return Ok(());
+        }
+        let data = self.inner.layout.data(h);
+        if exists(&data) {
+            reown(&data, cur.privileged, privileged).map_err(io_err(&data))?;
+        }
+        self.update_locked(h, "setting privileged", |rec| {
             let changed = rec.privileged != privileged;
             rec.privileged = privileged;
             Ok(changed)

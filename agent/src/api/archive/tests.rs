@@ -163,7 +163,7 @@ fn round_trips_a_tree_through_pack_and_extract() {
     let long = "n".repeat(150);
     fs::write(s.join(&long), b"long name").expect("long");
     fs::set_permissions(s.join("d/e/f.txt"), fs::Permissions::from_mode(0o751)).expect("chmod");
-    for enc in [Encoding::Gzip, Encoding::Zstd] {
+    for enc in [Encoding::Gzip, Encoding::Zstd, Encoding::Raw] {
         let source = open_source(s, ".").expect("source");
         let packed = pack_compressed(&source, Vec::new(), enc, IdMap::IDENTITY, s).expect("pack");
         let (dir, fd) = sandbox();
@@ -281,4 +281,14 @@ proptest! {
         }
         assert_nothing_outside(dir.path());
     }
+}
+
+#[test]
+fn parses_raw_gzip_and_zstd_encodings_as_baggageclaim_names_them() {
+    assert_eq!(Encoding::parse("raw"), Some(Encoding::Raw));
+    assert_eq!(Encoding::parse("gzip"), Some(Encoding::Gzip));
+    assert_eq!(Encoding::parse("x-gzip"), Some(Encoding::Gzip));
+    assert_eq!(Encoding::parse("zstd"), Some(Encoding::Zstd));
+    assert_eq!(Encoding::parse("br"), None);
+    assert_eq!(Encoding::Raw.as_str(), "raw");
 }
