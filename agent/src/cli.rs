@@ -84,7 +84,8 @@ pub enum Command {
 /// Which daemon to talk to.
 #[derive(Debug, Args)]
 pub struct Target {
-    /// The daemon's local API, e.g. http://127.0.0.1:7788 (default: `api.listen` of the config).
+    /// The daemon's local API, e.g. http://127.0.0.1:7788 or unix:/run/volume-agent/api.sock
+    /// (default: `api.listen` of the config).
     #[arg(long, global = true)]
     pub api: Option<String>,
     /// Config file to read `api.listen` from.

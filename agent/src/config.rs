@@ -116,11 +116,68 @@ impl Default for StateConfig {
     }
 }
 
+/// Where the local API listens: a TCP address (`127.0.0.1:7788`) or a unix socket
+/// (`unix:/run/volume-agent/api.sock`, an absolute path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            return if path.is_absolute() {
+                Ok(Listen::Unix(path))
+            } else {
+                Err(format!(
+                    "{s:?}: a unix socket needs an absolute path, e.g. \"unix:/run/volume-agent/api.sock\""
+                ))
+            };
+        }
+        s.parse().map(Listen::Tcp).map_err(|_| {
+            format!(
+                "{s:?}: expected an address like \"127.0.0.1:7788\" or a unix socket like \"unix:/run/volume-agent/api.sock\""
+            )
+        })
+    }
+}
+
+impl From<Listen> for String {
+    fn from(l: Listen) -> String {
+        l.to_string()
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Listen {
+    /// The base of the API's URLs for `volume-agent` commands: `http://ADDR`, or
+    /// `unix:PATH` (see [`crate::ctl::Ctl::new`]).
+    pub fn api_base(&self) -> String {
+        match self {
+            Listen::Tcp(addr) => format!("http://{addr}"),
+            Listen::Unix(_) => self.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
+    /// `127.0.0.1:7788` or `unix:/ABSOLUTE/PATH`.
     #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
+    pub listen: Listen,
     /// Largest request body accepted by the local API, in bytes (stream-in excepted).
     #[serde(default = "d1mib")]
     pub max_body_bytes: u64,
@@ -316,8 +373,8 @@ fn default_volumes_root() -> PathBuf {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/volume-agent/state")
 }
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 7788))
+fn default_listen() -> Listen {
+    Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 7788)))
 }
 fn default_resource_types_dir() -> PathBuf {
     PathBuf::from("/usr/share/volume-agent/resource-types")
@@ -489,7 +546,10 @@ mod tests {
         assert_eq!(c.central.dialect, Dialect::Native);
         assert_eq!(c.central.poll_interval, Duration::from_secs(30));
         assert_eq!(c.volumes.driver, DriverName::Detect);
-        assert_eq!(c.api.listen, "127.0.0.1:7788".parse().expect("addr"));
+        assert_eq!(
+            c.api.listen,
+            Listen::Tcp("127.0.0.1:7788".parse().expect("addr"))
+        );
         assert_eq!(c.gc.unknown_grace, Duration::from_secs(300));
         assert_eq!(c.gc.max_in_flight, 4);
         assert_eq!(c.gc.min_free, MinFree::Percent(10.0));
@@ -577,6 +637,34 @@ min_free = "10%"
         let env = vec![("VOLUME_AGENT_GC__NOPE".to_string(), "1".to_string())];
         let err = Config::parse(MINIMAL, Path::new("t"), env).expect_err("unknown override");
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn api_listen_takes_an_address_or_a_unix_socket() {
+        let c = parse(&format!(
+            "{MINIMAL}[api]\nlisten = \"unix:/run/volume-agent/api.sock\"\n"
+        ))
+        .expect("unix socket");
+        assert_eq!(
+            c.api.listen,
+            Listen::Unix(PathBuf::from("/run/volume-agent/api.sock"))
+        );
+        assert_eq!(c.api.listen.api_base(), "unix:/run/volume-agent/api.sock");
+        let c = parse(&format!("{MINIMAL}[api]\nlisten = \"[::1]:9000\"\n")).expect("ipv6");
+        assert_eq!(c.api.listen.api_base(), "http://[::1]:9000");
+        let env = vec![(
+            "VOLUME_AGENT_API__LISTEN".to_string(),
+            "unix:/tmp/a.sock".to_string(),
+        )];
+        let c = Config::parse(MINIMAL, Path::new("t"), env).expect("override");
+        assert_eq!(c.api.listen, Listen::Unix(PathBuf::from("/tmp/a.sock")));
+        // The effective configuration `config check` prints parses again.
+        let again = parse(&toml::to_string_pretty(&c).expect("encodes")).expect("round trip");
+        assert_eq!(again.api.listen, c.api.listen);
+        for bad in ["unix:api.sock", "localhost", "127.0.0.1"] {
+            let err = parse(&format!("{MINIMAL}[api]\nlisten = \"{bad}\"\n")).expect_err(bad);
+            assert!(err.to_string().contains("api.listen"), "{err}");
+        }
     }
 
     #[test]

@@ -22,46 +22,60 @@ pub enum CtlError {
 }
 
 /// Where the daemon listens: `--api`, else the config's `api.listen`, else the default.
+/// Either `http://HOST:PORT` or `unix:/PATH` (a unix socket).
 pub fn api_base(explicit: Option<&str>, config: &Path) -> String {
     if let Some(url) = explicit {
         return url.trim_end_matches('/').to_string();
     }
-    let listen = std::fs::read_to_string(config)
+    std::fs::read_to_string(config)
         .ok()
         .and_then(|text| Config::parse(&text, config, std::env::vars()).ok())
         .map(|c| c.api.listen)
-        .unwrap_or(ApiConfig::default().listen);
-    format!("http://{listen}")
+        .unwrap_or(ApiConfig::default().listen)
+        .api_base()
 }
 
 pub struct Ctl {
+    /// What messages show: the URL, or `unix:/PATH` for a socket.
     base: String,
+    /// What requests go to: the URL, or `http://localhost` over the socket.
+    url_base: String,
     http: reqwest::Client,
 }
 
 impl Ctl {
+    /// `base` is `http://HOST:PORT` or `unix:/PATH`.
     pub fn new(base: String) -> Result<Ctl, CtlError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| CtlError::Unreachable {
-                url: base.clone(),
-                message: e.to_string(),
-            })?;
-        Ok(Ctl { base, http })
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        let url_base = match base.strip_prefix("unix:") {
+            Some(path) => {
+                builder = builder.unix_socket(Path::new(path));
+                "http://localhost".to_string()
+            }
+            None => base.clone(),
+        };
+        let http = builder.build().map_err(|e| CtlError::Unreachable {
+            url: base.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Ctl {
+            base,
+            url_base,
+            http,
+        })
     }
 
     async fn call(&self, method: reqwest::Method, path: &str) -> Result<Vec<u8>, CtlError> {
         let url = format!("{}{}", self.base, path);
-        let resp =
-            self.http
-                .request(method, &url)
-                .send()
-                .await
-                .map_err(|e| CtlError::Unreachable {
-                    url: url.clone(),
-                    message: e.to_string(),
-                })?;
+        let resp = self
+            .http
+            .request(method, format!("{}{}", self.url_base, path))
+            .send()
+            .await
+            .map_err(|e| CtlError::Unreachable {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| CtlError::Unreachable {
             url: url.clone(),

@@ -1,7 +1,6 @@
 //! Wiring: opens the inventory, starts one actor per concern and the local API inside an
 //! `actix::System`, and shuts down in order on SIGTERM/SIGINT.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +12,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, ApiState};
 use crate::central::actor::{DesiredStateActor, StopPolling};
 use crate::central::{CentralClient, ClientError};
-use crate::config::{Config, DriverName};
+use crate::config::{Config, DriverName, Listen};
 use crate::durable::revision;
 use crate::inventory::actor::InventoryActor;
 use crate::inventory::{DriverChoice, Inventory, InventoryConfig, InventoryError, RecoveryReport};
@@ -36,7 +35,7 @@ pub enum DaemonError {
     Client(#[from] ClientError),
     #[error("cannot listen on {addr} (api.listen): {source}; pick a free address")]
     Bind {
-        addr: SocketAddr,
+        addr: Listen,
         #[source]
         source: std::io::Error,
     },
@@ -52,7 +51,8 @@ pub enum DaemonError {
 
 /// A running agent.
 pub struct Daemon {
-    pub api_addr: SocketAddr,
+    /// Where the local API listens (the bound port when `api.listen` asked for port 0).
+    pub api: Listen,
     pub metrics: Arc<Metrics>,
     pub recovery: RecoveryReport,
     inventory: Inventory,
@@ -176,14 +176,27 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
         futures: Default::default(),
     };
-    let addr = config.api.listen;
+    let listen = config.api.listen.clone();
+    let bind_error = |source| DaemonError::Bind {
+        addr: listen.clone(),
+        source,
+    };
     let server = HttpServer::new(move || App::new().configure(api::configure(state.clone())))
         .workers(2)
         .disable_signals()
-        .shutdown_timeout(5)
-        .bind(addr)
-        .map_err(|source| DaemonError::Bind { addr, source })?;
-    let api_addr = server.addrs().first().copied().unwrap_or(addr);
+        .shutdown_timeout(5);
+    let (server, api_at) = match &listen {
+        Listen::Tcp(addr) => {
+            let server = server.bind(addr).map_err(bind_error)?;
+            let bound = server.addrs().first().copied().unwrap_or(*addr);
+            (server, Listen::Tcp(bound))
+        }
+        Listen::Unix(path) => {
+            prepare_socket_path(path).map_err(bind_error)?;
+            let server = server.bind_uds(path).map_err(bind_error)?;
+            (server, listen.clone())
+        }
+    };
     let server = server.run();
     let handle = server.handle();
     actix_rt::spawn(server);
@@ -202,10 +215,10 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
     }
     ready.store(true, Relaxed);
     metrics.ready.store(1, Relaxed);
-    info!(api = %api_addr, worker = %config.worker_name, central = %config.central.url,
+    info!(api = %api_at, worker = %config.worker_name, central = %config.central.url,
         dialect = ?config.central.dialect, "volume-agent running");
     Ok(Daemon {
-        api_addr,
+        api: api_at,
         metrics,
         recovery,
         inventory,
@@ -213,6 +226,29 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         desired,
         reconciler,
     })
+}
+
+/// Makes way for a unix socket at `path`: creates its directory, and removes a socket
+/// left behind by an earlier run. Refuses when something else is there: a file that is
+/// not a socket, or a socket another process still answers on.
+fn prepare_socket_path(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(meta) if !meta.file_type().is_socket() => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "a file that is not a socket is in the way",
+        )),
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process answers on this socket",
+        )),
+        Ok(_) => std::fs::remove_file(path),
+    }
 }
 
 fn log_recovery(r: &RecoveryReport) {
@@ -241,6 +277,11 @@ impl Daemon {
         let _ = self.desired.send(StopPolling).await;
         let _ = self.reconciler.send(Drain).await;
         self.server.stop(true).await;
+        if let Listen::Unix(path) = &self.api {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!(path = %path.display(), error = %e, "cannot remove the API socket");
+            }
+        }
         let inventory = self.inventory.clone();
         tokio::task::spawn_blocking(move || inventory.flush())
             .await

@@ -168,7 +168,7 @@ async fn demo(root: std::path::PathBuf) -> Result<(), DemoError> {
     println!("== volume-agent demo in {}", root.display());
     println!("   built-in central API at http://{central_addr}");
     let agent = daemon::start(&config).await?;
-    let api = format!("http://{}", agent.api_addr);
+    let api = agent.api.api_base();
     println!("   agent local API at {api}\n");
 
     let http = reqwest::Client::new();

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -67,6 +67,9 @@ pub struct Metrics {
     pub disk_free_bytes: AtomicU64,
     pub disk_pressure: AtomicU64,
     pub ready: AtomicU64,
+    /// Set once the first call to the central API ended: answered, or failed and being
+    /// retried. Readiness waits for it.
+    pub central_contacted: AtomicBool,
     volumes_by_state: Mutex<BTreeMap<String, u64>>,
     central_requests: Mutex<BTreeMap<(String, String), u64>>,
     resource_types: Mutex<Vec<(String, String)>>,
@@ -80,6 +83,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Metrics {
     pub fn new() -> Metrics {
         Metrics::default()
+    }
+
+    /// Ready: recovery finished, the loop runs (`ready`), and the first call to the
+    /// central API ended, answered or failed and being retried (`central_contacted`).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Relaxed) == 1 && self.central_contacted.load(Relaxed)
     }
 
     /// Counts one call to the central API: `endpoint` (`desired`, `report`, ...) and its
@@ -218,9 +227,9 @@ impl Metrics {
         gauge(
             &mut out,
             "volume_agent_ready",
-            "1 once recovery finished and the loop runs.",
+            "1 once recovery finished and the first call to the central API ended.",
             "gauge",
-            self.ready.load(Relaxed),
+            u64::from(self.is_ready()),
         );
         let _ = writeln!(
             out,

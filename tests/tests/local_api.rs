@@ -602,3 +602,305 @@ async fn config_check_accepts_a_good_config_and_names_an_unknown_key() {
     assert_eq!(code, 78);
     assert!(err.contains("frobnicate_level"), "{err}");
 }
+
+/// A `volume-agent run` started by hand (extra flags, another listen address), killed
+/// when dropped.
+struct Daemon(std::process::Child);
+
+impl Daemon {
+    fn start(agent: &Agent, extra: &[&str], log: &Path) -> Daemon {
+        let log = std::fs::File::create(log).expect("log file");
+        let child = Command::new(agent_binary())
+            .args(["run", "--config"])
+            .arg(&agent.config_path)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start volume-agent");
+        Daemon(child)
+    }
+
+    /// SIGTERM and wait; the exit code.
+    fn terminate(mut self) -> Option<i32> {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        self.0.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for `GET {base}/readyz` to answer 200 through `http`.
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    eventually("the hand-started agent is ready", || async {
+        match http.get(format!("{base}/readyz")).send().await {
+            Ok(r) => r.status() == StatusCode::OK,
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn readyz_waits_for_the_first_central_answer() {
+    let server = MockServer::start().await;
+    let set = protocol::native::DesiredSet {
+        worker: "w1".into(),
+        revision: 1,
+        as_of: chrono::Utc::now(),
+        volumes: vec![],
+        destroying: vec![],
+    };
+    Mock::given(method("GET"))
+        .and(path("/api/v1/workers/w1/volumes/desired"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(&set)
+                .set_delay(std::time::Duration::from_secs(3)),
+        )
+        .mount(&server)
+        .await;
+    let settings = AgentSettings {
+        request_timeout: "20s",
+        ..AgentSettings::default()
+    };
+    let started = std::time::Instant::now();
+    // Agent::start returns once /readyz answers 200.
+    let agent = Agent::start(&server.uri(), &settings);
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(2500),
+        "ready after {waited:?}, before the first answer (3 s) came"
+    );
+    let local = Local::new(&agent);
+    assert_eq!(local.metric("volume_agent_ready").await, Some(1.0));
+}
+
+#[tokio::test]
+async fn readyz_is_ready_while_central_errors_are_retried() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&server)
+        .await;
+    let agent = Agent::start(&server.uri(), &AgentSettings::default());
+    let local = Local::new(&agent);
+    let (status, body) = send(&local, reqwest::Method::GET, "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        local
+            .metric(
+                "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"status_5xx\"}"
+            )
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+}
+
+/// Rewrites the (stopped) agent's `api.listen` to the unix socket `sock`.
+fn listen_on_unix_socket(agent: &Agent, sock: &Path) {
+    let text = std::fs::read_to_string(&agent.config_path).expect("config");
+    let tcp_line = text
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .expect("listen line")
+        .to_string();
+    let text = text.replace(&tcp_line, &format!("listen = \"unix:{}\"", sock.display()));
+    std::fs::write(&agent.config_path, text).expect("config");
+}
+
+#[tokio::test]
+async fn local_api_and_cli_work_over_a_unix_socket() {
+    let server = MockServer::start().await;
+    let mut agent = Agent::start(&server.uri(), &AgentSettings::default());
+    assert_eq!(agent.terminate(), Some(0));
+    // The same agent, now on a unix socket in a directory that does not exist yet.
+    let sock = agent.dir.path().join("run/api.sock");
+    listen_on_unix_socket(&agent, &sock);
+    let log = agent.dir.path().join("uds.log");
+    let daemon = Daemon::start(&agent, &[], &log);
+    let http = reqwest::Client::builder()
+        .unix_socket(sock.as_path())
+        .build()
+        .expect("client");
+    wait_ready(&http, "http://localhost").await;
+    let local = Local {
+        base: "http://localhost".into(),
+        http,
+    };
+    local.make("over-uds", None).await;
+    assert_eq!(local.handles().await, ["over-uds"]);
+
+    let config = agent.config_path.to_str().expect("utf-8").to_string();
+    let api = format!("unix:{}", sock.display());
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        // No --api: the address comes from the config's api.listen.
+        let list = cli(&["volumes", "list", "--config", &config]);
+        let inspect = cli(&["volumes", "inspect", "over-uds", "--api", &api]);
+        (list, inspect)
+    })
+    .await
+    .map(|(list, inspect)| {
+        assert_eq!(inspect.0, 0, "{}", inspect.2);
+        let v: Value = serde_json::from_str(&inspect.1).expect("inspect prints JSON");
+        assert_eq!(v["handle"], "over-uds");
+        list
+    })
+    .expect("cli");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("over-uds"), "{out}");
+
+    assert_eq!(daemon.terminate(), Some(0));
+    assert!(!sock.exists(), "the socket is removed at shutdown");
+}
+
+#[tokio::test]
+async fn a_file_in_the_way_of_the_unix_socket_is_an_error_and_is_kept() {
+    let server = MockServer::start().await;
+    let mut agent = Agent::start(&server.uri(), &AgentSettings::default());
+    assert_eq!(agent.terminate(), Some(0));
+    let sock = agent.dir.path().join("not-a-socket");
+    std::fs::write(&sock, "precious").expect("file");
+    listen_on_unix_socket(&agent, &sock);
+    let log = agent.dir.path().join("uds.log");
+    let mut daemon = Daemon::start(&agent, &[], &log);
+    let status = daemon.0.wait().expect("wait");
+    assert!(!status.success());
+    let err = std::fs::read_to_string(&log).expect("log");
+    assert!(err.contains("api.listen"), "{err}");
+    assert_eq!(std::fs::read_to_string(&sock).expect("kept"), "precious");
+}
+
+#[tokio::test]
+async fn run_with_log_format_json_writes_json_lines_and_one_per_destroyed_volume() {
+    let server = MockServer::start().await;
+    let mut agent = Agent::start(&server.uri(), &AgentSettings::default());
+    assert_eq!(agent.terminate(), Some(0));
+    let log = agent.dir.path().join("json.log");
+    let daemon = Daemon::start(&agent, &["--log-format", "json"], &log);
+    let local = Local::new(&agent);
+    wait_ready(&local.http, &local.base).await;
+    local.make("logged", None).await;
+    let (status, _) = send(&local, reqwest::Method::DELETE, "/volumes/logged", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(daemon.terminate(), Some(0));
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() > 3, "{text}");
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["message"].is_string()));
+    let destroyed: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "destroyed volume")
+        .collect();
+    assert_eq!(destroyed.len(), 1, "{text}");
+    assert_eq!(destroyed[0]["handle"], "logged");
+    assert!(destroyed[0]["reason"]
+        .as_str()
+        .is_some_and(|r| !r.is_empty()));
+}
+
+#[test]
+fn cli_prints_its_version_and_errors_as_one_line_with_a_non_zero_exit() {
+    let (code, out, _) = cli(&["--version"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        format!("volume-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+    // Nothing listens on the port: one line on stderr, exit 1.
+    let api = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        vec!["volumes", "list", "--api", api.as_str()],
+        vec!["gc", "plan", "--api", api.as_str()],
+        vec![
+            "config",
+            "check",
+            "--config",
+            "/nonexistent/volume-agent.toml",
+        ],
+    ] {
+        let (code, out, err) = cli(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("volume-agent: error: "), "{args:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn gc_plan_names_what_the_next_pass_would_destroy_and_why_and_destroys_nothing() {
+    let script = DesiredScript::new("w1");
+    // An answer from the future: an unknown volume is past the (zero) grace by both clocks.
+    script.with(|s| s.as_of = Some(chrono::Utc::now() + chrono::Duration::hours(1)));
+    let server = scripted_central(&script).await;
+    let settings = AgentSettings {
+        unknown_grace: "0s",
+        ..AgentSettings::default()
+    };
+    let agent = Agent::start(&server.uri(), &settings);
+    let local = Local::new(&agent);
+    local
+        .wait_counter(
+            "the first answer applied",
+            "volume_agent_desired_revision",
+            1.0,
+        )
+        .await;
+    // From now on the central side fails: no pass runs, the plan is only shown.
+    script.with(|s| s.override_response = Some(ResponseTemplate::new(500)));
+    local
+        .wait_counter(
+            "a failed poll",
+            "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"status_5xx\"}",
+            1.0,
+        )
+        .await;
+    let doomed_path = local.make("doomed", None).await.path;
+    let api = agent.api.clone();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || cli(&["gc", "plan", "--json", "--api", &api]))
+            .await
+            .expect("cli");
+    assert_eq!(code, 0, "{err}");
+    let plan: Value = serde_json::from_str(&out).expect("plan JSON");
+    let doomed = plan["actions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["handle"] == "doomed"))
+        .unwrap_or_else(|| panic!("doomed not in {plan}"));
+    assert_eq!(doomed["action"], "destroy", "{plan}");
+    assert!(
+        doomed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unknown")),
+        "{plan}"
+    );
+    let api = agent.api.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || cli(&["gc", "plan", "--api", &api]))
+        .await
+        .expect("cli");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("doomed") && out.contains("destroy"), "{out}");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(
+        local.handles().await,
+        ["doomed"],
+        "gc plan destroyed nothing"
+    );
+    assert!(Path::new(&doomed_path).exists());
+}

@@ -21,11 +21,17 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
-    if state.ready.load(Relaxed) {
-        HttpResponse::Ok().json(serde_json::json!({"ready": true}))
+    let waiting = if !state.ready.load(Relaxed) {
+        Some("recovery or start-up not finished")
+    } else if !state.metrics.central_contacted.load(Relaxed) {
+        Some("waiting for the first answer from the central API")
     } else {
-        HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({"ready": false, "error": "recovery or start-up not finished"}))
+        None
+    };
+    match waiting {
+        None => HttpResponse::Ok().json(serde_json::json!({"ready": true})),
+        Some(why) => HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"ready": false, "error": why})),
     }
 }
 

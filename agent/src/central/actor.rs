@@ -135,6 +135,7 @@ impl DesiredStateActor {
                 let fut = async move { client.get_desired(etag.as_deref()).await };
                 ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
                     act.polling = false;
+                    act.metrics.central_contacted.store(true, Relaxed);
                     act.on_native(res, ctx);
                     act.next(ctx);
                 }));
@@ -143,6 +144,7 @@ impl DesiredStateActor {
                 let fut = async move { client.get_destroying().await };
                 ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
                     act.polling = false;
+                    act.metrics.central_contacted.store(true, Relaxed);
                     match res {
                         Ok(destroying) => {
                             act.ok("destroying", "ok");
