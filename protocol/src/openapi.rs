@@ -94,6 +94,24 @@ fn delete_volume_future() {}
 #[utoipa::path(get, path = "/gc/plan", tag = "local", responses((status = 200, body = PlanView)))]
 fn gc_plan() {}
 
+#[utoipa::path(post, path = "/gc/reset-revision", tag = "local",
+    responses((status = 204, description = "The highest applied revision is forgotten; nothing is destroyed")))]
+fn gc_reset_revision() {}
+
+#[utoipa::path(get, path = "/healthz", tag = "local",
+    responses((status = 200, description = "The process answers")))]
+fn healthz() {}
+
+#[utoipa::path(get, path = "/readyz", tag = "local",
+    responses((status = 200, description = "Recovery finished and the first call to the central API ended"),
+              (status = 503, body = ErrorBody, description = "Not ready yet; `error` says what it waits for")))]
+fn readyz() {}
+
+#[utoipa::path(get, path = "/metrics", tag = "local",
+    responses((status = 200, body = String, content_type = "text/plain",
+               description = "Prometheus text format 0.0.4")))]
+fn metrics() {}
+
 /// The whole document.
 #[derive(OpenApi)]
 #[openapi(
@@ -117,7 +135,11 @@ fn gc_plan() {}
         create_volume_async,
         get_volume_future,
         delete_volume_future,
-        gc_plan
+        gc_plan,
+        gc_reset_revision,
+        healthz,
+        readyz,
+        metrics
     ),
     components(schemas(
         Handle,

@@ -27,6 +27,12 @@ fn openapi_document_names_every_route() {
         "/volumes/{handle}",
         "/volumes-async",
         "/volumes/destroy",
+        "/volumes/{handle}/state",
+        "/volumes/{handle}/properties/{key}",
+        "/gc/plan",
+        "/healthz",
+        "/readyz",
+        "/metrics",
     ] {
         assert!(doc["paths"].get(route).is_some(), "missing {route}");
     }

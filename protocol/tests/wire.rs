@@ -3,9 +3,10 @@
 
 use protocol::concourse::{DestroyingList, ReportedHandles};
 use protocol::local::{
-    CreateVolumeRequest, SetStateRequest, Strategy as VolumeStrategy, VolumeJson,
+    CreateVolumeRequest, ErrorBody, SetPrivilegedRequest, SetPropertyRequest, SetStateRequest,
+    Strategy as VolumeStrategy, VolumeFuture, VolumeJson,
 };
-use protocol::native::{DesiredSet, ResourceTypesReport, VolumeReport};
+use protocol::native::{DesiredSet, ResourceMetadata, ResourceTypesReport, VolumeReport};
 use protocol::{decode, Handle, VolumeState};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
@@ -133,6 +134,44 @@ fn local_volume_json_round_trips() {
         r#"{"handle":"a","path":"/var/lib/volume-agent/volumes/live/a/volume","state":"initialized","parent":null,"properties":{},"privileged":false}"#,
     );
     assert_eq!(v.state, VolumeState::Initialized);
+}
+
+#[test]
+fn resource_metadata_example_round_trips() {
+    let m: ResourceMetadata = round_trips(
+        r#"{"type": "git", "version": "1.17.0", "privileged": false, "unique_version_history": false}"#,
+    );
+    assert_eq!((m.name.as_str(), m.version.as_str()), ("git", "1.17.0"));
+}
+
+#[test]
+fn local_api_bodies_of_the_design_doc_round_trip() {
+    for strategy in [
+        r#"{"handle":"h","strategy":{"type":"empty"},"properties":{},"privileged":false}"#,
+        r#"{"handle":"h","strategy":{"type":"cow","volume":"p"},"properties":{},"privileged":false}"#,
+    ] {
+        round_trips::<CreateVolumeRequest>(strategy);
+    }
+    for state in ["initializing", "initialized"] {
+        let s: SetStateRequest = round_trips(&format!(r#"{{"state":"{state}"}}"#));
+        assert_eq!(s.state.as_str(), state);
+    }
+    let p: SetPropertyRequest = round_trips(r#"{"value":"v1"}"#);
+    assert_eq!(p.value, "v1");
+    let p: SetPrivilegedRequest = round_trips(r#"{"value":true}"#);
+    assert!(p.value);
+    let f: VolumeFuture = round_trips(r#"{"handle":"h1"}"#);
+    assert_eq!(f.handle.as_str(), "h1");
+    let e: ErrorBody = round_trips(r#"{"error":"no such file or directory"}"#);
+    assert_eq!(e.error, "no such file or directory");
+}
+
+#[test]
+fn etag_is_quoted_once_for_if_none_match() {
+    use protocol::native::quote_etag;
+    assert_eq!(quote_etag("r12"), "\"r12\"");
+    assert_eq!(quote_etag("\"r12\""), "\"r12\"");
+    assert_eq!(quote_etag("W/\"r12\""), "W/\"r12\"");
 }
 
 #[test]
