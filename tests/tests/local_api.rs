@@ -496,6 +496,7 @@ async fn health_readiness_and_metrics_names() {
     for name in [
         "volume_agent_volumes",
         "volume_agent_destroys_total",
+        "volume_agent_destroys_failed_total",
         "volume_agent_destroy_duration_seconds",
         "volume_agent_blocked_volumes",
         "volume_agent_plans_refused_total",
@@ -609,12 +610,26 @@ struct Daemon(std::process::Child);
 
 impl Daemon {
     fn start(agent: &Agent, extra: &[&str], log: &Path) -> Daemon {
+        Daemon::start_with_rust_log(agent, extra, log, Some("info"))
+    }
+
+    /// `rust_log`: the `RUST_LOG` to set, or `None` to leave it unset.
+    fn start_with_rust_log(
+        agent: &Agent,
+        extra: &[&str],
+        log: &Path,
+        rust_log: Option<&str>,
+    ) -> Daemon {
         let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new(agent_binary())
+        let mut cmd = Command::new(agent_binary());
+        cmd.env_remove("RUST_LOG");
+        if let Some(filter) = rust_log {
+            cmd.env("RUST_LOG", filter);
+        }
+        let child = cmd
             .args(["run", "--config"])
             .arg(&agent.config_path)
             .args(extra)
-            .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -813,6 +828,29 @@ async fn run_with_log_format_json_writes_json_lines_and_one_per_destroyed_volume
     assert!(destroyed[0]["reason"]
         .as_str()
         .is_some_and(|r| !r.is_empty()));
+}
+
+#[tokio::test]
+async fn log_level_comes_from_the_config_unless_rust_log_is_set() {
+    let server = MockServer::start().await;
+    let mut agent = Agent::start(&server.uri(), &AgentSettings::default());
+    assert_eq!(agent.terminate(), Some(0));
+    let mut text = std::fs::read_to_string(&agent.config_path).expect("config");
+    text.push_str("[log]\nlevel = \"warn\"\n");
+    std::fs::write(&agent.config_path, text).expect("config");
+    let local = Local::new(&agent);
+    for (rust_log, info_shown) in [(None, false), (Some("info"), true)] {
+        let log = agent.dir.path().join("level.log");
+        let daemon = Daemon::start_with_rust_log(&agent, &[], &log, rust_log);
+        wait_ready(&local.http, &local.base).await;
+        assert_eq!(daemon.terminate(), Some(0));
+        let text = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(
+            text.contains("volume-agent running"),
+            info_shown,
+            "RUST_LOG={rust_log:?}, log.level = warn:\n{text}"
+        );
+    }
 }
 
 #[test]
