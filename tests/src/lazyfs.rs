@@ -30,11 +30,12 @@ pub fn binary() -> Result<PathBuf, String> {
         return Err("/dev/fuse is missing (no FUSE here; try `modprobe fuse`)".into());
     }
     if let Some(p) = std::env::var_os("LAZYFS_BIN") {
+        // Absolute: LazyFS is started in its own directory, where a relative path would
+        // name nothing.
         let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("LAZYFS_BIN={} is not a file", p.display()))
+        return match std::fs::canonicalize(&p) {
+            Ok(abs) if abs.is_file() => Ok(abs),
+            _ => Err(format!("LAZYFS_BIN={} is not a file", p.display())),
         };
     }
     let on_path = std::env::var_os("PATH")
