@@ -97,6 +97,9 @@ struct Figures {
     /// Rounds where LazyFS itself died during the operations (its cache with it: the power
     /// cut came early); see `LazyFs::remount_after_crash`.
     lazyfs_crashes: usize,
+    /// Restarts and checks done again because LazyFS died during them (see
+    /// [`restart_and_check`]).
+    checks_redone_after_lazyfs_crash: usize,
 }
 
 /// The LazyFS binary, or `None` after printing why the test cannot run here.
@@ -316,6 +319,40 @@ fn power_cut_and_restart(agent: &mut Agent, fs: &mut LazyFs, fig: &mut Figures) 
     log_from
 }
 
+/// Power cut, restart and the checks. When LazyFS itself dies meanwhile and a check fails
+/// (on a dead mount everything fails), that is one more power cut: the agent is killed,
+/// LazyFS mounted again, the agent restarted and every check done again, from the start.
+/// A failure while LazyFS is alive fails the test.
+async fn restart_and_check(
+    agent: &mut Agent,
+    fs: &mut LazyFs,
+    local: &Local,
+    model: &Model,
+    fig: &mut Figures,
+    context: &str,
+) {
+    use futures::FutureExt;
+    for attempt in 1.. {
+        let done = std::panic::AssertUnwindSafe(async {
+            let log_from = power_cut_and_restart(agent, fs, fig);
+            check_after_power_cut(agent, local, model, log_from, fig, context).await;
+        })
+        .catch_unwind()
+        .await;
+        match done {
+            Ok(()) => return,
+            Err(_) if !fs.is_alive() && attempt < 3 => {
+                fig.checks_redone_after_lazyfs_crash += 1;
+                eprintln!(
+                    "LazyFS died during the restart or the checks ({context}): the failure above \
+                     is the dead mount's; power cut again and every check again"
+                );
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
 /// The checks after a restart (see the module docs). Marks volumes whose asked-for destroy
 /// is now seen done as gone.
 async fn check_after_power_cut(
@@ -507,8 +544,7 @@ async fn acknowledged_creates_survive_a_power_cut() {
                 panic!("a client task failed ({context}): {e}");
             }
         }
-        let log_from = power_cut_and_restart(&mut agent, &mut fs, &mut fig);
-        check_after_power_cut(&agent, &local, &model, log_from, &mut fig, &context).await;
+        restart_and_check(&mut agent, &mut fs, &local, &model, &mut fig, &context).await;
     }
 
     let m = lock(&model);
@@ -696,8 +732,7 @@ async fn acknowledged_destroys_stay_destroyed_after_a_power_cut() {
         // The restarted agent must not hear the desired set before the checks, or it would
         // destroy again what came back.
         script.with(|s| s.override_response = Some(ResponseTemplate::new(503)));
-        let log_from = power_cut_and_restart(&mut agent, &mut fs, &mut fig);
-        check_after_power_cut(&agent, &local, &model, log_from, &mut fig, &context).await;
+        restart_and_check(&mut agent, &mut fs, &local, &model, &mut fig, &context).await;
     }
 
     let m = lock(&model);
