@@ -9,8 +9,8 @@
 # machine: not root, no /dev/fuse even after `modprobe fuse`, or the kernel refusing the
 # mount. Anything else that goes wrong (a package, the build, a test) fails it.
 #
-# POWER_CUT_ROUNDS (power cuts per test, default 12 here), POWER_CUT_SEED and LAZYFS_BIN
-# are passed to the tests.
+# POWER_CUT_ROUNDS (power cuts per test, default 12 here: about 30 s of tests) and
+# POWER_CUT_SEED are passed to the tests; LAZYFS_BUILD_DIR to tests/lazyfs/build.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never} CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
