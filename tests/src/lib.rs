@@ -17,6 +17,7 @@ use wiremock::{Request, Respond, ResponseTemplate};
 pub use wiremock;
 
 pub mod faults;
+pub mod lazyfs;
 pub mod system;
 
 /// How long a test waits for something that should happen within a few poll intervals.
@@ -82,6 +83,9 @@ pub struct AgentSettings {
     pub api_max_body_bytes: Option<u64>,
     /// Appended to the `[gc]` section.
     pub extra: String,
+    /// Where `state/` and `volumes/` go; `None` = the agent's temporary directory (which
+    /// keeps the config and the log either way).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for AgentSettings {
@@ -97,6 +101,7 @@ impl Default for AgentSettings {
             token_file: None,
             api_max_body_bytes: None,
             extra: String::new(),
+            data_dir: None,
         }
     }
 }
@@ -106,6 +111,8 @@ pub struct Agent {
     pub api: String,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// Holds `state/` and `volumes/` (see [`AgentSettings::data_dir`]).
+    data: PathBuf,
     child: Option<Child>,
 }
 
@@ -114,6 +121,10 @@ impl Agent {
     pub fn start(central_url: &str, settings: &AgentSettings) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
+        let data = settings
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().to_owned());
         let types = dir.path().join("resource-types");
         std::fs::create_dir_all(&types).expect("types dir");
         let config = format!(
@@ -134,8 +145,8 @@ impl Agent {
             report = settings.report_interval,
             timeout = settings.request_timeout,
             max_body = settings.max_body_bytes,
-            root = dir.path().join("volumes"),
-            state = dir.path().join("state"),
+            root = data.join("volumes"),
+            state = data.join("state"),
             grace = settings.unknown_grace,
             api_limit = settings
                 .api_max_body_bytes
@@ -149,6 +160,7 @@ impl Agent {
             api: format!("http://127.0.0.1:{port}"),
             dir,
             config_path,
+            data,
             child: None,
         };
         agent.spawn();
@@ -194,7 +206,11 @@ impl Agent {
     }
 
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("volumes")
+        self.data.join("volumes")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.data.join("state")
     }
 
     pub fn types_dir(&self) -> PathBuf {

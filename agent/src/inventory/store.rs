@@ -187,6 +187,15 @@ impl Store {
         let names = db.open_tree("names")?;
         let meta = db.open_tree("meta")?;
         let db_file = File::open(dir.join("db"))?;
+        // sled 0.34 writes its `conf` file (storage parameters and format version, checked
+        // on every open) only when it is missing, and never fsyncs it: after a power cut it
+        // comes back empty, and sled opens without that check. Make it, and the entries of
+        // the store directory and of its parent, durable.
+        File::open(dir.join("conf"))?.sync_all()?;
+        File::open(dir)?.sync_all()?;
+        if let Some(parent) = dir.parent() {
+            File::open(parent)?.sync_all()?;
+        }
         Ok(Store {
             dir: dir.to_owned(),
             db,
