@@ -36,7 +36,9 @@
 # follows); 77 this machine cannot run containers at all (not root, no namespaces, no
 # usable cgroup file system): the reason is printed and nothing was checked.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+script=$(realpath "$0")
+deb=${1:+$(realpath "$1")}
+cd "$(dirname "$script")/.."
 
 me=nspawn-test.sh
 skip() {
@@ -44,7 +46,7 @@ skip() {
 	exit 77
 }
 
-deb=${1:-$(compgen -G "target/packages/volume-agent_*.deb" | head -n 1 || true)}
+deb=${deb:-$(compgen -G "target/packages/volume-agent_*.deb" | head -n 1 || true)}
 [[ -f $deb ]] || {
 	echo "$me: no .deb given and none in target/packages (run packaging/build.sh)" >&2
 	exit 1
@@ -56,6 +58,23 @@ for tool in mmdebstrap systemd-nspawn nsenter; do
 	}
 done
 [[ $(id -u) == 0 ]] || skip "needs root (mmdebstrap, systemd-nspawn and nsenter run as root)"
+
+# A machine whose PID 1 is not systemd may have no cgroup file system mounted at all, and
+# systemd-nspawn then refuses to run ("Failed to determine whether the unified cgroups
+# hierarchy is used"). Mount cgroup2 there in a private mount namespace of this script
+# (the machine's own mounts stay as they are) and run again inside it.
+if ! mountpoint -q /sys/fs/cgroup && [[ -z ${NSPAWN_TEST_CGROUP_NS:-} ]]; then
+	grep -qw cgroup2 /proc/filesystems ||
+		skip "nothing is mounted at /sys/fs/cgroup and the kernel has no cgroup2 file system"
+	echo "$me: nothing is mounted at /sys/fs/cgroup (PID 1 is not systemd?): running in a" \
+		"private mount namespace with cgroup2 mounted there"
+	exec unshare --mount --propagation private env NSPAWN_TEST_CGROUP_NS=1 bash -c '
+		mount -t cgroup2 cgroup2 /sys/fs/cgroup || {
+			echo "nspawn-test.sh: SKIPPED, cannot run here: cannot mount cgroup2 at /sys/fs/cgroup" >&2
+			exit 77
+		}
+		exec bash "$@"' bash "$script" "$deb"
+fi
 
 # Watchdog interval set by the test's drop-in; margins for the waits below.
 watchdog_sec=5
@@ -309,7 +328,7 @@ ok "WATCHDOG=1 arriving (last at monotonic $w2 us)"
 restart_sec=$(($(prop RestartUSec | sed -n 's/^\([0-9]*\)s$/\1/p') + 0))
 guest_kill -STOP "$pid" || fail "kill -STOP $pid failed in the guest"
 wait_restart 1 "watchdog after SIGSTOP" watchdog "$pid" $((watchdog_sec + restart_sec + 20))
-((restart_down_after <= watchdog_sec + 3)) ||
+((restart_down_after <= watchdog_sec + 5)) ||
 	fail "systemd took ${restart_down_after}s to act on the stopped daemon, over WatchdogSec=${watchdog_sec}s"
 journal=$(in_guest journalctl --no-pager -o cat -u "$unit")
 grep -q 'Watchdog timeout' <<<"$journal" ||
