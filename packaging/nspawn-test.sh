@@ -10,11 +10,15 @@
 #      are created through the local API (127.0.0.1:7788); the child sees the parent's
 #      file, its own writes stay out of the parent, and with the overlay driver the
 #      child's overlay mount is visible outside the service (no private mount
-#      namespace); `volume-agent volumes list` lists both; the driver is printed;
+#      namespace); `volume-agent volumes list` lists both; the driver is printed; an
+#      image tar with a setuid file and a device node streams into an unprivileged
+#      volume (root stored as the mapped top id, modes exact) and a privileged
+#      copy-on-write child of it gets the owners shifted back to 0 (chown, mknod and
+#      set-id bits allowed by the sandbox);
 #   3. watchdog: WATCHDOG=1 keeps arriving; after `kill -STOP` of the main process
 #      systemd kills it for the watchdog (Result=watchdog) and restarts it;
 #   4. crash safety: after SIGKILL, Restart=on-failure restarts it (Result=signal) and
-#      both volumes are still listed, their contents intact, the child mounted once;
+#      the volumes are still listed, the child's contents intact and mounted once;
 #   5. `systemctl stop`: the daemon sends STOPPING=1 and exits 0 well within
 #      TimeoutStopSec (Result=success, ExecMainStatus=0);
 #   6. `systemd-analyze security volume-agent.service`: the exposure figure is printed.
@@ -28,9 +32,10 @@
 # Needs root, mmdebstrap and systemd-container (apt-get install mmdebstrap
 # systemd-container) and the Debian archive through this machine's apt sources (the root
 # file system is downloaded on each run). The root file system is built on a tmpfs
-# (dpkg's fsyncs and the final removal are slow on virtual disks), so the volumes root
-# is a tmpfs too; NSPAWN_TEST_ON_DISK=1 builds it under /var/tmp instead. About a
-# minute in all; it prints how long each phase took. CI runs it (.ci/steps/systemd-boot.sh).
+# (removing its 350 MB of small files from a virtual disk alone can take half a minute),
+# so the volumes root is a tmpfs too; NSPAWN_TEST_ON_DISK=1 builds it under /var/tmp
+# instead. About a minute in all, most of it mmdebstrap; it prints how long each phase
+# took. CI runs it (.ci/steps/systemd-boot.sh).
 #
 # Exit status: 0 passed; 1 a check failed (the message names it; the service's journal
 # follows); 77 this machine cannot run containers at all (not root, no namespaces, no
@@ -193,11 +198,18 @@ show_props() {
 }
 prop() { in_guest systemctl show -P "$1" "$unit"; }
 api() { in_guest curl -sS --max-time 10 "$@"; }
-# api_call EXPECTED_STATUS METHOD PATH [JSON]: prints the body; fails on another status.
+# api_call EXPECTED_STATUS METHOD PATH [JSON | CURL_ARGS...]: prints the body; fails on
+# another status.
+# With more arguments than 3 and the 4th starting with '-', they go to curl as they are.
 api_call() {
-	local want=$1 method=$2 path=$3 body=${4:-} out code
+	local want=$1 method=$2 path=$3 out code
+	shift 3
 	local args=(-X "$method" -w '\n%{http_code}' "http://127.0.0.1:7788$path")
-	[[ -n $body ]] && args+=(-H 'Content-Type: application/json' --data "$body")
+	if [[ $# -gt 0 && $1 != -* ]]; then
+		args+=(-H 'Content-Type: application/json' --data "$1")
+	else
+		args+=("$@")
+	fi
 	out=$(api "${args[@]}") || fail "$method $path: no answer from the agent's local API"
 	code=${out##*$'\n'}
 	out=${out%$'\n'*}
@@ -318,6 +330,42 @@ for h in boot-parent boot-child; do
 done
 ok "empty volume and copy-on-write child created; the CLI lists both"
 
+# An image as a root file system carries setuid files and device nodes, owned by root.
+# Streamed into an unprivileged volume, root is stored as the mapped top id (chown,
+# mknod, set-id bits kept: CAP_CHOWN, CAP_MKNOD, CAP_FSETID and no device policy);
+# a privileged copy-on-write child shifts the owners back to 0 and keeps the rest.
+phase "stream an image (setuid file, device node) in; privileged copy-on-write child of it"
+# shellcheck disable=SC2016 # expanded by the guest's shell
+in_guest sh -c 'set -e; d=$(mktemp -d); mkdir "$d/bin" "$d/dev"
+	printf "#!/bin/sh\n" >"$d/bin/su"; chmod 4755 "$d/bin/su"
+	mknod "$d/dev/null" c 1 3; chmod 666 "$d/dev/null"
+	tar -C "$d" --numeric-owner -cf /tmp/image.tar .; rm -rf "$d"' ||
+	fail "cannot build the test image tar in the guest"
+image=$(api_call 201 POST /volumes '{"handle":"boot-image","strategy":{"type":"empty"}}')
+image_path=$(json_field path <<<"$image")
+api_call 204 PUT '/volumes/boot-image/stream-in?path=.' -H 'Content-Encoding: raw' \
+	--data-binary @/tmp/image.tar >/dev/null
+api_call 204 PUT /volumes/boot-image/state '{"state":"initialized"}' >/dev/null
+image_priv=$(api_call 201 POST /volumes \
+	'{"handle":"boot-image-priv","strategy":{"type":"cow","volume":"boot-image"},"privileged":true}')
+image_priv_path=$(json_field path <<<"$image_priv")
+# The agent's mapped root: the highest id of the guest's user namespace (as it reads it).
+top=0
+while read -r inside _ count; do
+	((inside + count - 1 > top)) && top=$((inside + count - 1))
+done < <(in_guest cat /proc/1/uid_map)
+# check_entry VOLUME_PATH ENTRY EXPECTED: `stat` of the entry is EXPECTED.
+check_entry() {
+	local got
+	got=$(in_guest stat -c '%u:%g %a %F %t,%T' "$1/$2" 2>&1) || fail "missing $1/$2: $got"
+	[[ $got == "$3" ]] || fail "$1/$2 is '$got', expected '$3'"
+}
+check_entry "$image_path" bin/su "$top:$top 4755 regular file 0,0"
+check_entry "$image_path" dev/null "$top:$top 666 character special file 1,3"
+check_entry "$image_priv_path" bin/su "0:0 4755 regular file 0,0"
+check_entry "$image_priv_path" dev/null "0:0 666 character special file 1,3"
+ok "setuid file and device node streamed in (root stored as $top), shifted back to 0 in the privileged child"
+
 # --- 3. watchdog --------------------------------------------------------------------------
 phase "watchdog: SIGSTOP the main process (WatchdogSec=${watchdog_sec}s)"
 w1=$(prop WatchdogTimestampMonotonic)
@@ -345,7 +393,7 @@ wait_restart 2 "restart after SIGKILL" signal "$pid" $((restart_sec + 20))
 pid=$(prop MainPID)
 ok "restarted by Restart=on-failure (Result=signal) as PID $pid after ${restart_total}s"
 list=$(volumes_list) || fail "volume-agent volumes list failed after the restarts: $list"
-for h in boot-parent boot-child; do
+for h in boot-parent boot-child boot-image boot-image-priv; do
 	grep -q "$h" <<<"$list" || fail "after the restarts, volume-agent volumes list does not list $h: $list"
 done
 [[ $(in_guest cat "$child_path/hello" 2>&1) == from-parent && $(in_guest cat "$child_path/own" 2>&1) == from-child ]] ||
@@ -355,7 +403,7 @@ if [[ $driver == Overlay ]]; then
 	[[ $n == 1 ]] || fail "after the restarts the child $child_path has $n overlay mounts, expected 1"
 fi
 api_call 200 GET /volumes/boot-child >/dev/null
-ok "both volumes survived the watchdog kill and SIGKILL, contents intact$([[ $driver == Overlay ]] && echo ', child mounted once')"
+ok "all four volumes survived the watchdog kill and SIGKILL, contents intact$([[ $driver == Overlay ]] && echo ', child mounted once')"
 
 # --- 6. (before stopping it) the security exposure ------------------------------------
 phase "systemd-analyze security $unit (in the guest)"
