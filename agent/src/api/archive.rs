@@ -238,6 +238,27 @@ fn chown_at(dir: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
         .map(drop)
 }
 
+/// Sets the exact mode of the special file (device node or fifo) `name` in `dir`, never
+/// following a symlink: `mknodat` applies the process umask (0022 under systemd), so a
+/// `crw-rw-rw-` /dev/null in an image would land as `crw-r--r--`. `fchmodat` cannot refuse
+/// symlinks on every libc, and `fchmod` refuses `O_PATH` descriptors, so the node is pinned
+/// with an `O_PATH | O_NOFOLLOW` descriptor, checked, and changed through /proc/self/fd.
+fn chmod_special_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+    let fd = open_at(dir, name, libc::O_PATH, 0)?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: valid fd; `st` is written by fstat before it is read.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so `st` is initialized.
+    let kind = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
+    if !matches!(kind, libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO) {
+        // Replaced (by a symlink, say) since it was made: leave it alone.
+        return Err(io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    let path = cstr(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+    // SAFETY: NUL-terminated path.
+    cvt(unsafe { libc::chmod(path.as_ptr(), (mode & 0o7777) as libc::mode_t) }).map(drop)
+}
+
 fn fchown_mode(fd: RawFd, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
     // SAFETY: valid fd.
     cvt(unsafe { libc::fchown(fd, uid, gid) })?;
@@ -402,6 +423,8 @@ pub fn extract(dest: &OwnedFd, input: impl Read, ids: IdMap) -> Result<Extracted
                 })
                 .map_err(io_err)?;
                 chown_at(pfd, &name, uid, gid).map_err(io_err)?;
+                // After the chown, which clears set-id bits.
+                chmod_special_at(pfd, &name, mode).map_err(io_err)?;
             }
             // Metadata entries the reader already applied, and types we do not store.
             _ => {}

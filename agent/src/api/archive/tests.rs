@@ -13,6 +13,8 @@ enum E {
     Dir(String),
     Symlink(String, String),
     HardLink(String, String),
+    /// A fifo with this mode (special files need no privilege to make when they are fifos).
+    Fifo(String, u32),
 }
 
 fn tar_of(entries: &[E]) -> Vec<u8> {
@@ -33,6 +35,11 @@ fn tar_of(entries: &[E]) -> Vec<u8> {
             E::Dir(n) => {
                 h.set_entry_type(EntryType::Directory);
                 h.set_mode(0o755);
+                append(&mut b, &mut h, n.as_bytes(), None, io::empty()).expect("append");
+            }
+            E::Fifo(n, mode) => {
+                h.set_entry_type(EntryType::Fifo);
+                h.set_mode(*mode);
                 append(&mut b, &mut h, n.as_bytes(), None, io::empty()).expect("append");
             }
             E::Symlink(n, t) | E::HardLink(n, t) => {
@@ -212,6 +219,21 @@ fn names_directory_entries_dot_slash_and_a_file_by_its_base_name() {
         open_source(src.path(), "missing"),
         Err(ArchiveError::NotFound)
     ));
+}
+
+#[test]
+fn special_files_keep_their_exact_mode_whatever_the_umask() {
+    // mknodat applies the umask (0022 from a shell or systemd): without the explicit
+    // chmod after it, 0666 would land as 0644.
+    let (dir, fd) = sandbox();
+    let tar = tar_of(&[E::Fifo("p".into(), 0o666), E::Fifo("q".into(), 0o600)]);
+    extract(&fd, &tar[..], IdMap::IDENTITY).expect("extract");
+    let v = dir.path().join("vol");
+    for (name, mode) in [("p", 0o666), ("q", 0o600)] {
+        let m = fs::symlink_metadata(v.join(name)).expect(name);
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+        assert_eq!(m.mode() & 0o7777, mode, "mode of {name}");
+    }
 }
 
 #[test]
