@@ -751,20 +751,8 @@ pub async fn try_create(
     handle: &str,
     parent: Option<&str>,
 ) -> Result<PathBuf, String> {
-    use protocol::local::{CreateVolumeRequest, Strategy, VolumeJson};
-    let strategy = match parent {
-        None => Strategy::Empty,
-        Some(p) => Strategy::Cow {
-            volume: crate::h(p),
-        },
-    };
-    let req = CreateVolumeRequest {
-        handle: crate::h(handle),
-        strategy,
-        properties: Default::default(),
-        privileged: false,
-        ttl: None,
-    };
+    use protocol::local::VolumeJson;
+    let req = crate::create_request(handle, parent);
     let resp = local
         .http
         .post(format!("{}/volumes", local.base))

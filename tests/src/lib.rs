@@ -293,17 +293,7 @@ impl Local {
 
     /// Creates a volume (cow when `parent` is set), puts a file in it, and initializes it.
     pub async fn make(&self, handle: &str, parent: Option<&str>) -> VolumeJson {
-        let strategy = match parent {
-            None => Strategy::Empty,
-            Some(p) => Strategy::Cow { volume: h(p) },
-        };
-        let req = CreateVolumeRequest {
-            handle: h(handle),
-            strategy,
-            properties: Default::default(),
-            privileged: false,
-            ttl: None,
-        };
+        let req = create_request(handle, parent);
         let resp = self
             .http
             .post(format!("{}/volumes", self.base))
@@ -373,6 +363,21 @@ impl Local {
             .await
             .lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+}
+
+/// `POST /volumes` body for an unprivileged volume without properties: empty, or a
+/// copy-on-write child of `parent`.
+pub fn create_request(handle: &str, parent: Option<&str>) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        handle: h(handle),
+        strategy: match parent {
+            None => Strategy::Empty,
+            Some(p) => Strategy::Cow { volume: h(p) },
+        },
+        properties: Default::default(),
+        privileged: false,
+        ttl: None,
     }
 }
 

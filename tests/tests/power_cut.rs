@@ -167,18 +167,7 @@ async fn create_req(
     handle: &str,
     parent: Option<&str>,
 ) -> Sent {
-    use protocol::local::{CreateVolumeRequest, Strategy};
-    let strategy = match parent {
-        None => Strategy::Empty,
-        Some(p) => Strategy::Cow { volume: h(p) },
-    };
-    let req = CreateVolumeRequest {
-        handle: h(handle),
-        strategy,
-        properties: Default::default(),
-        privileged: false,
-        ttl: None,
-    };
+    let req = create_request(handle, parent);
     answer(http.post(format!("{base}/volumes")).json(&req).send().await).await
 }
 
