@@ -59,7 +59,9 @@ impl Kind {
             "worker" => Ok(Kind::Worker),
             "scheduler" => Ok(Kind::Scheduler),
             "operator" => Ok(Kind::Operator),
-            other => Err(Error::Database(format!("unknown credential kind {other:?}"))),
+            other => Err(Error::Database(format!(
+                "unknown credential kind {other:?}"
+            ))),
         }
     }
 }
@@ -94,9 +96,16 @@ pub struct Issued {
 /// Who is calling, once the token is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
-    Worker { id: i64, name: String },
-    Scheduler { id: i64 },
-    Operator { id: i64 },
+    Worker {
+        id: i64,
+        name: String,
+    },
+    Scheduler {
+        id: i64,
+    },
+    Operator {
+        id: i64,
+    },
     /// `auth = "none"`: every route is open.
     Anonymous,
 }
@@ -342,11 +351,14 @@ const CACHE_LIMIT: usize = 100_000;
 /// Checks bearer tokens against the database, through a short-lived cache.
 pub struct Authenticator {
     db: Db,
-    /// `None`: `auth = "none"`.
+    /// False with `auth = "none"`.
     enabled: bool,
     ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], (Arc<Identity>, Instant)>>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
+
+/// A checked credential and when the database last confirmed it.
+type Cached = (Arc<Identity>, Instant);
 
 impl Authenticator {
     pub fn new(db: Db, enabled: bool, ttl: Duration) -> Self {
@@ -541,11 +553,7 @@ mod tests {
     #[test]
     fn bearer_scheme_is_case_insensitive() {
         for v in ["Bearer t", "bearer t", "BEARER t", "bEaReR   t"] {
-            assert_eq!(
-                bearer_token(&HeaderValue::from_static(v)),
-                Some("t"),
-                "{v}"
-            );
+            assert_eq!(bearer_token(&HeaderValue::from_static(v)), Some("t"), "{v}");
         }
         for v in ["Basic dTpw", "Bearer", "Bearer ", "Bearert", "Bearer a b"] {
             assert_eq!(bearer_token(&HeaderValue::from_static(v)), None, "{v}");

@@ -258,9 +258,12 @@ key_file = "/etc/volume-central/key.pem"
         .unwrap_err()
         .to_string();
         assert!(err.contains("credentials issue"), "{err}");
-        let err = Config::parse(Path::new("c.toml"), "database_url = \"x\"\nauth = \"maybe\"")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "database_url = \"x\"\nauth = \"maybe\"",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("none"), "{err}");
     }
 

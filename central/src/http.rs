@@ -100,8 +100,7 @@ async fn put_resource_types(
     body: web::Bytes,
 ) -> Reply {
     let worker = worker_of(&worker)?;
-    let report: ResourceTypesReport =
-        off_loop(body, |b| decode("base resource types", &b)).await?;
+    let report: ResourceTypesReport = off_loop(body, |b| decode("base resource types", &b)).await?;
     store::put_resource_types(&st.db, worker, &report).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -186,11 +185,7 @@ struct WorkerBody {
     name: String,
 }
 
-async fn post_worker(
-    _: Caller<SchedulerOnly>,
-    st: web::Data<AppState>,
-    body: web::Bytes,
-) -> Reply {
+async fn post_worker(_: Caller<SchedulerOnly>, st: web::Data<AppState>, body: web::Bytes) -> Reply {
     let req: WorkerBody = decode("worker", &body)?;
     let created = store::register_worker(&st.db, &req.name).await?;
     let status = if created {

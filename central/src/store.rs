@@ -128,7 +128,10 @@ fn stored_handle(s: String) -> Result<Handle> {
 }
 
 /// Registers `worker` inside `tx`; whether it is new.
-pub async fn register_worker_in(tx: &tokio_postgres::Transaction<'_>, worker: &str) -> Result<bool> {
+pub async fn register_worker_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    worker: &str,
+) -> Result<bool> {
     check_worker_name(worker)?;
     Ok(tx
         .execute(

@@ -124,14 +124,7 @@ async fn desired_set_answers_with_etag_then_304_until_a_change() {
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     assert_eq!(count(&db, "SELECT count(*) FROM volumes").await, 0);
 
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&client, &base).await;
     assert!(
         metrics.contains("volume_central_desired_answers_total{kind=\"not_modified\"} 1"),
         "{metrics}"

@@ -13,6 +13,17 @@ fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
     path
 }
 
+/// `volume-central run --config CONFIG` in the background, output discarded.
+fn spawn_run(config: &std::path::Path) -> std::process::Child {
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run")
+}
+
 /// `credentials issue ARGS` against `config`; the token it prints.
 fn issue(config: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new(BIN)
@@ -133,9 +144,18 @@ fn credentials_issue_list_revoke_from_the_command_line() {
         String::from_utf8(out.stdout).expect("utf-8")
     };
     let before = list(&config);
-    assert!(!before.contains(&w) && !before.contains(&s), "tokens never listed");
-    let line1 = before.lines().find(|l| l.contains("w1")).expect("w1 listed");
-    assert!(line1.trim_start().starts_with("1 ") && line1.contains("worker"), "{before}");
+    assert!(
+        !before.contains(&w) && !before.contains(&s),
+        "tokens never listed"
+    );
+    let line1 = before
+        .lines()
+        .find(|l| l.contains("w1"))
+        .expect("w1 listed");
+    assert!(
+        line1.trim_start().starts_with("1 ") && line1.contains("worker"),
+        "{before}"
+    );
     let out = Command::new(BIN)
         .args(["credentials", "revoke", "1", "--config"])
         .arg(&config)
@@ -144,7 +164,10 @@ fn credentials_issue_list_revoke_from_the_command_line() {
     assert!(out.status.success(), "{out:?}");
     let after = list(&config);
     let line1 = after.lines().find(|l| l.contains("w1")).expect("w1 listed");
-    assert!(!line1.trim_end().ends_with('-'), "revoked time shown: {after}");
+    assert!(
+        !line1.trim_end().ends_with('-'),
+        "revoked time shown: {after}"
+    );
     let out = Command::new(BIN)
         .args(["credentials", "revoke", "99", "--config"])
         .arg(&config)
@@ -199,13 +222,7 @@ fn run_serves_until_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, port) = migrated_config(dir.path(), "gc_interval = \"1s\"\n");
     let token = issue(&config, &["--scheduler"]);
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run");
+    let mut child = spawn_run(&config);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let ready = runtime.block_on(async {
         let client = reqwest::Client::new();
@@ -232,4 +249,64 @@ fn run_serves_until_sigterm() {
     let exit = child.wait().expect("wait");
     assert!(ready, "volume-central never became ready");
     assert!(exit.success(), "exit after SIGTERM: {exit:?}");
+}
+
+/// SIGTERM while a large report is in flight: the process stops (after at most the
+/// shutdown timeout for the request), it does not hang on the report.
+#[test]
+fn sigterm_stops_the_service_even_mid_report() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, port) = migrated_config(
+        dir.path(),
+        "auth = \"none\"\nshutdown_timeout = \"1s\"\nhttp_workers = 1\n",
+    );
+    let mut child = spawn_run(&config);
+    let base = format!("http://127.0.0.1:{port}");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let mut registered = false;
+        for _ in 0..600 {
+            if let Ok(resp) = client
+                .post(format!("{base}/api/v1/workers"))
+                .json(&serde_json::json!({"name": "w1"}))
+                .send()
+                .await
+            {
+                registered = resp.status().is_success();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(registered, "volume-central never answered");
+        let missing: Vec<String> = (0..300_000).map(|i| format!("volume-{i:08}")).collect();
+        let body = serde_json::json!({"revision_seen": null, "volumes": [], "missing": missing});
+        let report = tokio::spawn(
+            client
+                .put(format!("{base}/api/v1/workers/w1/volumes/report"))
+                .json(&body)
+                .send(),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let kill = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(kill.success());
+        // The report either finished before the stop or was cut; both are fine.
+        let _ = report.await;
+    });
+    let mut exited = None;
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            exited = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let status = exited.expect("volume-central still running a minute after SIGTERM");
+    assert!(status.success(), "{status:?}");
 }

@@ -161,3 +161,15 @@ pub async fn wait_until(cond: impl Fn() -> bool) {
     }
     panic!("condition not reached within a minute");
 }
+
+/// The `/metrics` text of the service at `base`.
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
