@@ -43,9 +43,25 @@ pub struct Config {
     /// A file whose first line is the connection string (keeps passwords out of the config).
     #[serde(default)]
     pub database_url_file: Option<PathBuf>,
-    /// A file whose first line is the bearer token every `/api` request must carry.
+    /// `"credentials"` (default): every `/api` request carries an issued credential.
+    /// `"none"`: no authentication at all (warned about at start, hourly, and in
+    /// `/metrics`); the service refuses to start without credentials unless this is set.
     #[serde(default)]
-    pub token_file: Option<PathBuf>,
+    pub auth: AuthMode,
+    /// How long a replica trusts a checked credential before asking the database again:
+    /// the longest a revocation takes to reach every replica. `0s` checks every request.
+    #[serde(default = "default_credential_cache", with = "humantime_serde")]
+    pub credential_cache: Duration,
+    /// Most handles one report may name (volumes, destroyed, missing, failed, blocked);
+    /// a larger report is refused with 413.
+    #[serde(default = "default_max_report_handles")]
+    pub max_report_handles: usize,
+    /// How long a stop (SIGTERM) waits for requests in flight before cutting them.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Serve HTTPS with this certificate and key (PEM) instead of plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// How often the GC runs (one replica at a time).
     #[serde(default = "default_gc_interval", with = "humantime_serde")]
     pub gc_interval: Duration,
@@ -60,6 +76,34 @@ pub struct Config {
     pub http_workers: usize,
 }
 
+/// Whether `/api` requests need a credential.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Credentials,
+    None,
+}
+
+/// `[tls]`: the server's certificate chain and private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate first, then any intermediates.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+fn default_credential_cache() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_report_handles() -> usize {
+    1_000_000
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -80,7 +124,11 @@ impl Config {
             listen: default_listen(),
             database_url: Some(url.into()),
             database_url_file: None,
-            token_file: None,
+            auth: AuthMode::Credentials,
+            credential_cache: default_credential_cache(),
+            max_report_handles: default_max_report_handles(),
+            shutdown_timeout: default_shutdown_timeout(),
+            tls: None,
             gc_interval: default_gc_interval(),
             missing_grace: default_missing_grace(),
             pool_size: default_pool_size(),
@@ -105,7 +153,12 @@ impl Config {
                 + &err
                     .span()
                     .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                + if err.message().contains("`token_file`") {
+                    TOKEN_FILE_REMOVED
+                } else {
+                    ""
+                },
         })?;
         config.validate(path)?;
         Ok(config)
@@ -121,6 +174,11 @@ impl Config {
         if self.pool_size == 0 {
             return Err(ConfigError::Zero { key: "pool_size" });
         }
+        if self.max_report_handles == 0 {
+            return Err(ConfigError::Zero {
+                key: "max_report_handles",
+            });
+        }
         Ok(())
     }
 
@@ -132,15 +190,10 @@ impl Config {
             _ => Err(ConfigError::DatabaseUrl("(in memory)".into())),
         }
     }
-
-    /// The bearer token, when `token_file` is set.
-    pub fn resolve_token(&self) -> Result<Option<String>, ConfigError> {
-        self.token_file
-            .as_deref()
-            .map(|file| read_secret("token", file))
-            .transpose()
-    }
 }
+
+/// Why an old `token_file` is refused, and what replaces it.
+const TOKEN_FILE_REMOVED: &str = "; `token_file` (one token shared by every caller) was removed: issue one credential per worker, the scheduler and operators with `volume-central credentials issue --worker NAME | --scheduler | --operator`, give each caller its own token, and delete the key";
 
 fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
@@ -169,10 +222,16 @@ mod tests {
             r#"
 listen = "0.0.0.0:9000"
 database_url = "postgres://u@localhost/db"
-token_file = "/etc/volume-central/token"
+auth = "none"
+credential_cache = "0s"
+max_report_handles = 10
+shutdown_timeout = "3s"
 gc_interval = "10s"
 missing_grace = "2m"
 pool_size = 4
+[tls]
+cert_file = "/etc/volume-central/cert.pem"
+key_file = "/etc/volume-central/key.pem"
 "#,
         )
         .expect("valid config");
@@ -180,6 +239,32 @@ pool_size = 4
         assert_eq!(c.gc_interval, Duration::from_secs(10));
         assert_eq!(c.missing_grace, Duration::from_secs(120));
         assert_eq!(c.pool_size, 4);
+        assert_eq!(c.auth, AuthMode::None);
+        assert_eq!(c.credential_cache, Duration::ZERO);
+        assert_eq!(c.max_report_handles, 10);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(3));
+        assert!(c.tls.is_some());
+    }
+
+    #[test]
+    fn auth_defaults_to_credentials_and_token_file_is_refused_with_the_fix() {
+        let c = Config::parse(Path::new("c.toml"), "database_url = \"x\"").expect("valid");
+        assert_eq!(c.auth, AuthMode::Credentials);
+        assert!(c.tls.is_none());
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "database_url = \"x\"\ntoken_file = \"/t\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("credentials issue"), "{err}");
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "database_url = \"x\"\nauth = \"maybe\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("none"), "{err}");
     }
 
     #[test]
@@ -216,21 +301,14 @@ pool_size = 4
     }
 
     #[test]
-    fn reads_database_url_and_token_from_files() {
+    fn reads_database_url_from_a_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = dir.path().join("url");
         std::fs::write(&url, "postgres://a@b/c\n").expect("write");
-        let token = dir.path().join("token");
-        std::fs::write(&token, "  s3cret \n").expect("write");
-        let text = format!(
-            "database_url_file = {:?}\ntoken_file = {:?}",
-            url.display().to_string(),
-            token.display().to_string()
-        );
+        let text = format!("database_url_file = {:?}", url.display().to_string());
         let c = Config::parse(Path::new("c.toml"), &text).expect("valid");
         assert_eq!(c.resolve_database_url().expect("url"), "postgres://a@b/c");
-        assert_eq!(c.resolve_token().expect("token").as_deref(), Some("s3cret"));
-        std::fs::write(&token, "\n").expect("write");
-        assert!(c.resolve_token().is_err());
+        std::fs::write(&url, "\n").expect("write");
+        assert!(c.resolve_database_url().is_err());
     }
 }

@@ -17,6 +17,9 @@ pub enum Error {
     /// The request itself is wrong (HTTP 400).
     #[error("{0}")]
     BadRequest(String),
+    /// The request is larger than a configured bound (HTTP 413).
+    #[error("{0}")]
+    TooLarge(String),
     /// The database schema is older than this build (HTTP 503).
     #[error("database schema is at migration {found}, this build needs {needed}; run `volume-central migrate`")]
     SchemaBehind { found: i32, needed: i32 },

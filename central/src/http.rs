@@ -1,32 +1,47 @@
 //! The HTTP routes (actix-web): the agent-facing native dialect, the scheduler-facing
 //! API, and `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Every `/api` request passes [`authenticate`] (a middleware: 401 before the body is
+//! read) and then the [`Caller`] extractor of its handler, whose policy type says who may
+//! call the route (403 otherwise). JSON bodies larger than [`INLINE_DECODE`] are decoded
+//! on the blocking pool, never on the event loop that also answers `/healthz`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::header;
 use actix_web::http::StatusCode;
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use protocol::native::{ResourceTypesReport, VolumeReport};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use protocol::native::{FailedVolume, ResourceTypesReport, VolumeReport};
 use protocol::{Handle, VolumeState};
 use serde::Deserialize;
 
+use crate::auth::{
+    Authenticator, Caller, OwnWorker, OwnWorkerOrOperator, SchedulerOnly, SchedulerOrOperator,
+};
 use crate::db::Db;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::store::{self, CreateResourceCache, CreateResourceConfig, CreateVolume, Desired};
+use crate::store::{
+    self, CreateResourceCache, CreateResourceConfig, CreateVolume, Desired, ReportSets,
+};
 
 /// Largest request body accepted (a report of a very large worker).
 pub const MAX_BODY: usize = 64 << 20;
 
+/// Bodies up to this size are decoded inline; larger ones on the blocking pool.
+pub const INLINE_DECODE: usize = 256 << 10;
+
 /// What every handler shares.
 pub struct AppState {
     pub db: Db,
-    pub token: Option<String>,
+    pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
+    /// Most handles one report may name.
+    pub max_report_handles: usize,
 }
 
 impl ResponseError for Error {
@@ -36,6 +51,7 @@ impl ResponseError for Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -59,23 +75,38 @@ fn decode<T: serde::de::DeserializeOwned>(what: &'static str, body: &[u8]) -> Re
     protocol::decode(what, body).map_err(|err| Error::BadRequest(err.to_string()))
 }
 
+/// Runs `work` on `body`: inline when the body is small, else on the blocking pool.
+async fn off_loop<T: Send + 'static>(
+    body: web::Bytes,
+    work: impl FnOnce(web::Bytes) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    if body.len() <= INLINE_DECODE {
+        return work(body);
+    }
+    web::block(move || work(body))
+        .await
+        .map_err(|err| Error::Database(format!("request decoding was cancelled: {err}")))?
+}
+
 fn worker_of(path: &web::Path<String>) -> Result<&str, Error> {
     store::check_worker_name(path.as_str())?;
     Ok(path.as_str())
 }
 
 async fn put_resource_types(
+    _: Caller<OwnWorker>,
     st: web::Data<AppState>,
     worker: web::Path<String>,
     body: web::Bytes,
 ) -> Reply {
     let worker = worker_of(&worker)?;
-    let report: ResourceTypesReport = decode("base resource types", &body)?;
+    let report: ResourceTypesReport = off_loop(body, |b| decode("base resource types", &b)).await?;
     store::put_resource_types(&st.db, worker, &report).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 async fn get_desired(
+    _: Caller<OwnWorkerOrOperator>,
     st: web::Data<AppState>,
     worker: web::Path<String>,
     req: HttpRequest,
@@ -101,28 +132,76 @@ async fn get_desired(
                 .content_type("application/json")
                 .body(body))
         }
-        Desired::UnknownWorker => Err(Error::NotFound(format!(
-            "worker {worker:?} is unknown to the central side"
-        ))),
+        Desired::UnknownWorker => Err(store::unknown_worker(worker)),
     }
 }
 
-async fn put_report(st: web::Data<AppState>, worker: web::Path<String>, body: web::Bytes) -> Reply {
+/// What a report handler keeps after the body is reduced (off the event loop).
+struct ReducedReport {
+    sets: ReportSets,
+    failed: Vec<FailedVolume>,
+    blocked: usize,
+}
+
+fn reduce_report(body: &[u8], limit: usize) -> Result<ReducedReport, Error> {
+    let report: VolumeReport = decode("volume report", body)?;
+    let n = store::report_handle_count(&report);
+    if n > limit {
+        return Err(Error::TooLarge(format!(
+            "the report names {n} handles, more than max_report_handles = {limit}; raise max_report_handles in the volume-central config if this worker really has that many volumes"
+        )));
+    }
+    Ok(ReducedReport {
+        sets: ReportSets::new(&report),
+        blocked: report.blocked.len(),
+        failed: report.failed,
+    })
+}
+
+async fn put_report(
+    _: Caller<OwnWorker>,
+    st: web::Data<AppState>,
+    worker: web::Path<String>,
+    body: web::Bytes,
+) -> Reply {
     let worker = worker_of(&worker)?;
-    let report: VolumeReport = decode("volume report", &body)?;
-    let out = store::apply_report(&st.db, worker, &report).await?;
+    let limit = st.max_report_handles;
+    let report = off_loop(body, move |b| reduce_report(&b, limit)).await?;
+    let out = store::apply_report_sets(&st.db, worker, &report.sets).await?;
     let m = &st.metrics;
     Metrics::inc(&m.reports);
     Metrics::add(&m.reported_destroyed_deleted, out.deleted);
     Metrics::add(&m.reported_failed, report.failed.len() as u64);
-    Metrics::add(&m.reported_blocked, report.blocked.len() as u64);
+    Metrics::add(&m.reported_blocked, report.blocked as u64);
     for f in &report.failed {
         tracing::warn!(worker, handle = %f.handle, attempts = f.attempts, "worker cannot destroy volume: {}", f.error);
     }
     Ok(HttpResponse::NoContent().finish())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerBody {
+    name: String,
+}
+
+async fn post_worker(_: Caller<SchedulerOnly>, st: web::Data<AppState>, body: web::Bytes) -> Reply {
+    let req: WorkerBody = decode("worker", &body)?;
+    let created = store::register_worker(&st.db, &req.name).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(HttpResponse::build(status).json(serde_json::json!({ "name": req.name })))
+}
+
+async fn list_workers(_: Caller<SchedulerOrOperator>, st: web::Data<AppState>) -> Reply {
+    Ok(HttpResponse::Ok().json(store::list_workers(&st.db).await?))
+}
+
 async fn post_volume(
+    _: Caller<SchedulerOnly>,
     st: web::Data<AppState>,
     worker: web::Path<String>,
     body: web::Bytes,
@@ -133,7 +212,11 @@ async fn post_volume(
     Ok(HttpResponse::Created().json(row))
 }
 
-async fn list_volumes(st: web::Data<AppState>, worker: web::Path<String>) -> Reply {
+async fn list_volumes(
+    _: Caller<SchedulerOrOperator>,
+    st: web::Data<AppState>,
+    worker: web::Path<String>,
+) -> Reply {
     let worker = worker_of(&worker)?;
     Ok(HttpResponse::Ok().json(store::list_volumes(&st.db, worker).await?))
 }
@@ -144,7 +227,12 @@ struct StateBody {
     state: VolumeState,
 }
 
-async fn put_state(st: web::Data<AppState>, handle: web::Path<String>, body: web::Bytes) -> Reply {
+async fn put_state(
+    _: Caller<SchedulerOnly>,
+    st: web::Data<AppState>,
+    handle: web::Path<String>,
+    body: web::Bytes,
+) -> Reply {
     let handle = Handle::new(handle.into_inner()).map_err(|e| Error::BadRequest(e.to_string()))?;
     let req: StateBody = decode("state", &body)?;
     if req.state == VolumeState::Destroying {
@@ -162,6 +250,7 @@ struct ContainerBody {
 }
 
 async fn post_container(
+    _: Caller<SchedulerOnly>,
     st: web::Data<AppState>,
     worker: web::Path<String>,
     body: web::Bytes,
@@ -178,32 +267,52 @@ async fn post_container(
         .json(serde_json::json!({"handle": req.handle, "worker": worker})))
 }
 
-async fn delete_container(st: web::Data<AppState>, path: web::Path<(String, String)>) -> Reply {
+async fn delete_container(
+    _: Caller<SchedulerOnly>,
+    st: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Reply {
     let (worker, handle) = path.into_inner();
     store::check_worker_name(&worker)?;
     store::delete_container(&st.db, &worker, &handle).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn post_resource_config(st: web::Data<AppState>, body: web::Bytes) -> Reply {
+async fn post_resource_config(
+    _: Caller<SchedulerOnly>,
+    st: web::Data<AppState>,
+    body: web::Bytes,
+) -> Reply {
     let req: CreateResourceConfig = decode("resource config", &body)?;
     let id = store::create_resource_config(&st.db, &req).await?;
     Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
 }
 
-async fn post_resource_cache(st: web::Data<AppState>, body: web::Bytes) -> Reply {
+async fn post_resource_cache(
+    _: Caller<SchedulerOnly>,
+    st: web::Data<AppState>,
+    body: web::Bytes,
+) -> Reply {
     let req: CreateResourceCache = decode("resource cache", &body)?;
     let id = store::create_resource_cache(&st.db, &req).await?;
     Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
 }
 
-async fn post_cache_use(st: web::Data<AppState>, path: web::Path<(i64, i64)>) -> Reply {
+async fn post_cache_use(
+    _: Caller<SchedulerOnly>,
+    st: web::Data<AppState>,
+    path: web::Path<(i64, i64)>,
+) -> Reply {
     let (cache, build) = path.into_inner();
     store::add_cache_use(&st.db, cache, build).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn delete_cache_use(st: web::Data<AppState>, path: web::Path<(i64, i64)>) -> Reply {
+async fn delete_cache_use(
+    _: Caller<SchedulerOnly>,
+    st: web::Data<AppState>,
+    path: web::Path<(i64, i64)>,
+) -> Reply {
     let (cache, build) = path.into_inner();
     store::delete_cache_use(&st.db, cache, build).await?;
     Ok(HttpResponse::NoContent().finish())
@@ -238,34 +347,32 @@ async fn metrics(st: web::Data<AppState>) -> HttpResponse {
         .body(st.metrics.render())
 }
 
-/// Refuses `/api` requests without the configured bearer token.
-async fn require_token(
+/// Authenticates every `/api` request (before its body is read): 401 without a valid
+/// credential; else the caller's identity goes into the request for [`Caller`].
+async fn authenticate(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let expected = req
-        .app_data::<web::Data<AppState>>()
-        .and_then(|st| st.token.clone());
-    if let Some(token) = expected {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            let resp = HttpResponse::Unauthorized()
-                .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
-                .json(serde_json::json!({
-                    "error": "missing or wrong bearer token; send `Authorization: Bearer <token>` with the token from the service's token_file"
-                }));
-            return Ok(req.into_response(resp));
+    let Some(st) = req.app_data::<web::Data<AppState>>().cloned() else {
+        return Err(actix_web::error::ErrorInternalServerError(
+            "volume-central state missing",
+        ));
+    };
+    match st
+        .auth
+        .authenticate(req.headers().get(header::AUTHORIZATION))
+        .await
+    {
+        Ok(identity) => {
+            req.extensions_mut().insert(identity);
+            Ok(next.call(req).await?.map_into_boxed_body())
+        }
+        Err(err) => {
+            tracing::debug!(method = %req.method(), path = req.path(), "refused: {err}");
+            let resp = err.error_response();
+            Ok(req.into_response(resp))
         }
     }
-    Ok(next.call(req).await?.map_into_boxed_body())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Counts every response by status class.
@@ -280,6 +387,11 @@ pub(crate) async fn count_responses(
     if let Some(m) = metrics {
         let status = resp.status();
         m.count_status(status.as_u16());
+        if status == StatusCode::UNAUTHORIZED {
+            Metrics::inc(&m.auth_unauthorized);
+        } else if status == StatusCode::FORBIDDEN {
+            Metrics::inc(&m.auth_forbidden);
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             Metrics::inc(&m.db_unavailable);
         }
@@ -295,7 +407,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .service(
             web::scope("/api/v1")
-                .wrap(from_fn(require_token))
+                .wrap(from_fn(authenticate))
+                .route("/workers", web::post().to(post_worker))
+                .route("/workers", web::get().to(list_workers))
                 .route(
                     "/workers/{w}/base-resource-types",
                     web::put().to(put_resource_types),

@@ -6,8 +6,11 @@
 //! * [`start`] / [`run`]: the HTTP service and its GC loop; [`start`] returns a
 //!   [`Server`] that tests drive in-process on a random port.
 //! * [`store`] and [`gc`]: every database operation, callable without HTTP.
+//! * [`auth`]: credentials (issue, list, revoke) and who may call which route.
+//! * [`tls`]: the optional HTTPS listener's certificate and key.
 //! * `testing` (feature `testing`): a throwaway PostgreSQL cluster for tests.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -18,6 +21,7 @@ pub mod migrate;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -27,7 +31,7 @@ use std::time::Instant;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 
-pub use config::{Config, ConfigError};
+pub use config::{AuthMode, Config, ConfigError, TlsConfig};
 pub use db::Db;
 pub use error::Error;
 pub use metrics::Metrics;
@@ -46,7 +50,16 @@ pub enum StartError {
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("refusing to start: no credential is issued, so every API request would be refused. Issue the scheduler's and each worker's credential against this database (`volume-central credentials issue --scheduler`, `... --worker NAME`), or set `auth = \"none\"` in the config to run without authentication (never where workers or the network are untrusted)")]
+    NoCredentials,
 }
+
+/// How often the warning about `auth = "none"` is repeated.
+pub const AUTH_NONE_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+const AUTH_NONE_WARNING: &str = "auth = \"none\": the API accepts every request without a credential; any caller can act as any worker or the scheduler. Issue credentials (`volume-central credentials issue`) and remove `auth = \"none\"`";
 
 /// Applies every pending migration to the configured database; returns the versions
 /// applied now (empty when the schema was current).
@@ -61,8 +74,10 @@ pub struct Server {
     handle: actix_web::dev::ServerHandle,
     serve: tokio::task::JoinHandle<std::io::Result<()>>,
     gc: tokio::task::JoinHandle<()>,
+    warn: Option<tokio::task::JoinHandle<()>>,
     metrics: Arc<Metrics>,
     db: Db,
+    https: bool,
 }
 
 impl Server {
@@ -71,9 +86,10 @@ impl Server {
         self.addr
     }
 
-    /// `http://addr`.
+    /// `http://addr`, or `https://addr` with `[tls]`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -87,6 +103,9 @@ impl Server {
     /// Stops the GC loop and the HTTP server gracefully.
     pub async fn stop(self) {
         self.gc.abort();
+        if let Some(w) = &self.warn {
+            w.abort();
+        }
         self.handle.stop(true).await;
         let _ = self.serve.await;
     }
@@ -96,6 +115,9 @@ impl Server {
     async fn wait(self) -> Result<(), StartError> {
         let res = self.serve.await;
         self.gc.abort();
+        if let Some(w) = &self.warn {
+            w.abort();
+        }
         match res {
             Ok(r) => r.map_err(StartError::Serve),
             Err(join) => Err(StartError::Serve(std::io::Error::other(join.to_string()))),
@@ -104,15 +126,25 @@ impl Server {
 }
 
 /// Starts the HTTP service and the GC loop on the current tokio runtime. The database
-/// need not be reachable yet: requests answer 503 until it is.
+/// need not be reachable yet: requests answer 503 until it is. With `auth =
+/// "credentials"` (the default) and a reachable, migrated database holding no active
+/// credential, it refuses to start ([`StartError::NoCredentials`]).
 pub async fn start(config: &Config) -> Result<Server, StartError> {
     let db = Db::connect(&config.resolve_database_url()?, config.pool_size)?;
-    let token = config.resolve_token()?;
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
+    let auth_on = config.auth == AuthMode::Credentials;
+    if auth_on {
+        check_credentials_exist(&db).await?;
+    }
     let metrics = Arc::new(Metrics::default());
+    metrics
+        .auth_disabled
+        .store(i64::from(!auth_on), Ordering::Relaxed);
     let state = web::Data::new(http::AppState {
         db: db.clone(),
-        token,
+        auth: auth::Authenticator::new(db.clone(), auth_on, config.credential_cache),
         metrics: metrics.clone(),
+        max_report_handles: config.max_report_handles,
     });
     let listener =
         std::net::TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
@@ -127,17 +159,20 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
             .configure(http::configure)
     })
     .disable_signals()
-    .shutdown_timeout(5);
+    .shutdown_timeout(config.shutdown_timeout.as_secs().max(1));
     if config.http_workers > 0 {
         server = server.workers(config.http_workers);
     }
-    let server = server
-        .listen(listener)
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?
-        .run();
+    let bind_err = |source| StartError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let https = tls.is_some();
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls).map_err(bind_err)?,
+        None => server.listen(listener).map_err(bind_err)?,
+    }
+    .run();
     let handle = server.handle();
     let serve = tokio::spawn(server);
     let gc = tokio::spawn(gc_loop(
@@ -146,15 +181,45 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         config.missing_grace,
         metrics.clone(),
     ));
-    tracing::info!(%addr, "volume-central listening");
+    let warn = (!auth_on).then(|| {
+        tokio::spawn(async {
+            let mut tick = tokio::time::interval(AUTH_NONE_WARNING_EVERY);
+            loop {
+                tick.tick().await;
+                tracing::warn!("{AUTH_NONE_WARNING}");
+            }
+        })
+    });
+    let scheme = if https { "https" } else { "http" };
+    tracing::info!(%addr, scheme, auth = ?config.auth, "volume-central listening");
     Ok(Server {
         addr,
         handle,
         serve,
         gc,
+        warn,
         metrics,
         db,
+        https,
     })
+}
+
+/// Refuses to start when the database is reachable and migrated but holds no active
+/// credential. When it cannot tell (database down, schema behind), it starts: every
+/// request then fails closed (503 or 401) until the database answers.
+async fn check_credentials_exist(db: &Db) -> Result<(), StartError> {
+    let checked = async {
+        migrate::check_current(db).await?;
+        auth::count_active(db).await
+    };
+    match checked.await {
+        Ok(0) => Err(StartError::NoCredentials),
+        Ok(_) => Ok(()),
+        Err(err) => {
+            tracing::warn!("cannot count credentials at start ({err}); requests are refused until the database answers");
+            Ok(())
+        }
+    }
 }
 
 /// Runs the service until SIGINT or SIGTERM.

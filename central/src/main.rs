@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use volume_central::Config;
+use clap::{Args, Parser, Subcommand};
+use volume_central::auth::{self, Subject};
+use volume_central::{Config, Db};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +30,102 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Issue, list and revoke credentials (in the database of the config).
+    Credentials {
+        #[arg(long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Credentials,
+    },
+}
+
+#[derive(Subcommand)]
+enum Credentials {
+    /// Issue a credential and print its token once (stdout); only its hash is stored.
+    Issue(IssueFor),
+    /// List every credential (id, kind, worker, created, last used, revoked); never tokens.
+    List,
+    /// Revoke a credential by id; every replica refuses it within `credential_cache`.
+    Revoke {
+        #[arg(value_name = "ID")]
+        id: i64,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct IssueFor {
+    /// For the agent of this worker (registers the worker when it is new).
+    #[arg(long, value_name = "NAME")]
+    worker: Option<String>,
+    /// For the scheduler (the scheduler routes).
+    #[arg(long)]
+    scheduler: bool,
+    /// For an operator (read-only views).
+    #[arg(long)]
+    operator: bool,
+}
+
+impl IssueFor {
+    fn subject(self) -> Subject {
+        match (self.worker, self.scheduler) {
+            (Some(w), _) => Subject::Worker(w),
+            (None, true) => Subject::Scheduler,
+            (None, false) => Subject::Operator,
+        }
+    }
+}
+
+fn describe(c: &auth::Credential) -> String {
+    match &c.worker {
+        Some(w) => format!("credential {} (worker {w})", c.id),
+        None => format!("credential {} ({})", c.id, c.kind.as_str()),
+    }
+}
+
+async fn credentials(config: &Config, command: Credentials) -> anyhow::Result<()> {
+    let db = Db::connect(&config.resolve_database_url()?, 2)?;
+    volume_central::migrate::check_current(&db).await?;
+    match command {
+        Credentials::Issue(what) => {
+            let issued = auth::issue(&db, &what.subject()).await?;
+            eprintln!(
+                "issued {}; the token below is shown only this once, store it now (mode 0600):",
+                describe(&issued.credential)
+            );
+            println!("{}", issued.token);
+        }
+        Credentials::List => {
+            let fmt_time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "{:>6}  {:<9}  {:<20}  {:<20}  {:<20}  REVOKED",
+                "ID", "KIND", "WORKER", "CREATED", "LAST USED"
+            );
+            for c in auth::list(&db).await? {
+                println!(
+                    "{:>6}  {:<9}  {:<20}  {:<20}  {:<20}  {}",
+                    c.id,
+                    c.kind.as_str(),
+                    c.worker.as_deref().unwrap_or("-"),
+                    fmt_time(Some(c.created_at)),
+                    fmt_time(c.last_used_at),
+                    fmt_time(c.revoked_at)
+                );
+            }
+        }
+        Credentials::Revoke { id } => {
+            let c = auth::revoke(&db, id).await?;
+            println!(
+                "revoked {}; every replica refuses its token within credential_cache ({})",
+                describe(&c),
+                humantime::format_duration(config.credential_cache)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,7 +140,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            runtime.block_on(volume_central::run(config))?;
+            let grace = config.shutdown_timeout;
+            let result = runtime.block_on(volume_central::run(config));
+            // Work cut off at the stop (a report still decoding) gets one more second.
+            runtime.shutdown_timeout(grace.min(std::time::Duration::from_secs(1)));
+            result?;
         }
         Command::Migrate { config } => {
             let config = Config::load(&config)?;
@@ -56,6 +157,13 @@ fn main() -> anyhow::Result<()> {
             } else {
                 println!("applied migrations {applied:?}");
             }
+        }
+        Command::Credentials { config, command } => {
+            let path = config.context(
+                "credentials needs the service's config to find the database: pass --config FILE",
+            )?;
+            let config = Config::load(&path)?;
+            runtime.block_on(credentials(&config, command))?;
         }
     }
     Ok(())

@@ -26,6 +26,12 @@ pub struct Metrics {
     pub gc_last_pass_micros: AtomicU64,
     /// 1 when the last database access succeeded, 0 when it failed.
     pub db_up: AtomicI64,
+    /// `/api` requests refused with 401 (no, unknown or revoked credential).
+    pub auth_unauthorized: AtomicU64,
+    /// `/api` requests refused with 403 (a valid credential outside its scope).
+    pub auth_forbidden: AtomicU64,
+    /// 1 when the service runs with `auth = "none"`.
+    pub auth_disabled: AtomicI64,
 }
 
 impl Metrics {
@@ -98,6 +104,14 @@ impl Metrics {
             &[("", g(&self.reported_blocked))],
         );
         counter(
+            "auth_refused_total",
+            "API requests refused: 401 without a valid credential, 403 outside its scope.",
+            &[
+                ("{status=\"401\"}", g(&self.auth_unauthorized)),
+                ("{status=\"403\"}", g(&self.auth_forbidden)),
+            ],
+        );
+        counter(
             "db_unavailable_total",
             "Requests or passes that failed because the database was unreachable.",
             &[("", g(&self.db_unavailable))],
@@ -135,6 +149,11 @@ impl Metrics {
             out,
             "# HELP volume_central_db_up Whether the last database access succeeded.\n# TYPE volume_central_db_up gauge\nvolume_central_db_up {}",
             self.db_up.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP volume_central_auth_disabled 1 when the API runs without authentication (auth = \"none\").\n# TYPE volume_central_auth_disabled gauge\nvolume_central_auth_disabled {}",
+            self.auth_disabled.load(Ordering::Relaxed)
         );
         out
     }

@@ -4,8 +4,14 @@ use crate::db::Db;
 use crate::error::{Error, Result};
 
 /// `(version, name, sql)` of every migration this build knows, in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "seed", include_str!("../migrations/0001_seed.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "seed", include_str!("../migrations/0001_seed.sql")),
+    (
+        2,
+        "credentials",
+        include_str!("../migrations/0002_credentials.sql"),
+    ),
+];
 
 /// The highest migration version this build knows.
 pub fn latest_version() -> i32 {

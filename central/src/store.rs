@@ -2,6 +2,8 @@
 //!
 //! Each function is one transaction (or one statement) and safe to repeat.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use protocol::native::{DesiredSet, DesiredVolume, ResourceTypesReport, VolumeReport};
 use protocol::{Handle, VolumeState};
@@ -125,16 +127,76 @@ fn stored_handle(s: String) -> Result<Handle> {
     Handle::new(s).map_err(|err| Error::Database(format!("stored handle is invalid: {err}")))
 }
 
-async fn ensure_worker(tx: &tokio_postgres::Transaction<'_>, worker: &str) -> Result<()> {
-    tx.execute(
-        "INSERT INTO workers (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+/// Registers `worker` inside `tx`; whether it is new.
+pub async fn register_worker_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    worker: &str,
+) -> Result<bool> {
+    check_worker_name(worker)?;
+    Ok(tx
+        .execute(
+            "INSERT INTO workers (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+            &[&worker],
+        )
+        .await?
+        == 1)
+}
+
+/// `POST /api/v1/workers`: registers `worker` (idempotent); whether it is new. Workers
+/// exist only once registered, here or by issuing their credential.
+pub async fn register_worker(db: &Db, worker: &str) -> Result<bool> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    let created = register_worker_in(&tx, worker).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// The error for a URL naming a worker that was never registered.
+pub fn unknown_worker(worker: &str) -> Error {
+    Error::NotFound(format!(
+        "worker {worker:?} is not registered; the scheduler registers it with POST /api/v1/workers {{\"name\": {worker:?}}}, or issuing its credential does (`volume-central credentials issue --worker {worker}`)"
+    ))
+}
+
+/// Fails with 404 unless `worker` is registered; locks its row against deletion.
+async fn require_worker(tx: &tokio_postgres::Transaction<'_>, worker: &str) -> Result<()> {
+    tx.query_opt(
+        "SELECT 1 FROM workers WHERE name = $1 FOR KEY SHARE",
         &[&worker],
     )
-    .await?;
+    .await?
+    .ok_or_else(|| unknown_worker(worker))?;
     Ok(())
 }
 
-/// `PUT /api/v1/workers/{w}/base-resource-types`: registers the worker and its types. A
+/// A registered worker as `GET /api/v1/workers` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRow {
+    pub name: String,
+    pub revision: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /api/v1/workers`.
+pub async fn list_workers(db: &Db) -> Result<Vec<WorkerRow>> {
+    let client = db.client().await?;
+    Ok(client
+        .query(
+            "SELECT name, revision, created_at FROM workers ORDER BY name",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| WorkerRow {
+            name: r.get(0),
+            revision: r.get(1),
+            created_at: r.get(2),
+        })
+        .collect())
+}
+
+/// `PUT /api/v1/workers/{w}/base-resource-types`: the registered worker's types. A
 /// type whose version changed loses its old `worker_base_resource_types` row, so volumes
 /// built on the old version become garbage.
 pub async fn put_resource_types(db: &Db, worker: &str, report: &ResourceTypesReport) -> Result<()> {
@@ -164,7 +226,7 @@ pub async fn put_resource_types(db: &Db, worker: &str, report: &ResourceTypesRep
         .collect();
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
-    ensure_worker(&tx, worker).await?;
+    require_worker(&tx, worker).await?;
     tx.execute(
         "INSERT INTO base_resource_types (name, version)
          SELECT * FROM unnest($1::text[], $2::text[])
@@ -220,20 +282,73 @@ pub struct ReportOutcome {
     pub kept_with_children: u64,
 }
 
-/// `PUT /api/v1/workers/{w}/volumes/report`.
-pub async fn apply_report(db: &Db, worker: &str, report: &VolumeReport) -> Result<ReportOutcome> {
-    let present: Vec<&str> = report.volumes.iter().map(|v| v.handle.as_str()).collect();
-    let destroyed: Vec<&str> = report.destroyed.iter().map(Handle::as_str).collect();
-    let missing: Vec<&str> = report
-        .missing
+/// A report reduced to what the database needs: three lists of handles, each without
+/// duplicates, `missing` without the handles also reported present. Built in time linear
+/// in the report's size (hash sets), so the HTTP layer can build it off the event loop.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReportSets {
+    pub present: Vec<String>,
+    pub destroyed: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+impl ReportSets {
+    pub fn new(report: &VolumeReport) -> Self {
+        let mut seen = HashSet::with_capacity(report.volumes.len());
+        let present: Vec<String> = report
+            .volumes
+            .iter()
+            .map(|v| v.handle.as_str())
+            .filter(|h| seen.insert(*h))
+            .map(str::to_string)
+            .collect();
+        // `missing` skips what is present (the volume is there after all); `destroyed`
+        // is independent of both.
+        let missing = unique_handles(&report.missing, &mut seen);
+        let destroyed = unique_handles(&report.destroyed, &mut HashSet::new());
+        ReportSets {
+            present,
+            destroyed,
+            missing,
+        }
+    }
+}
+
+fn unique_handles<'a>(handles: &'a [Handle], seen: &mut HashSet<&'a str>) -> Vec<String> {
+    handles
         .iter()
         .map(Handle::as_str)
-        .filter(|h| !present.contains(h))
-        .collect();
+        .filter(|h| seen.insert(h))
+        .map(str::to_string)
+        .collect()
+}
+
+/// How many handles a report names (the figure `max_report_handles` bounds).
+pub fn report_handle_count(report: &VolumeReport) -> usize {
+    report.volumes.len()
+        + report.destroyed.len()
+        + report.missing.len()
+        + report.failed.len()
+        + report
+            .blocked
+            .iter()
+            .map(|b| 1 + b.by_children.len())
+            .sum::<usize>()
+}
+
+/// `PUT /api/v1/workers/{w}/volumes/report`.
+pub async fn apply_report(db: &Db, worker: &str, report: &VolumeReport) -> Result<ReportOutcome> {
+    apply_report_sets(db, worker, &ReportSets::new(report)).await
+}
+
+/// [`apply_report`] on a report already reduced to [`ReportSets`]: a fixed number of
+/// statements, each joining the handle arrays (`unnest`) with the worker's rows, so the
+/// time is linear in the report's size whatever its shape.
+pub async fn apply_report_sets(db: &Db, worker: &str, sets: &ReportSets) -> Result<ReportOutcome> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match try_apply_report(db, worker, &present, &destroyed, &missing).await {
+        match try_apply_report(db, worker, sets).await {
             Err(Error::Conflict(msg)) if attempt < 3 => {
                 tracing::debug!(
                     worker,
@@ -246,75 +361,68 @@ pub async fn apply_report(db: &Db, worker: &str, report: &VolumeReport) -> Resul
     }
 }
 
-async fn try_apply_report(
-    db: &Db,
-    worker: &str,
-    present: &[&str],
-    destroyed: &[&str],
-    missing: &[&str],
-) -> Result<ReportOutcome> {
+async fn try_apply_report(db: &Db, worker: &str, sets: &ReportSets) -> Result<ReportOutcome> {
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
-    let known = tx
-        .query_opt("SELECT 1 FROM workers WHERE name = $1", &[&worker])
-        .await?
-        .is_some();
-    if !known {
-        return Err(Error::NotFound(format!(
-            "worker {worker:?} is unknown; it registers with PUT /api/v1/workers/{worker}/base-resource-types"
-        )));
-    }
+    require_worker(&tx, worker).await?;
     let mut out = ReportOutcome::default();
-    if !present.is_empty() {
+    if !sets.present.is_empty() {
         out.confirmed = tx
             .execute(
-                "UPDATE volumes SET state = 'created'
-                  WHERE worker_name = $1 AND state = 'creating' AND handle = ANY($2)",
-                &[&worker, &present],
+                "UPDATE volumes v SET state = 'created'
+                   FROM unnest($2::text[]) AS r(handle)
+                  WHERE v.handle = r.handle AND v.worker_name = $1 AND v.state = 'creating'",
+                &[&worker, &sets.present],
             )
             .await?;
         out.cleared_missing = tx
             .execute(
-                "UPDATE volumes SET missing_since = NULL
-                  WHERE worker_name = $1 AND missing_since IS NOT NULL AND handle = ANY($2)",
-                &[&worker, &present],
+                "UPDATE volumes v SET missing_since = NULL
+                   FROM unnest($2::text[]) AS r(handle)
+                  WHERE v.handle = r.handle AND v.worker_name = $1
+                    AND v.missing_since IS NOT NULL",
+                &[&worker, &sets.present],
             )
             .await?;
     }
-    if !missing.is_empty() {
+    if !sets.missing.is_empty() {
         out.marked_missing = tx
             .execute(
-                "UPDATE volumes SET missing_since = now()
-                  WHERE worker_name = $1 AND missing_since IS NULL
-                    AND state NOT IN ('creating', 'destroying') AND handle = ANY($2)",
-                &[&worker, &missing],
+                "UPDATE volumes v SET missing_since = now()
+                   FROM unnest($2::text[]) AS r(handle)
+                  WHERE v.handle = r.handle AND v.worker_name = $1 AND v.missing_since IS NULL
+                    AND v.state NOT IN ('creating', 'destroying')",
+                &[&worker, &sets.missing],
             )
             .await?;
     }
-    if !destroyed.is_empty() {
-        // Deepest first: each statement deletes the reported rows that have no child
-        // left, until none is deleted. Rows whose children were not reported stay.
-        let stmt = tx
-            .prepare(
-                "DELETE FROM volumes v
-                  WHERE v.worker_name = $1 AND v.handle = ANY($2)
-                    AND NOT EXISTS (SELECT 1 FROM volumes c WHERE c.parent_id = v.id)",
-            )
-            .await?;
-        loop {
-            let n = tx
-                .execute(&stmt, &[&worker, &destroyed])
-                .await
-                .map_err(|err| restrict_to_conflict(err, "a reported volume got a new child"))?;
-            if n == 0 {
-                break;
-            }
-            out.deleted += n;
-        }
+    if !sets.destroyed.is_empty() {
+        // One statement, deepest rows included: a reported row is deleted when no row
+        // below it is kept. Kept are the rows not reported, and every reported ancestor
+        // of one (found by walking up from each kept row's parent).
+        let stmt = "WITH RECURSIVE
+                 r AS MATERIALIZED (
+                     SELECT v.id, v.parent_id FROM volumes v
+                       JOIN unnest($2::text[]) AS h(handle) ON v.handle = h.handle
+                      WHERE v.worker_name = $1),
+                 held (id) AS (
+                     SELECT c.parent_id FROM r JOIN volumes c ON c.parent_id = r.id
+                      WHERE NOT EXISTS (SELECT 1 FROM r AS o WHERE o.id = c.id)
+                     UNION
+                     SELECT r.parent_id FROM r JOIN held ON r.id = held.id
+                      WHERE r.parent_id IS NOT NULL)
+             DELETE FROM volumes v USING r
+              WHERE v.id = r.id AND NOT EXISTS (SELECT 1 FROM held WHERE held.id = r.id)";
+        out.deleted = tx
+            .execute(stmt, &[&worker, &sets.destroyed])
+            .await
+            .map_err(|err| restrict_to_conflict(err, "a reported volume got a new child"))?;
         out.kept_with_children = tx
             .query_one(
-                "SELECT count(*) FROM volumes WHERE worker_name = $1 AND handle = ANY($2)",
-                &[&worker, &destroyed],
+                "SELECT count(*) FROM volumes v JOIN unnest($2::text[]) AS r(handle)
+                     ON v.handle = r.handle
+                  WHERE v.worker_name = $1",
+                &[&worker, &sets.destroyed],
             )
             .await?
             .get::<_, i64>(0)
@@ -423,7 +531,7 @@ fn volume_row(row: &tokio_postgres::Row) -> Result<VolumeRow> {
 pub async fn create_volume(db: &Db, worker: &str, req: &CreateVolume) -> Result<VolumeRow> {
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
-    ensure_worker(&tx, worker).await?;
+    require_worker(&tx, worker).await?;
     let container_id: Option<i64> = match &req.container {
         None => None,
         Some(h) => Some(
@@ -596,7 +704,7 @@ pub async fn list_volumes(db: &Db, worker: &str) -> Result<Vec<VolumeRow>> {
         .await?
         .is_none()
     {
-        return Err(Error::NotFound(format!("worker {worker:?} is unknown")));
+        return Err(unknown_worker(worker));
     }
     let rows = client
         .query(
@@ -616,7 +724,7 @@ pub async fn create_container(db: &Db, worker: &str, handle: &str) -> Result<boo
     }
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
-    ensure_worker(&tx, worker).await?;
+    require_worker(&tx, worker).await?;
     let created = tx
         .execute(
             "INSERT INTO containers (worker_name, handle) VALUES ($1, $2)
@@ -644,15 +752,17 @@ pub async fn create_container(db: &Db, worker: &str, handle: &str) -> Result<boo
 }
 
 /// `DELETE /api/v1/workers/{w}/containers/{h}`: its volumes lose their container and may
-/// become garbage. Idempotent.
+/// become garbage. Idempotent; 404 only for an unregistered worker.
 pub async fn delete_container(db: &Db, worker: &str, handle: &str) -> Result<()> {
-    let client = db.client().await?;
-    client
-        .execute(
-            "DELETE FROM containers WHERE worker_name = $1 AND handle = $2",
-            &[&worker, &handle],
-        )
-        .await?;
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    require_worker(&tx, worker).await?;
+    tx.execute(
+        "DELETE FROM containers WHERE worker_name = $1 AND handle = $2",
+        &[&worker, &handle],
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 

@@ -33,6 +33,13 @@ async fn desired_set_answers_with_etag_then_304_until_a_change() {
     let client = reqwest::Client::new();
     let resp = desired(&client, &base, "w1", None).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND, "unknown worker");
+    let resp = client
+        .post(format!("{base}/api/v1/workers"))
+        .json(&json!({"name": "w1"}))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), StatusCode::CREATED);
 
     let resp = client
         .put(format!("{base}/api/v1/workers/w1/base-resource-types"))
@@ -117,14 +124,7 @@ async fn desired_set_answers_with_etag_then_304_until_a_change() {
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     assert_eq!(count(&db, "SELECT count(*) FROM volumes").await, 0);
 
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&client, &base).await;
     assert!(
         metrics.contains("volume_central_desired_answers_total{kind=\"not_modified\"} 1"),
         "{metrics}"
@@ -154,6 +154,12 @@ async fn scheduler_api_answers_201_404_409_and_moves_state_forward_only() {
         }
     };
     let vols = format!("{base}/api/v1/workers/w1/volumes");
+    volume_central::store::register_worker(&db, "w1")
+        .await
+        .expect("register w1");
+    volume_central::store::register_worker(&db, "w2")
+        .await
+        .expect("register w2");
     client
         .put(format!("{base}/api/v1/workers/w1/base-resource-types"))
         .json(&types("1.0"))
@@ -372,49 +378,6 @@ async fn scheduler_api_answers_201_404_409_and_moves_state_forward_only() {
 }
 
 #[tokio::test]
-async fn bearer_token_is_required_on_the_api_when_configured() {
-    let (mut config, _db) = fresh_db().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let token = dir.path().join("token");
-    std::fs::write(&token, "t0ken\n").expect("write");
-    config.token_file = Some(token);
-    let server = volume_central::start(&config).await.expect("start");
-    let base = server.url();
-    let client = reqwest::Client::new();
-    let url = format!("{base}/api/v1/workers/w1/base-resource-types");
-    let no = client
-        .put(&url)
-        .json(&types("1"))
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(no.status(), StatusCode::UNAUTHORIZED);
-    let wrong = client
-        .put(&url)
-        .bearer_auth("nope")
-        .json(&types("1"))
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
-    let ok = client
-        .put(&url)
-        .bearer_auth("t0ken")
-        .json(&types("1"))
-        .send()
-        .await
-        .expect("put");
-    assert_eq!(ok.status(), StatusCode::NO_CONTENT);
-    let health = client
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .expect("healthz");
-    assert_eq!(health.status(), StatusCode::OK);
-    server.stop().await;
-}
-
-#[tokio::test]
 async fn readyz_is_false_until_migrations_are_current() {
     let url = PgCluster::shared().create_database().expect("database");
     let mut config = volume_central::Config::with_database_url(url);
@@ -451,8 +414,12 @@ async fn lost_database_answers_503_and_recovers_by_itself() {
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.http_workers = 1;
     config.pool_size = 4;
+    config.auth = volume_central::AuthMode::None;
     volume_central::migrate(&config).await.expect("migrate");
     let server = volume_central::start(&config).await.expect("start");
+    volume_central::store::register_worker(server.db(), "w1")
+        .await
+        .expect("register");
     let base = server.url();
     let client = reqwest::Client::new();
     let put = || {

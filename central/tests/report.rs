@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use protocol::native::{ReportedVolume, VolumeReport};
-use protocol::VolumeState;
+use protocol::{Handle, VolumeState};
 use volume_central::{store, Error};
 
 fn reported(handle: &str, state: VolumeState) -> ReportedVolume {
@@ -162,4 +162,98 @@ async fn report_from_an_unknown_worker_is_not_found_and_creates_nothing() {
         .unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     assert_eq!(count(&db, "SELECT count(*) FROM workers").await, 0);
+}
+
+/// A report of 50,000 present and 50,000 missing handles (the issue's stall) against
+/// 50,000 rows, on one HTTP worker thread: `/healthz` keeps answering meanwhile and the
+/// report is applied in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_while_a_large_report_is_applied() {
+    let (mut config, db) = fresh_db().await;
+    config.http_workers = 1;
+    register(&db, "w1", "1.0").await;
+    container(&db, "w1", "c").await;
+    db.client()
+        .await
+        .expect("client")
+        .batch_execute(
+            "INSERT INTO volumes (handle, worker_name, state, container_id)
+             SELECT 'v' || i, 'w1', 'initialized', (SELECT id FROM containers)
+               FROM generate_series(1, 50000) i",
+        )
+        .await
+        .expect("seed");
+    let server = volume_central::start(&config).await.expect("start");
+    let volumes: Vec<serde_json::Value> = (1..=50_000)
+        .map(|i| serde_json::json!({"handle": format!("v{i}"), "parent": null, "state": "initialized"}))
+        .collect();
+    let missing: Vec<String> = (50_001..=100_000).map(|i| format!("m{i}")).collect();
+    let body = serde_json::json!({"revision_seen": null, "volumes": volumes, "missing": missing});
+    let client = reqwest::Client::new();
+    let report = client
+        .put(format!("{}/api/v1/workers/w1/volumes/report", server.url()))
+        .json(&body)
+        .send();
+    let health = async {
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            let resp = client
+                .get(format!("{}/healthz", server.url()))
+                .send()
+                .await
+                .expect("healthz");
+            answers.push(resp.status().as_u16());
+        }
+        answers
+    };
+    let (report, answers) = tokio::join!(report, health);
+    assert_eq!(report.expect("report").status().as_u16(), 204);
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM volumes WHERE worker_name = 'w1'").await,
+        50_000
+    );
+    server.stop().await;
+}
+
+/// A chain 2,000 deep reported destroyed at once goes in one report (one statement, not
+/// one per level), and a reported parent whose child was not reported stays.
+#[tokio::test]
+async fn a_deep_chain_reported_destroyed_is_deleted_in_one_report() {
+    let (_c, db) = fresh_db().await;
+    register(&db, "w1", "1.0").await;
+    db.client()
+        .await
+        .expect("client")
+        .batch_execute(
+            "INSERT INTO volumes (id, handle, worker_name, state, parent_id, parent_state)
+             SELECT i, 'd' || i, 'w1', 'destroying',
+                    CASE WHEN i > 1 THEN i - 1 END, CASE WHEN i > 1 THEN 'destroying' END
+               FROM generate_series(1, 2000) i ORDER BY i;
+             INSERT INTO volumes (id, handle, worker_name, state, parent_id, parent_state)
+             VALUES (3000, 'kept-parent', 'w1', 'destroying', NULL, NULL),
+                    (3001, 'live-child', 'w1', 'destroying', 3000, 'destroying');
+             SELECT setval('volumes_id_seq', 3001);",
+        )
+        .await
+        .expect("seed");
+    let mut destroyed: Vec<Handle> = (1..=2000).map(|i| h(&format!("d{i}"))).collect();
+    destroyed.push(h("kept-parent"));
+    let report = VolumeReport {
+        destroyed,
+        ..Default::default()
+    };
+    let out = store::apply_report(&db, "w1", &report)
+        .await
+        .expect("report");
+    assert_eq!(out.deleted, 2000);
+    assert_eq!(out.kept_with_children, 1);
+    assert_eq!(
+        snapshot(&db)
+            .await
+            .into_iter()
+            .map(|r| r.0)
+            .collect::<Vec<_>>(),
+        ["kept-parent", "live-child"]
+    );
 }

@@ -9,15 +9,20 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
+use volume_central::auth::Subject;
 use volume_central::testing::PgCluster;
 
 use crate::{eventually, Agent, AgentSettings, Local};
 
 /// One volume-central instance. Several instances on one database are replicas.
+/// Authentication is on: the harness holds a scheduler's and an operator's credential,
+/// and each [`Worker`] gets its own.
 pub struct Central {
     pub server: volume_central::Server,
     config: volume_central::Config,
     http: reqwest::Client,
+    scheduler: String,
+    operator: String,
 }
 
 impl Central {
@@ -33,15 +38,24 @@ impl Central {
         config.missing_grace = Duration::from_secs(2);
         config.http_workers = 1;
         volume_central::migrate(&config).await.expect("migrate");
-        Central::on(config).await
+        let db = volume_central::Db::connect(&config.resolve_database_url().expect("url"), 1)
+            .expect("pool");
+        let scheduler = issue(&db, Subject::Scheduler).await;
+        let operator = issue(&db, Subject::Operator).await;
+        Central::on(config, scheduler, operator).await
     }
 
     /// Another instance on the same database, on its own port.
     pub async fn replica(&self) -> Central {
-        Central::on(self.config.clone()).await
+        Central::on(
+            self.config.clone(),
+            self.scheduler.clone(),
+            self.operator.clone(),
+        )
+        .await
     }
 
-    async fn on(config: volume_central::Config) -> Central {
+    async fn on(config: volume_central::Config, scheduler: String, operator: String) -> Central {
         let server = volume_central::start(&config)
             .await
             .expect("start volume-central");
@@ -49,7 +63,14 @@ impl Central {
             server,
             config,
             http: reqwest::Client::new(),
+            scheduler,
+            operator,
         }
+    }
+
+    /// Issues worker `name`'s credential (which registers the worker); its token.
+    pub async fn worker_token(&self, name: &str) -> String {
+        issue(self.server.db(), Subject::Worker(name.into())).await
     }
 
     /// The base URL agents are pointed at.
@@ -63,7 +84,10 @@ impl Central {
 
     /// One request; the status and the JSON body (`Null` when there is none).
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, self.api(path));
+        let mut req = self
+            .http
+            .request(method, self.api(path))
+            .bearer_auth(&self.scheduler);
         if let Some(body) = body {
             req = req.json(&body);
         }
@@ -186,7 +210,8 @@ impl Central {
     ) -> (u16, Option<String>, Value) {
         let mut req = self
             .http
-            .get(self.api(&format!("/workers/{worker}/volumes/desired")));
+            .get(self.api(&format!("/workers/{worker}/volumes/desired")))
+            .bearer_auth(&self.operator);
         if let Some(tag) = if_none_match {
             req = req.header("If-None-Match", tag);
         }
@@ -267,29 +292,45 @@ pub enum Owner<'a> {
     BaseResourceType(&'a str),
 }
 
+/// Issues a credential for `subject`; its token.
+async fn issue(db: &volume_central::Db, subject: Subject) -> String {
+    volume_central::auth::issue(db, &subject)
+        .await
+        .expect("issue a volume-central credential")
+        .token
+}
+
 /// A worker: the real agent process and a client for its local API.
 pub struct Worker {
     pub name: String,
     pub agent: Agent,
     pub local: Local,
+    /// Holds the worker's credential file.
+    _token_dir: tempfile::TempDir,
 }
 
 impl Worker {
-    /// Starts an agent for worker `name` against `central_url` (polls every 200 ms,
-    /// reports every 300 ms, resource types rescanned every 200 ms).
-    pub fn start(central_url: &str, name: &str) -> Worker {
+    /// Registers worker `name` by issuing its credential, and starts its agent against
+    /// `central` with that token (polls every 200 ms, reports every 300 ms, resource
+    /// types rescanned every 200 ms).
+    pub async fn start(central: &Central, name: &str) -> Worker {
+        let token_dir = tempfile::tempdir().expect("tempdir");
+        let token_file = token_dir.path().join("token");
+        std::fs::write(&token_file, central.worker_token(name).await).expect("write token");
         let settings = AgentSettings {
             worker: name.into(),
             poll_interval: "200ms",
             report_interval: "300ms",
+            token_file: Some(token_file),
             ..AgentSettings::default()
         };
-        let agent = Agent::start(central_url, &settings);
+        let agent = Agent::start(&central.url(), &settings);
         let local = Local::new(&agent);
         Worker {
             name: name.into(),
             agent,
             local,
+            _token_dir: token_dir,
         }
     }
 

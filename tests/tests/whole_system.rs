@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 #[actix_rt::test]
 async fn chain_of_depth_ten_is_collected_child_first_from_disk_and_database() {
     let central = Central::start().await;
-    let w = Worker::start(&central.url(), "w1");
+    let w = Worker::start(&central, "w1").await;
     central.container("w1", "c1").await;
     let names: Vec<String> = (0..10).map(|i| format!("v{i}")).collect();
     for (i, name) in names.iter().enumerate() {
@@ -38,7 +38,7 @@ async fn chain_of_depth_ten_is_collected_child_first_from_disk_and_database() {
 #[actix_rt::test]
 async fn volume_deleted_by_hand_is_reported_missing_and_its_row_cleaned_up() {
     let central = Central::start().await;
-    let w = Worker::start(&central.url(), "w1");
+    let w = Worker::start(&central, "w1").await;
     central.container("w1", "c1").await;
     w.volume(&central, "solo", None, Owner::Container("c1"))
         .await;
@@ -62,7 +62,7 @@ async fn volume_deleted_by_hand_is_reported_missing_and_its_row_cleaned_up() {
 #[actix_rt::test]
 async fn desired_set_keeps_a_live_chain_and_blocks_nothing() {
     let central = Central::start().await;
-    let w = Worker::start(&central.url(), "w1");
+    let w = Worker::start(&central, "w1").await;
     central.container("w1", "c1").await;
     w.volume(&central, "base", None, Owner::Container("c1"))
         .await;
@@ -102,7 +102,7 @@ async fn wait_base_type(central: &Central, worker: &str, name: &str, version: &s
 #[actix_rt::test]
 async fn base_resource_type_version_change_retires_the_old_volume_child_first() {
     let central = Central::start().await;
-    let w = Worker::start(&central.url(), "w1");
+    let w = Worker::start(&central, "w1").await;
     w.set_base_resource_type("git", "1.0");
     wait_base_type(&central, "w1", "git", "1.0").await;
     // The scheduler imports git 1.0 on the worker, and a running container has a
@@ -170,7 +170,7 @@ async fn base_resource_type_version_change_retires_the_old_volume_child_first() 
 #[actix_rt::test]
 async fn resource_cache_losing_its_last_use_is_collected_on_the_worker() {
     let central = Central::start().await;
-    let w = Worker::start(&central.url(), "w1");
+    let w = Worker::start(&central, "w1").await;
     w.set_base_resource_type("git", "1.0");
     wait_base_type(&central, "w1", "git", "1.0").await;
     // Two versions of one resource: v1 used by build 1, v2 by builds 2 and 3. Build 1's
@@ -269,8 +269,8 @@ fn desired_volumes(set: &Value) -> Vec<(String, Option<String>)> {
 async fn agents_split_between_two_replicas_converge() {
     let one = Central::start().await;
     let two = one.replica().await;
-    let a = Worker::start(&one.url(), "wa");
-    let b = Worker::start(&two.url(), "wb");
+    let a = Worker::start(&one, "wa").await;
+    let b = Worker::start(&two, "wb").await;
     // Each worker's builds are scheduled through the other replica.
     let (keep_a, keep_b) = join(split_workload(&a, &two), split_workload(&b, &one)).await;
 

@@ -4,8 +4,18 @@
 use volume_central::testing::PgCluster;
 use volume_central::{Config, Db};
 
-/// A fresh, migrated database and a pool on it.
+/// A fresh, migrated database and a pool on it; the config runs without authentication
+/// (`auth = "none"`: these tests are about the seed's rules; `tests/auth.rs` covers
+/// credentials).
 pub async fn fresh_db() -> (Config, Db) {
+    let (mut config, db) = fresh_db_with_auth().await;
+    config.auth = volume_central::AuthMode::None;
+    (config, db)
+}
+
+/// A fresh, migrated database with the default `auth = "credentials"` (no credential
+/// issued yet).
+pub async fn fresh_db_with_auth() -> (Config, Db) {
     let url = PgCluster::shared()
         .create_database()
         .expect("create database");
@@ -56,6 +66,9 @@ pub fn h(s: &str) -> Handle {
 
 /// Registers `worker` with one base resource type `git` at `version`.
 pub async fn register(db: &Db, worker: &str, version: &str) {
+    store::register_worker(db, worker)
+        .await
+        .expect("register worker");
     let report = ResourceTypesReport {
         resource_types: vec![BaseResourceType {
             name: "git".into(),
@@ -67,7 +80,7 @@ pub async fn register(db: &Db, worker: &str, version: &str) {
     };
     store::put_resource_types(db, worker, &report)
         .await
-        .expect("register worker");
+        .expect("base resource types");
 }
 
 /// Creates container `handle` on `worker`.
@@ -147,4 +160,16 @@ pub async fn wait_until(cond: impl Fn() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     panic!("condition not reached within a minute");
+}
+
+/// The `/metrics` text of the service at `base`.
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use e2e::{Agent, AgentSettings, Local};
 use serde_json::{json, Value};
+use volume_central::auth::{self, Subject};
 use volume_central::testing::PgCluster;
 
 fn main() -> anyhow::Result<()> {
@@ -55,20 +56,42 @@ async fn demo() -> anyhow::Result<()> {
     config.listen = "127.0.0.1:0".parse()?;
     config.gc_interval = Duration::from_millis(500);
     volume_central::migrate(&config).await?;
+    // Credentials: the scheduler's (this demo's requests) and one per worker, each
+    // issued the way `volume-central credentials issue` does it.
+    let db = volume_central::Db::connect(&config.resolve_database_url()?, 1)?;
+    let scheduler = auth::issue(&db, &Subject::Scheduler).await?.token;
+    let tokens = tempfile::tempdir()?;
+    let mut token_files = Vec::new();
+    for w in ["w1", "w2"] {
+        let path = tokens.path().join(w);
+        std::fs::write(
+            &path,
+            auth::issue(&db, &Subject::Worker(w.into())).await?.token,
+        )?;
+        token_files.push(path);
+    }
     let central = volume_central::start(&config).await?;
     let base = central.url();
-    println!("== volume-central at {base} (GC every 500 ms)");
-    let settings = |w: &str| AgentSettings {
+    println!("== volume-central at {base} (GC every 500 ms), workers w1 and w2 registered with their own credentials");
+    let settings = |w: &str, token: &std::path::Path| AgentSettings {
         worker: w.into(),
         poll_interval: "300ms",
         report_interval: "500ms",
+        token_file: Some(token.to_path_buf()),
         ..AgentSettings::default()
     };
-    let a1 = Agent::start(&base, &settings("w1"));
-    let a2 = Agent::start(&base, &settings("w2"));
+    let a1 = Agent::start(&base, &settings("w1", &token_files[0]));
+    let a2 = Agent::start(&base, &settings("w2", &token_files[1]));
     println!("== two agents: w1 at {}, w2 at {}", a1.api, a2.api);
     let (l1, l2) = (Local::new(&a1), Local::new(&a2));
-    let http = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {scheduler}").parse()?,
+    );
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let api = |p: &str| format!("{base}/api/v1{p}");
 
     println!("\n== a build on w1: container c1 and a chain base <- child <- grandchild; w2 gets a volume for container c2");
