@@ -39,19 +39,25 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, CaFileErro
 
 /// When `e` failed in the TLS handshake, what went wrong, said for an operator.
 pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(tls) = tls {
-            return Some(explain(tls));
-        }
-        cur = err.source();
+    find_rustls(e).map(explain)
+}
+
+/// The rustls error somewhere in `e`'s chain. The TLS connector wraps it in an
+/// `io::Error` (twice, by the HTTPS connector), and `io::Error::source` skips the error
+/// it wraps, so each `io::Error` is opened with `get_ref` as well.
+fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
     }
-    None
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        if let Some(tls) = find_rustls(inner) {
+            return Some(tls);
+        }
+    }
+    e.source().and_then(find_rustls)
 }
 
 fn explain(e: &rustls::Error) -> String {
@@ -114,6 +120,10 @@ mod tests {
         );
         let msg = tls_failure(&io).expect("a TLS failure");
         assert!(msg.contains("central.ca_file"), "{msg}");
+        // As the HTTPS connector hands it over: wrapped once more.
+        let twice = std::io::Error::other(io);
+        let msg = tls_failure(&twice).expect("a wrapped TLS failure");
+        assert!(msg.contains("UnknownIssuer"), "{msg}");
         let plain = std::io::Error::other("connection refused");
         assert_eq!(tls_failure(&plain), None);
     }
