@@ -84,4 +84,16 @@ mod tests {
         revision::clear(dir.path()).expect("clear");
         assert_eq!(revision::load(dir.path()).expect("load"), None);
     }
+
+    #[test]
+    fn written_files_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        revision::store(dir.path(), 1).expect("store");
+        let mode = fs::metadata(dir.path().join(revision::FILE))
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }
