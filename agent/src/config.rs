@@ -68,6 +68,10 @@ pub struct CentralConfig {
     /// Longest wait between polls after errors.
     #[serde(default = "d5m", with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// PEM certificates trusted for `https://` central URLs, added to the system trust
+    /// store (an internal CA). See [`crate::central::tls`].
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -181,6 +185,24 @@ pub struct ApiConfig {
     /// Largest request body accepted by the local API, in bytes (stream-in excepted).
     #[serde(default = "d1mib")]
     pub max_body_bytes: u64,
+    /// Peer uids served (unix socket: `SO_PEERCRED`; loopback TCP: the owner of the
+    /// peer's socket as `sock_diag` reports it). Everyone else gets 403.
+    #[serde(default = "d_root_only")]
+    pub allowed_uids: Vec<u32>,
+    /// Peer groups served as well: a uid whose primary or supplementary groups (from the
+    /// user database) include one of these.
+    #[serde(default)]
+    pub allowed_groups: Vec<u32>,
+    /// Group of the unix socket (name or number); empty = the agent's group. The socket's
+    /// mode is always 0660.
+    #[serde(default)]
+    pub group: String,
+    /// A listen address that is not loopback is refused unless this is true.
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// `import` reads only beneath these directories; empty = `resource_types.dir`.
+    #[serde(default)]
+    pub import_roots: Vec<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -188,6 +210,11 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: default_listen(),
             max_body_bytes: d1mib(),
+            allowed_uids: d_root_only(),
+            allowed_groups: Vec::new(),
+            group: String::new(),
+            allow_remote: false,
+            import_roots: Vec::new(),
         }
     }
 }
@@ -358,6 +385,9 @@ fn dhalf() -> f64 {
 fn d10pct() -> MinFree {
     MinFree::Percent(10.0)
 }
+fn d_root_only() -> Vec<u32> {
+    vec![0]
+}
 fn d1mib() -> u64 {
     1 << 20
 }
@@ -469,7 +499,37 @@ impl Config {
                 "central.poll_interval and central.report_interval must be above 0s".into(),
             );
         }
+        self.validate_api_trust()
+    }
+
+    /// The local API's listen address is loopback or a unix socket unless
+    /// `api.allow_remote` says otherwise; import roots are absolute.
+    fn validate_api_trust(&self) -> Result<(), String> {
+        if let Listen::Tcp(addr) = &self.api.listen {
+            if !addr.ip().is_loopback() && !self.api.allow_remote {
+                return Err(format!(
+                    "api.listen {addr} is not a loopback address: the local API would be reachable \
+                     from other machines; listen on 127.0.0.1, ::1 or a unix socket, or set \
+                     api.allow_remote = true if that is really wanted"
+                ));
+            }
+        }
+        if let Some(root) = self.api.import_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(format!(
+                "api.import_roots: {} is not an absolute path",
+                root.display()
+            ));
+        }
         Ok(())
+    }
+
+    /// Where `import` may read: `api.import_roots`, or the resource types directory.
+    pub fn import_roots(&self) -> Vec<PathBuf> {
+        if self.api.import_roots.is_empty() {
+            vec![self.resource_types.dir.clone()]
+        } else {
+            self.api.import_roots.clone()
+        }
     }
 
     /// The bearer token, read from `central.token_file` (trimmed), if configured.
@@ -665,6 +725,38 @@ min_free = "10%"
             let err = parse(&format!("{MINIMAL}[api]\nlisten = \"{bad}\"\n")).expect_err(bad);
             assert!(err.to_string().contains("api.listen"), "{err}");
         }
+    }
+
+    #[test]
+    fn refuses_a_non_loopback_listen_address_unless_allow_remote() {
+        let err =
+            parse(&format!("{MINIMAL}[api]\nlisten = \"0.0.0.0:7788\"\n")).expect_err("remote");
+        assert!(err.to_string().contains("api.allow_remote"), "{err}");
+        assert!(err.to_string().contains("0.0.0.0:7788"), "{err}");
+        let c = parse(&format!(
+            "{MINIMAL}[api]\nlisten = \"0.0.0.0:7788\"\nallow_remote = true\n"
+        ))
+        .expect("allowed");
+        assert!(c.api.allow_remote);
+        for ok in ["127.0.0.2:1", "[::1]:1", "unix:/run/a.sock"] {
+            parse(&format!("{MINIMAL}[api]\nlisten = \"{ok}\"\n")).expect(ok);
+        }
+    }
+
+    #[test]
+    fn local_api_trust_defaults_and_import_roots() {
+        let c = parse(MINIMAL).expect("minimal");
+        assert_eq!(c.api.allowed_uids, vec![0]);
+        assert!(c.api.allowed_groups.is_empty());
+        assert_eq!(c.import_roots(), vec![c.resource_types.dir.clone()]);
+        let c = parse(&format!(
+            "{MINIMAL}[api]\nimport_roots = [\"/srv/images\"]\n"
+        ))
+        .expect("roots");
+        assert_eq!(c.import_roots(), vec![PathBuf::from("/srv/images")]);
+        let err =
+            parse(&format!("{MINIMAL}[api]\nimport_roots = [\"images\"]\n")).expect_err("relative");
+        assert!(err.to_string().contains("api.import_roots"), "{err}");
     }
 
     #[test]

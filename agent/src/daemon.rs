@@ -39,6 +39,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("API socket {path}: cannot set its mode 0660 and group (api.group): {source}")]
+    Socket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("state directory {path}: {source}")]
     State {
         path: std::path::PathBuf,
@@ -175,16 +181,27 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         usage,
         max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
         futures: Default::default(),
+        import_roots: config.import_roots().into(),
+    };
+    let trust = api::guard::Trust {
+        allowed_uids: config.api.allowed_uids.clone(),
+        allowed_groups: config.api.allowed_groups.clone(),
     };
     let listen = config.api.listen.clone();
     let bind_error = |source| DaemonError::Bind {
         addr: listen.clone(),
         source,
     };
-    let server = HttpServer::new(move || App::new().configure(api::configure(state.clone())))
-        .workers(2)
-        .disable_signals()
-        .shutdown_timeout(5);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(actix_web::web::Data::new(trust.clone()))
+            .wrap(actix_web::middleware::from_fn(api::guard::guard))
+            .configure(api::configure(state.clone()))
+    })
+    .on_connect(api::guard::on_connect)
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(5);
     let (server, api_at) = match &listen {
         Listen::Tcp(addr) => {
             let server = server.bind(addr).map_err(bind_error)?;
@@ -193,7 +210,16 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         }
         Listen::Unix(path) => {
             prepare_socket_path(path).map_err(bind_error)?;
-            let server = server.bind_uds(path).map_err(bind_error)?;
+            // Bound here and handed over (`bind_uds` would skip `on_connect`, so no peer
+            // credentials), with its mode set before the server accepts on it.
+            let socket = std::os::unix::net::UnixListener::bind(path).map_err(bind_error)?;
+            api::guard::secure_socket(path, &config.api.group).map_err(|source| {
+                DaemonError::Socket {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            let server = server.listen_uds(socket).map_err(bind_error)?;
             (server, listen.clone())
         }
     };

@@ -3,15 +3,21 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Replaces `path` with `contents` durably.
+/// Replaces `path` with `contents` durably; the file is private to its owner (0600).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
     }
@@ -77,5 +83,17 @@ mod tests {
         assert_eq!(revision::load(dir.path()).expect("load"), Some(43));
         revision::clear(dir.path()).expect("clear");
         assert_eq!(revision::load(dir.path()).expect("load"), None);
+    }
+
+    #[test]
+    fn written_files_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        revision::store(dir.path(), 1).expect("store");
+        let mode = fs::metadata(dir.path().join(revision::FILE))
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

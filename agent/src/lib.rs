@@ -16,6 +16,7 @@ pub mod inventory;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod peercred;
 pub mod planner;
 pub mod reconciler;
 pub mod remove;

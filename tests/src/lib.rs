@@ -86,6 +86,16 @@ pub struct AgentSettings {
     /// Where `state/` and `volumes/` go; `None` = the agent's temporary directory (which
     /// keeps the config and the log either way).
     pub data_dir: Option<PathBuf>,
+    /// Appended to the `[central]` section (e.g. `ca_file = "..."`).
+    pub central_extra: String,
+    /// Appended to the `[api]` section (e.g. `allowed_uids = [0, 65534]`).
+    pub api_extra: String,
+    /// `api.import_roots`; `None` = the agent's [`Agent::imports_dir`].
+    pub import_roots: Option<Vec<PathBuf>>,
+    /// Listen on a unix socket in the agent's directory instead of a loopback port.
+    pub unix_socket: bool,
+    /// The umask the agent process starts with; `None` = inherited.
+    pub umask: Option<u32>,
 }
 
 impl Default for AgentSettings {
@@ -102,6 +112,11 @@ impl Default for AgentSettings {
             api_max_body_bytes: None,
             extra: String::new(),
             data_dir: None,
+            central_extra: String::new(),
+            api_extra: String::new(),
+            import_roots: None,
+            unix_socket: false,
+            umask: None,
         }
     }
 }
@@ -113,6 +128,7 @@ pub struct Agent {
     pub config_path: PathBuf,
     /// Holds `state/` and `volumes/` (see [`AgentSettings::data_dir`]).
     data: PathBuf,
+    umask: Option<u32>,
     child: Option<Child>,
 }
 
@@ -127,12 +143,30 @@ impl Agent {
             .unwrap_or_else(|| dir.path().to_owned());
         let types = dir.path().join("resource-types");
         std::fs::create_dir_all(&types).expect("types dir");
+        let imports = dir.path().join("imports");
+        std::fs::create_dir_all(&imports).expect("imports dir");
+        let import_roots = settings
+            .import_roots
+            .clone()
+            .unwrap_or_else(|| vec![imports]);
+        let (listen, api) = if settings.unix_socket {
+            let sock = dir.path().join("api.sock");
+            (
+                format!("unix:{}", sock.display()),
+                format!("unix:{}", sock.display()),
+            )
+        } else {
+            (
+                format!("127.0.0.1:{port}"),
+                format!("http://127.0.0.1:{port}"),
+            )
+        };
         let config = format!(
             "worker_name = \"{worker}\"\n\
              [central]\nurl = \"{central_url}\"\ndialect = \"{dialect}\"\npoll_interval = \"{poll}\"\n\
-             report_interval = \"{report}\"\n{token}request_timeout = \"{timeout}\"\nmax_body_bytes = {max_body}\nmax_backoff = \"2s\"\n\
+             report_interval = \"{report}\"\n{token}request_timeout = \"{timeout}\"\nmax_body_bytes = {max_body}\nmax_backoff = \"2s\"\n{central_extra}\n\
              [volumes]\nroot = {root:?}\ndriver = \"naive\"\n[state]\ndir = {state:?}\n\
-             [api]\nlisten = \"127.0.0.1:{port}\"\n{api_limit}[resource_types]\ndir = {types:?}\nrescan_interval = \"200ms\"\n\
+             [api]\nlisten = \"{listen}\"\nimport_roots = {import_roots:?}\n{api_limit}{api_extra}\n[resource_types]\ndir = {types:?}\nrescan_interval = \"200ms\"\n\
              [gc]\nunknown_grace = \"{grace}\"\n{extra}",
             worker = settings.worker,
             token = settings
@@ -153,14 +187,17 @@ impl Agent {
                 .map(|n| format!("max_body_bytes = {n}\n"))
                 .unwrap_or_default(),
             extra = settings.extra,
+            central_extra = settings.central_extra,
+            api_extra = settings.api_extra,
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut agent = Agent {
-            api: format!("http://127.0.0.1:{port}"),
+            api,
             dir,
             config_path,
             data,
+            umask: settings.umask,
             child: None,
         };
         agent.spawn();
@@ -174,19 +211,28 @@ impl Agent {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .expect("open agent log");
-        let child = Command::new(agent_binary())
-            .args(["run", "--config"])
+        let mut cmd = Command::new(agent_binary());
+        cmd.args(["run", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info,volume_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start volume-agent");
+            .stderr(log);
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask(2) is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("start volume-agent");
         self.child = Some(child);
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Ok(resp) = probe::blocking_get(&format!("{}/readyz", self.api)) {
+            if let Ok(resp) = probe::blocking_get(&self.api, "/readyz") {
                 if resp == 200 {
                     return;
                 }
@@ -215,6 +261,16 @@ impl Agent {
 
     pub fn types_dir(&self) -> PathBuf {
         self.dir.path().join("resource-types")
+    }
+
+    /// The default `api.import_roots` of a test agent: import sources go beneath it.
+    pub fn imports_dir(&self) -> PathBuf {
+        self.dir.path().join("imports")
+    }
+
+    /// The API's unix socket, when it listens on one.
+    pub fn socket(&self) -> Option<PathBuf> {
+        self.api.strip_prefix("unix:").map(PathBuf::from)
     }
 
     pub fn log(&self) -> String {
@@ -257,19 +313,25 @@ mod probe {
     //! A tiny blocking HTTP/1.1 client for readiness checks (no runtime needed).
     use std::io::{Read, Write};
     use std::net::TcpStream;
+    use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
-    pub fn blocking_get(url: &str) -> std::io::Result<u16> {
-        let rest = url.trim_start_matches("http://");
-        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let mut s = TcpStream::connect(host)?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(
-            s,
-            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        )?;
+    /// `GET path` from `base`: `http://HOST:PORT` or `unix:/PATH`.
+    pub fn blocking_get(base: &str, path: &str) -> std::io::Result<u16> {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
+        if let Some(sock) = base.strip_prefix("unix:") {
+            let mut s = UnixStream::connect(sock)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(request.as_bytes())?;
+            s.read_to_string(&mut buf)?;
+        } else {
+            let mut s = TcpStream::connect(base.trim_start_matches("http://"))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(request.as_bytes())?;
+            s.read_to_string(&mut buf)?;
+        }
         buf.split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
@@ -285,9 +347,18 @@ pub struct Local {
 
 impl Local {
     pub fn new(agent: &Agent) -> Local {
-        Local {
-            base: agent.api.clone(),
-            http: reqwest::Client::new(),
+        match agent.socket() {
+            Some(sock) => Local {
+                base: "http://localhost".into(),
+                http: reqwest::Client::builder()
+                    .unix_socket(sock)
+                    .build()
+                    .expect("unix socket client"),
+            },
+            None => Local {
+                base: agent.api.clone(),
+                http: reqwest::Client::new(),
+            },
         }
     }
 

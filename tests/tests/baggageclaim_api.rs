@@ -339,8 +339,8 @@ async fn async_cow_child_of_async_parent_sees_parent_data() {
 
 #[tokio::test]
 async fn import_copies_a_directory_and_extracts_a_tgz() {
-    let (_s, _agent, local) = start().await;
-    let src = tempfile::tempdir().expect("src");
+    let (_s, agent, local) = start().await;
+    let src = tempfile::tempdir_in(agent.imports_dir()).expect("src");
     std::fs::create_dir(src.path().join("rootfs")).expect("rootfs");
     std::fs::write(src.path().join("rootfs/a.txt"), b"dir import").expect("a");
     std::os::unix::fs::symlink("a.txt", src.path().join("rootfs/l")).expect("symlink");
@@ -386,8 +386,8 @@ async fn import_copies_a_directory_and_extracts_a_tgz() {
 
 #[tokio::test]
 async fn import_follows_a_symlinked_source_path_even_without_follow_symlinks() {
-    let (_s, _agent, local) = start().await;
-    let src = tempfile::tempdir().expect("src");
+    let (_s, agent, local) = start().await;
+    let src = tempfile::tempdir_in(agent.imports_dir()).expect("src");
     std::fs::create_dir(src.path().join("rootfs")).expect("rootfs");
     std::fs::write(src.path().join("rootfs/a.txt"), b"via link").expect("a");
     std::os::unix::fs::symlink("a.txt", src.path().join("rootfs/l")).expect("symlink");
@@ -423,7 +423,7 @@ async fn import_follows_a_symlinked_source_path_even_without_follow_symlinks() {
 #[tokio::test]
 async fn import_of_missing_path_fails_422_on_poll() {
     let (_s, agent, local) = start().await;
-    let missing = agent.dir.path().join("no-such-image");
+    let missing = agent.imports_dir().join("no-such-image");
     let (status, _) = failed_create(
         &local,
         json!({"handle": "m", "strategy": {"type": "import", "path": missing}}),
@@ -851,14 +851,14 @@ async fn unprivileged_empty_and_import_volumes_have_their_root_owned_by_the_mapp
         eprintln!("skipped: re-owning a volume's root needs root");
         return;
     }
-    let (_s, _agent, local) = start().await;
+    let (_s, agent, local) = start().await;
     let top = (max_id("uid_map"), max_id("gid_map"));
     let v = make_async(&local, "ue", json!({"type": "empty"}), false).await;
     assert_eq!(owner(Path::new(v["path"].as_str().expect("path"))), top);
     let p = make_async(&local, "pe", json!({"type": "empty"}), true).await;
     assert_eq!(owner(Path::new(p["path"].as_str().expect("path"))), (0, 0));
 
-    let src = tempfile::tempdir().expect("src");
+    let src = tempfile::tempdir_in(agent.imports_dir()).expect("src");
     std::fs::write(src.path().join("a.txt"), b"a").expect("a");
     let i = make_async(
         &local,

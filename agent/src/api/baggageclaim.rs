@@ -204,7 +204,10 @@ async fn create_async(
             ApiError::BadRequest("the body needs a \"handle\" string: {\"handle\", \"strategy\", \"properties\", \"privileged\"}".into())
         })?;
     let h = handle(raw)?;
-    let parsed = serde_json::from_value::<CreateVolumeRequest>(value);
+    let parsed = match serde_json::from_value::<CreateVolumeRequest>(value) {
+        Ok(req) => Ok(super::guard::confine_import(req, &state.import_roots).await?),
+        Err(e) => Err(e),
+    };
     let canceled = Arc::new(AtomicBool::new(false));
     {
         let mut map = state.futures.lock();

@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod baggageclaim;
 pub mod error;
+pub mod guard;
 pub mod ops;
 pub mod privilege;
 pub mod stream;
@@ -38,6 +39,8 @@ pub struct ApiState {
     pub max_body_bytes: usize,
     /// Creates started by `POST /volumes-async`, until deleted.
     pub futures: Arc<baggageclaim::Futures>,
+    /// Where `import` may read (see [`guard::confine_import`]).
+    pub import_roots: Arc<[std::path::PathBuf]>,
 }
 
 /// Registers every route. The bulk destroy route is registered before `/volumes/{handle}`

@@ -1,6 +1,7 @@
 //! The HTTP client for the central API. Both dialects; timeouts, a bearer token, a body
 //! size limit, and errors that say what went wrong with which request.
 
+use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -9,6 +10,7 @@ use protocol::native::{self, DesiredSet, ResourceTypesReport, VolumeReport};
 use protocol::{decode, Handle};
 use reqwest::{header, Method, StatusCode};
 
+use super::tls;
 use crate::config::Config;
 
 /// A failed call to the central API.
@@ -18,6 +20,13 @@ pub enum ClientError {
     Connect {
         method: Method,
         url: String,
+        message: String,
+    },
+    #[error("{method} {url}: TLS with {host} failed: {message}")]
+    Tls {
+        method: Method,
+        url: String,
+        host: String,
         message: String,
     },
     #[error("{method} {url}: no answer within the timeout")]
@@ -57,6 +66,7 @@ impl ClientError {
     pub fn kind(&self) -> &'static str {
         match self {
             ClientError::Connect { .. } => "connect",
+            ClientError::Tls { .. } => "tls",
             ClientError::Timeout { .. } => "timeout",
             ClientError::Transport { .. } => "transport",
             ClientError::Status { status, .. } if status.is_server_error() => "status_5xx",
@@ -93,7 +103,7 @@ pub struct CentralClient {
 }
 
 impl CentralClient {
-    /// Builds a client from the configuration (reads the token file).
+    /// Builds a client from the configuration (reads the token file and `central.ca_file`).
     pub fn from_config(config: &Config) -> Result<CentralClient, ClientError> {
         let token = config
             .token()
@@ -105,6 +115,7 @@ impl CentralClient {
             config.central.connect_timeout,
             config.central.request_timeout,
             config.central.max_body_bytes,
+            config.central.ca_file.as_deref(),
         )
     }
 
@@ -115,13 +126,25 @@ impl CentralClient {
         connect_timeout: Duration,
         request_timeout: Duration,
         max_body: u64,
+        ca_file: Option<&Path>,
     ) -> Result<CentralClient, ClientError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)
-            .user_agent(concat!("volume-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ClientError::Build(e.to_string()))?;
+            .user_agent(concat!("volume-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            for cert in tls::load_ca_file(path).map_err(|e| ClientError::Build(e.to_string()))? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| match ca_file {
+            Some(path) => ClientError::Build(format!(
+                "central.ca_file {}: a certificate in it cannot be used: {}",
+                path.display(),
+                error_chain(&e)
+            )),
+            None => ClientError::Build(error_chain(&e)),
+        })?;
         Ok(CentralClient {
             http,
             base: base.trim_end_matches('/').to_string(),
@@ -296,7 +319,19 @@ fn unreachable_status<T>(url: &str) -> Result<T, ClientError> {
 
 fn classify(method: Method, url: &str, e: reqwest::Error) -> ClientError {
     let url = url.to_string();
-    if e.is_timeout() {
+    if let Some(message) = tls::tls_failure(&e) {
+        let host = e
+            .url()
+            .and_then(|u| u.host_str())
+            .unwrap_or("the central API")
+            .to_string();
+        ClientError::Tls {
+            method,
+            url,
+            host,
+            message,
+        }
+    } else if e.is_timeout() {
         ClientError::Timeout { method, url }
     } else if e.is_connect() {
         ClientError::Connect {

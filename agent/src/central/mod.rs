@@ -2,5 +2,6 @@
 
 pub mod actor;
 pub mod client;
+pub mod tls;
 
 pub use client::{CentralClient, ClientError, DesiredAnswer};

@@ -22,6 +22,32 @@ pub(crate) const UPPER_DIR: &str = "upper";
 pub(crate) const WORK_DIR: &str = "work";
 pub(crate) const META_FILE: &str = "meta.json";
 
+/// Mode of the volumes root and the state directory: only root may look inside (a
+/// privileged volume's setuid files would otherwise be reachable by every local user).
+pub(crate) const PRIVATE_DIR: u32 = 0o700;
+/// Mode of the agent's metadata files.
+pub(crate) const PRIVATE_FILE: u32 = 0o600;
+
+/// Sets `dir` to [`PRIVATE_DIR`], whatever it was.
+pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR))
+}
+
+/// Creates (truncating) a metadata file with mode [`PRIVATE_FILE`]; an existing file is
+/// set to that mode too.
+pub(crate) fn create_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(PRIVATE_FILE)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))?;
+    Ok(f)
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     pub(crate) root: PathBuf,

@@ -399,7 +399,7 @@ impl Inventory {
         }
         let tmp = self.inner.reserve.with_extension("tmp");
         let res = (|| -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = layout::create_private(&tmp)?;
             f.write_all(&vec![0u8; RESERVE_BYTES as usize])?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.inner.reserve)
@@ -920,7 +920,7 @@ fn write_meta(dir: &Path, h: &Handle, rec: &Stored) -> Result<(), InventoryError
     let path = dir.join(META_FILE);
     let tmp = dir.join(format!("{META_FILE}.tmp"));
     (|| -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let mut f = layout::create_private(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)

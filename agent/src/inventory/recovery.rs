@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -22,6 +23,9 @@ const LOCK_TRIES: u32 = 100;
 pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport), InventoryError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(io_err(&cfg.state_dir))?;
     std::fs::create_dir_all(&cfg.volumes_root).map_err(io_err(&cfg.volumes_root))?;
+    // Private to root, also on an install made before this rule (see `layout::private_dir`).
+    super::layout::private_dir(&cfg.state_dir).map_err(io_err(&cfg.state_dir))?;
+    super::layout::private_dir(&cfg.volumes_root).map_err(io_err(&cfg.volumes_root))?;
     let state_dir = cfg
         .state_dir
         .canonicalize()
@@ -35,6 +39,7 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(super::layout::PRIVATE_FILE)
         .open(&lock_path)
         .map_err(io_err(&lock_path))?;
     // A lock can be held for a moment by a process that is exiting, or by a child forked
