@@ -181,6 +181,19 @@ pub struct ApiConfig {
     /// Largest request body accepted by the local API, in bytes (stream-in excepted).
     #[serde(default = "d1mib")]
     pub max_body_bytes: u64,
+    /// Streams (in and out) running at once, on threads of their own; more answer 503.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// A stream-in body that sends nothing (or a stream-out client that reads nothing) for
+    /// this long is cut.
+    #[serde(default = "d60s", with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Most bytes of file data one stream-in may write (apparent sizes); unset = no limit.
+    #[serde(default)]
+    pub stream_in_max_bytes: Option<u64>,
+    /// Most tar entries one stream-in may hold; unset = no limit.
+    #[serde(default)]
+    pub stream_in_max_entries: Option<u64>,
 }
 
 impl Default for ApiConfig {
@@ -188,8 +201,20 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: default_listen(),
             max_body_bytes: d1mib(),
+            max_streams: default_max_streams(),
+            body_idle_timeout: d60s(),
+            stream_in_max_bytes: None,
+            stream_in_max_entries: None,
         }
     }
+}
+
+fn default_max_streams() -> usize {
+    64
+}
+
+fn d60s() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

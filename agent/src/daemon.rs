@@ -175,6 +175,14 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         usage,
         max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
         futures: Default::default(),
+        streams: api::stream::StreamSettings::new(
+            config.api.max_streams,
+            config.api.body_idle_timeout,
+            crate::inventory::StreamInLimits {
+                max_bytes: config.api.stream_in_max_bytes,
+                max_entries: config.api.stream_in_max_entries,
+            },
+        ),
     };
     let listen = config.api.listen.clone();
     let bind_error = |source| DaemonError::Bind {

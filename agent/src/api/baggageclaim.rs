@@ -12,16 +12,17 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse, ResponseError};
 use protocol::local::{CreateVolumeRequest, ErrorBody, Strategy, VolumeFuture, VolumeJson};
 use protocol::{Handle, VolumeState};
 
-use super::archive::{self, Encoding};
 use super::privilege::{shift_tree, IdMap};
 use super::volumes::{handle, volume_json};
 use super::{ApiError, ApiState};
+use crate::contents::archive::{self, Encoding, ExtractOptions};
 use crate::inventory::{CreateSpec, Inventory, InventoryError, Populate, VolumeRecord};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -29,6 +30,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/volumes-async/{handle}", web::get().to(poll))
         .route("/volumes-async/{handle}", web::delete().to(cancel));
 }
+
+/// Most futures tracked at once (pending and finished); more creates answer 503.
+pub const MAX_FUTURES: usize = 1024;
+/// A finished future (done or failed) nobody deleted is forgotten after this long.
+pub const FINISHED_TTL: Duration = Duration::from_secs(600);
+/// Longest error message a failed future keeps (the rest is cut, never the caller's input
+/// echoed whole).
+pub const MAX_FAILURE_MESSAGE: usize = 512;
 
 enum Status {
     Pending,
@@ -38,20 +47,64 @@ enum Status {
 
 struct Entry {
     status: Status,
+    /// When it finished (done or failed); pending futures never expire.
+    finished: Option<Instant>,
     /// Set when the future is deleted while pending: the finished volume is destroyed.
     canceled: Arc<AtomicBool>,
 }
 
-/// The creates started by `POST /volumes-async`, by handle, until deleted.
-#[derive(Default)]
+/// The creates started by `POST /volumes-async`, by handle, until deleted or, once
+/// finished, until [`FINISHED_TTL`] passed. At most `max` at once.
 pub struct Futures {
     map: Mutex<HashMap<Handle, Entry>>,
+    max: usize,
+    ttl: Duration,
+}
+
+impl Default for Futures {
+    fn default() -> Self {
+        Futures::new(MAX_FUTURES, FINISHED_TTL)
+    }
 }
 
 impl Futures {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Handle, Entry>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn new(max: usize, ttl: Duration) -> Self {
+        Futures {
+            map: Mutex::new(HashMap::new()),
+            max,
+            ttl,
+        }
     }
+
+    /// The table, with expired finished futures dropped.
+    fn lock(&self) -> MutexGuard<'_, HashMap<Handle, Entry>> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let ttl = self.ttl;
+        map.retain(|_, e| e.finished.is_none_or(|at| at.elapsed() < ttl));
+        map
+    }
+
+    /// Futures tracked now (after expiry).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `msg` cut to [`MAX_FAILURE_MESSAGE`] bytes (on a character boundary).
+fn short(mut msg: String) -> String {
+    if msg.len() > MAX_FAILURE_MESSAGE {
+        let mut cut = MAX_FAILURE_MESSAGE;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+        msg.push_str(" [...]");
+    }
+    msg
 }
 
 /// Creates the volume `req` asks for, in `initial_state`: fills an import, shifts owners
@@ -62,6 +115,7 @@ pub fn create_volume(
     initial_state: VolumeState,
 ) -> Result<VolumeRecord, ApiError> {
     let ids = IdMap::for_volume(req.privileged);
+    let privileged = req.privileged;
     let (parent, populate): (Option<Handle>, Option<Populate>) = match req.strategy {
         // The data root the driver made belongs to the volume's (mapped) root.
         Strategy::Empty if !req.privileged => (
@@ -95,8 +149,12 @@ pub fn create_volume(
                     // Before extracting: a `./` entry in the archive sets the root's owner.
                     ids.own_root(data)?;
                     let file = fs::File::open(&source)?;
-                    let dest = archive::open_dir(data)?;
-                    archive::extract_compressed(&dest, io::BufReader::new(file), Encoding::Gzip, ids)
+                    let root = archive::open_dir(data)?;
+                    let opts = ExtractOptions {
+                        ids,
+                        ..ExtractOptions::for_volume(privileged)
+                    };
+                    archive::extract_compressed(&root, &[], io::BufReader::new(file), Encoding::Gzip, &opts)
                         .map(drop)
                         .map_err(|e| io::Error::other(format!("{}: {e}", source.display())))
                 }),
@@ -213,17 +271,27 @@ async fn create_async(
                 "a create of volume {h} is already tracked; poll it, or DELETE /volumes-async/{h} first"
             )));
         }
-        let status = match &parsed {
-            Ok(_) => Status::Pending,
-            Err(e) => Status::Failed(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("invalid create request: {e}; strategies are empty, cow (with \"volume\") and import (with \"path\")"),
+        if map.len() >= state.futures.max {
+            return Err(ApiError::Full(format!(
+                "{} async creates are tracked, the most this agent keeps; poll and DELETE finished ones, then retry",
+                state.futures.max
+            )));
+        }
+        let (status, finished) = match &parsed {
+            Ok(_) => (Status::Pending, None),
+            Err(e) => (
+                Status::Failed(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    short(format!("invalid create request: {e}; strategies are empty, cow (with \"volume\") and import (with \"path\")")),
+                ),
+                Some(Instant::now()),
             ),
         };
         map.insert(
             h.clone(),
             Entry {
                 status,
+                finished,
                 canceled: canceled.clone(),
             },
         );
@@ -260,8 +328,9 @@ async fn finish(
                 if Arc::ptr_eq(&entry.canceled, canceled) {
                     entry.status = match &res {
                         Ok(rec) => Status::Done(volume_json(rec)),
-                        Err(e) => Status::Failed(e.status_code(), e.to_string()),
+                        Err(e) => Status::Failed(e.status_code(), short(e.to_string())),
                     };
+                    entry.finished = Some(Instant::now());
                 }
             }
             return;

@@ -2,7 +2,6 @@
 //! metrics and the operator's `gc` routes. Handlers are thin: every change goes through
 //! the [`Inventory`] on a blocking thread (`web::block`).
 
-pub mod archive;
 pub mod baggageclaim;
 pub mod error;
 pub mod ops;
@@ -38,6 +37,8 @@ pub struct ApiState {
     pub max_body_bytes: usize,
     /// Creates started by `POST /volumes-async`, until deleted.
     pub futures: Arc<baggageclaim::Futures>,
+    /// The stream pool, idle timeout and stream-in limits.
+    pub streams: stream::StreamSettings,
 }
 
 /// Registers every route. The bulk destroy route is registered before `/volumes/{handle}`

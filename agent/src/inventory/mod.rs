@@ -19,6 +19,7 @@ mod driver;
 mod layout;
 mod recovery;
 mod store;
+mod streams;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use driver::DriverError;
 pub use protocol::{Handle, VolumeState};
+pub use streams::{StreamHold, StreamInLimits, CUT_WAIT};
 
 use driver::{driver, ParentView};
 use layout::{exists, fsync_dir, Layout, META_FILE, UPPER_DIR};
@@ -218,6 +220,8 @@ pub enum InventoryError {
         #[source]
         source: io::Error,
     },
+    #[error("volume {handle} is {why}")]
+    Busy { handle: Handle, why: String },
     #[error("state directory {0} is locked by another process; stop the other volume-agent (sled allows one process) and retry")]
     Locked(PathBuf),
 }
@@ -285,6 +289,8 @@ struct Inner {
     /// How destroys remove trees (threads, `gc.destroy_rate`).
     remove: RwLock<crate::remove::RemoveOptions>,
     reserve: PathBuf,
+    /// Running streams per volume (see `streams`).
+    holds: streams::Holds,
     _lock: File,
 }
 
@@ -734,6 +740,7 @@ impl Inventory {
         privileged: bool,
         reown: impl FnOnce(&Path, bool, bool) -> io::Result<()>,
     ) -> Result<(), InventoryError> {
+        let _streams = self.close_streams(h)?;
         let _guard = self.lock(h);
         let Some(cur) = self.inner.store.get(h)? else {
             return Err(InventoryError::NotFound(h.clone()));
@@ -825,6 +832,7 @@ impl Inventory {
     /// deletes the record. The disk removal goes ahead even when the store cannot write the
     /// final delete (a full disk); the record is cleaned by the next attempt or by recovery.
     pub fn destroy(&self, h: &Handle) -> Result<DestroyOutcome, InventoryError> {
+        let _streams = self.close_streams(h)?;
         let _guard = self.lock(h);
         if self.mark_destroying_locked(h)? == DestroyOutcome::AlreadyGone {
             return Ok(DestroyOutcome::AlreadyGone);

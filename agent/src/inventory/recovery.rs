@@ -98,6 +98,7 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             hook: RwLock::new(None),
             remove: RwLock::new(crate::remove::RemoveOptions::default()),
+            holds: Default::default(),
             _lock: lock,
         }),
     };
