@@ -81,6 +81,8 @@ pub struct AgentSettings {
     pub token_file: Option<PathBuf>,
     /// `api.max_body_bytes` (the local API's JSON body limit); `None` = the default.
     pub api_max_body_bytes: Option<u64>,
+    /// Appended to the `[api]` section (e.g. `max_streams = 2\n`).
+    pub api_extra: String,
     /// Appended to the `[gc]` section.
     pub extra: String,
     /// Where `state/` and `volumes/` go; `None` = the agent's temporary directory (which
@@ -100,6 +102,7 @@ impl Default for AgentSettings {
             max_body_bytes: 1 << 20,
             token_file: None,
             api_max_body_bytes: None,
+            api_extra: String::new(),
             extra: String::new(),
             data_dir: None,
         }
@@ -132,7 +135,7 @@ impl Agent {
              [central]\nurl = \"{central_url}\"\ndialect = \"{dialect}\"\npoll_interval = \"{poll}\"\n\
              report_interval = \"{report}\"\n{token}request_timeout = \"{timeout}\"\nmax_body_bytes = {max_body}\nmax_backoff = \"2s\"\n\
              [volumes]\nroot = {root:?}\ndriver = \"naive\"\n[state]\ndir = {state:?}\n\
-             [api]\nlisten = \"127.0.0.1:{port}\"\n{api_limit}[resource_types]\ndir = {types:?}\nrescan_interval = \"200ms\"\n\
+             [api]\nlisten = \"127.0.0.1:{port}\"\n{api_limit}{api_extra}[resource_types]\ndir = {types:?}\nrescan_interval = \"200ms\"\n\
              [gc]\nunknown_grace = \"{grace}\"\n{extra}",
             worker = settings.worker,
             token = settings
@@ -152,6 +155,7 @@ impl Agent {
                 .api_max_body_bytes
                 .map(|n| format!("max_body_bytes = {n}\n"))
                 .unwrap_or_default(),
+            api_extra = settings.api_extra,
             extra = settings.extra,
         );
         let config_path = dir.path().join("config.toml");

@@ -29,6 +29,8 @@ use crate::inventory::{Inventory, StreamHold, StreamInLimits};
 
 /// Chunks in flight between the HTTP side and the tar side.
 const CHANNEL_CHUNKS: usize = 16;
+/// How long the rest of a refused upload is read while it keeps coming.
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
 /// Size of the chunks a stream-out sends.
 const OUT_CHUNK: usize = 256 * 1024;
 
@@ -273,8 +275,26 @@ async fn stream_in(
     ready.await.map_err(|_| thread_gone())??;
     let idle = state.streams.idle;
     let mut tx = Some(tx);
+    let mut done_rx = done_rx;
+    let mut finished = None;
     loop {
-        let chunk = match tokio::time::timeout(idle, body.next()).await {
+        // Once the tar side failed, the rest of the body is only read while it keeps coming
+        // (so the client sees the answer), not waited for.
+        let wait = if matches!(finished, Some((_, Err(_)))) {
+            idle.min(DRAIN_IDLE)
+        } else {
+            idle
+        };
+        let next = tokio::select! {
+            biased;
+            done = &mut done_rx, if finished.is_none() => {
+                finished = Some(done.map_err(|_| thread_gone())?);
+                tx = None;
+                continue;
+            }
+            next = tokio::time::timeout(wait, body.next()) => next,
+        };
+        let chunk = match next {
             Err(_) => {
                 // Stalled: cut the upload, stop reading, free the slot.
                 if let Some(sender) = tx.take() {
@@ -300,7 +320,10 @@ async fn stream_in(
         }
     }
     drop(tx);
-    let (h, res) = done_rx.await.map_err(|_| thread_gone())?;
+    let (h, res) = match finished {
+        Some(done) => done,
+        None => done_rx.await.map_err(|_| thread_gone())?,
+    };
     let done = res?;
     tracing::debug!(handle = %h, entries = done.entries, bytes = done.bytes, "streamed in");
     Ok(HttpResponse::NoContent().finish())

@@ -135,7 +135,11 @@ struct CutReader<'a, R> {
 impl<R: Read> Read for CutReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.hold.check()?;
-        self.inner.read(buf)
+        // A read that failed because the stream was cut reports the cut.
+        self.inner.read(buf).or_else(|e| {
+            self.hold.check()?;
+            Err(e)
+        })
     }
 }
 
@@ -148,7 +152,10 @@ pub struct CutWriter<'a, W> {
 impl<W: Write> Write for CutWriter<'_, W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.hold.check()?;
-        self.inner.write(data)
+        self.inner.write(data).or_else(|e| {
+            self.hold.check()?;
+            Err(e)
+        })
     }
     fn flush(&mut self) -> io::Result<()> {
         self.hold.check()?;

@@ -648,18 +648,18 @@ fn a_file_replaces_an_empty_directory() {
     assert_eq!(fs::read(dir.path().join("vol/d")).expect("file"), b"x");
 }
 
-/// Cases of the fuzz test: `STREAM_FUZZ_CASES` or 2000.
-fn fuzz_cases() -> u32 {
-    std::env::var("STREAM_FUZZ_CASES")
+/// A count from the environment variable `name`, else `default`.
+fn env_count(name: &str, default: u32) -> u32 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2000)
+        .unwrap_or(default)
 }
 
 #[test]
 fn arbitrary_tar_bytes_never_panic_and_never_write_outside() {
     use proptest::test_runner::{Config, TestRunner};
-    let cases = fuzz_cases();
+    let cases = env_count("STREAM_FUZZ_CASES", 2000);
     // A valid tar to mutate, so the fuzzing reaches past the first header.
     let mut seed = chain_dirs();
     seed.push(E::Symlink(format!("{CHAIN}/back"), CHAIN_BACK.into()));
@@ -770,13 +770,6 @@ fn decoy(dir: &Path) -> PathBuf {
     d
 }
 
-fn attempts() -> usize {
-    std::env::var("SWAPPER_ATTEMPTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
-}
-
 use std::sync::Arc;
 
 #[test]
@@ -794,7 +787,7 @@ fn stream_in_racing_a_symlink_swapper_never_writes_outside() {
         E::File("work/g".into(), b"payload".to_vec()),
         E::Symlink("work/l".into(), "sub/f".into()),
     ]);
-    let n = attempts();
+    let n = env_count("SWAPPER_ATTEMPTS", 200);
     for _ in 0..n {
         let _ = ex(&fd, &tar[..], IdMap::IDENTITY);
         assert_eq!(
@@ -818,7 +811,7 @@ fn stream_out_racing_a_symlink_swapper_never_reads_outside() {
     std::os::unix::fs::symlink(&d, v.join("swap")).expect("swap link");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let t = swapper(v.clone(), "work", "swap", stop.clone());
-    let n = attempts();
+    let n = env_count("SWAPPER_ATTEMPTS", 200);
     for i in 0..n {
         let path = if i % 2 == 0 { "." } else { "work" };
         let Ok(source) = open_source(&v, path) else {
