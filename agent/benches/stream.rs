@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use volume_agent::api::archive::{self, Encoding};
-use volume_agent::api::privilege::IdMap;
+use volume_agent::contents::IdMap;
 
 const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 20;

@@ -7,6 +7,7 @@ pub mod api;
 pub mod central;
 pub mod cli;
 pub mod config;
+pub mod contents;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;

@@ -53,10 +53,12 @@ impl From<InventoryError> for ApiError {
             InventoryError::AlreadyExists(_)
             | InventoryError::ParentDestroying(_)
             | InventoryError::HasChildren { .. }
-            | InventoryError::InvalidTransition { .. } => ApiError::Conflict(msg),
-            InventoryError::ParentNotFound(_) | InventoryError::ParentNotInitialized { .. } => {
-                ApiError::Unprocessable(msg)
-            }
+            | InventoryError::InvalidTransition { .. }
+            | InventoryError::Busy { .. } => ApiError::Conflict(msg),
+            InventoryError::ParentNotFound(_)
+            | InventoryError::ParentNotInitialized { .. }
+            | InventoryError::Import(_)
+            | InventoryError::Populate { .. } => ApiError::Unprocessable(msg),
             _ => ApiError::Internal(msg),
         }
     }

@@ -6,7 +6,6 @@ pub mod archive;
 pub mod baggageclaim;
 pub mod error;
 pub mod ops;
-pub mod privilege;
 pub mod stream;
 pub mod volumes;
 

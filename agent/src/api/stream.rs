@@ -13,9 +13,9 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::archive::{self, ArchiveError, Encoding};
-use super::privilege::IdMap;
 use super::volumes::handle;
 use super::{ApiError, ApiState};
+use crate::contents::IdMap;
 use crate::inventory::{InventoryError, VolumeRecord};
 
 /// Chunks in flight between the HTTP side and the tar side.

@@ -126,3 +126,55 @@ fn read_write(src: &File, dst: &File, at: u64, want: usize) -> io::Result<usize>
     dst.write_all_at(&buf[..n], at)?;
     Ok(n)
 }
+
+/// Copies every extended attribute of the open file `src` to the open file `dst`. A file
+/// system without extended attributes on either side copies nothing; a name the target
+/// refuses (`EPERM`, `ENOTSUP` for that namespace) is skipped.
+pub fn copy_xattrs(src: &impl std::os::fd::AsFd, dst: &impl std::os::fd::AsFd) -> io::Result<()> {
+    let skip = |e: &io::Error| {
+        matches!(
+            e.raw_os_error().map(Errno::from_raw_os_error),
+            Some(Errno::OPNOTSUPP | Errno::PERM | Errno::NODATA)
+        )
+    };
+    let mut names = vec![0u8; 1024];
+    let len = loop {
+        match retry(|| rfs::flistxattr(src, &mut names[..])) {
+            Ok(n) => break n,
+            Err(e) if e.raw_os_error() == Some(Errno::RANGE.raw_os_error()) => {
+                let want = retry(|| rfs::flistxattr_query(src))?;
+                names.resize(want.max(names.len() * 2), 0);
+            }
+            Err(e) if skip(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    };
+    let mut value = vec![0u8; 4096];
+    for name in names[..len.min(names.len())].split(|&b| b == 0) {
+        if name.is_empty() {
+            continue;
+        }
+        let Ok(cname) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let n = loop {
+            match retry(|| rfs::fgetxattr(src, cname.as_c_str(), &mut value[..])) {
+                Ok(n) => break Some(n),
+                Err(e) if e.raw_os_error() == Some(Errno::RANGE.raw_os_error()) => {
+                    let want = retry(|| rfs::fgetxattr_query(src, cname.as_c_str()))?;
+                    value.resize(want.max(value.len() * 2), 0);
+                }
+                Err(e) if skip(&e) => break None,
+                Err(e) => return Err(e),
+            }
+        };
+        let Some(n) = n else { continue };
+        let set =
+            retry(|| rfs::fsetxattr(dst, cname.as_c_str(), &value[..n], rfs::XattrFlags::empty()));
+        match set {
+            Err(e) if !skip(&e) => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -475,6 +475,11 @@ impl Dir {
         let fd = retry(|| rfs::openat(&self.fd, name.as_c_str(), flags, Mode::empty()))
             .map_err(self.err(Op::Open, Some(name)))?;
         let meta = stat_at(fd.as_fd(), c"").map_err(self.err(Op::Stat, Some(name)))?;
+        if meta.dev != self.place.dev {
+            return Err(self.err(Op::Open, Some(name))(io::Error::other(
+                CrossesMount,
+            )));
+        }
         Ok(Node {
             fd,
             meta,
@@ -600,6 +605,61 @@ impl Dir {
         retry(|| rfs::fsync(&self.fd)).map_err(self.err(Op::Sync, None))
     }
 
+    /// Resolves the symlink `name` in this directory, which is `rel` below `root` (the
+    /// directory the walk started from), with the kernel keeping every step beneath `root`
+    /// (`openat2` `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV`): a link
+    /// leading out of `root` (by `..`, an absolute target, or a directory swapped for a
+    /// link meanwhile) or onto another mount fails with `EXDEV`, never opens anything
+    /// outside. What it leads to is opened as what it is.
+    pub fn open_beneath(root: &Dir, rel: &Path) -> Result<Beneath> {
+        let err = |op| move |source| FsxError::new(op, rel.to_owned(), source);
+        let how = rfs::ResolveFlags::BENEATH
+            | rfs::ResolveFlags::NO_MAGICLINKS
+            | rfs::ResolveFlags::NO_XDEV;
+        let pin = retry(|| {
+            rfs::openat2(
+                &root.fd,
+                rel,
+                OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
+                how,
+            )
+        })
+        .map_err(err(Op::Follow))?;
+        let meta = stat_at(pin.as_fd(), c"").map_err(err(Op::Stat))?;
+        match meta.kind {
+            Kind::Dir => {
+                let fd = retry(|| rfs::openat(&pin, c".", DIR_FLAGS, Mode::empty()))
+                    .map_err(err(Op::Open))?;
+                Ok(Beneath::Dir(Dir {
+                    fd,
+                    place: meta.placement(),
+                    rel: rel.to_owned(),
+                    path_only: false,
+                }))
+            }
+            Kind::File => {
+                let link = proc_fd_path(pin.as_fd());
+                let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+                let fd = retry(|| rfs::openat(CWD, link.as_c_str(), flags, Mode::empty()))
+                    .map_err(err(Op::Open))?;
+                Ok(Beneath::File(File::from(fd), meta))
+            }
+            _ => Ok(Beneath::Other(meta)),
+        }
+    }
+
+    /// Flushes the whole file system holding this directory (for the rare operations that
+    /// change too many inodes to sync one by one: an owner shift, an archive import).
+    pub fn syncfs(&self) -> Result<()> {
+        retry(|| rfs::syncfs(&self.fd)).map_err(self.err(Op::Sync, None))
+    }
+
+    /// Gives up the handle (to sync it elsewhere, say).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// A second handle on this directory (for syncing it later, elsewhere).
     pub fn try_clone_fd(&self) -> Result<OwnedFd> {
         self.fd.try_clone().map_err(self.err(Op::Open, None))
@@ -610,6 +670,15 @@ impl AsFd for Dir {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// What a symlink followed with [`Dir::open_beneath`] leads to.
+#[derive(Debug)]
+pub enum Beneath {
+    Dir(Dir),
+    File(File, Meta),
+    /// A fifo, socket or device node (never opened).
+    Other(Meta),
 }
 
 /// `fchown` of an open file.
@@ -623,12 +692,13 @@ pub(super) fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()>
     })
 }
 
+/// Flushes an open file or directory to stable storage.
+pub fn fsync_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    retry(|| rfs::fsync(fd))
+}
+
 /// `futimens` of an open file.
-pub(super) fn set_times_fd(
-    fd: BorrowedFd<'_>,
-    atime: Timestamp,
-    mtime: Timestamp,
-) -> io::Result<()> {
+pub fn set_times_fd(fd: BorrowedFd<'_>, atime: Timestamp, mtime: Timestamp) -> io::Result<()> {
     let times = Timestamps {
         last_access: atime.timespec(),
         last_modification: mtime.timespec(),

@@ -19,13 +19,16 @@
 
 mod data;
 mod dir;
+pub mod host;
 mod name;
 mod walk;
 
-pub use data::{copy_data, CopyMethod};
-pub use dir::{Dir, Entry, Kind, Listing, Meta, Node, Placement, Timestamp};
+pub use data::{copy_data, copy_xattrs, CopyMethod};
+pub use dir::{
+    fsync_fd, set_times_fd, Beneath, Dir, Entry, Kind, Listing, Meta, Node, Placement, Timestamp,
+};
 pub use name::{Name, NameBuf};
-pub use walk::{walk, Visitor, MAX_DEPTH};
+pub use walk::{walk, Descend, Visitor, MAX_DEPTH};
 
 pub use rustix::io::Errno;
 
@@ -57,6 +60,7 @@ pub enum Op {
     Copy,
     Sync,
     Walk,
+    Follow,
 }
 
 impl fmt::Display for Op {
@@ -83,6 +87,7 @@ impl fmt::Display for Op {
             Op::Copy => "copying",
             Op::Sync => "syncing",
             Op::Walk => "walking",
+            Op::Follow => "following symlink",
         })
     }
 }

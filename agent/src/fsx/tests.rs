@@ -95,10 +95,10 @@ struct Collect(Vec<(String, Kind)>, usize);
 
 impl Visitor for Collect {
     type Error = FsxError;
-    fn entry(&mut self, dir: &Dir, name: Name<'_>, kind: Kind) -> Result<bool> {
+    fn entry(&mut self, dir: &Dir, name: Name<'_>, kind: Kind) -> Result<Descend> {
         self.0
             .push((dir.rel_of(name).to_string_lossy().into_owned(), kind));
-        Ok(true)
+        Ok(Descend::Yes)
     }
     fn leave(&mut self, _dir: &Dir) -> Result<()> {
         self.1 += 1;

@@ -8,13 +8,23 @@ use super::{Dir, Entry, FsxError, Kind, Name, Op, TooDeep};
 /// bounds the descriptors a walk holds as well as its memory.
 pub const MAX_DEPTH: usize = 256;
 
+/// Whether a walk goes into an entry.
+pub enum Descend {
+    /// Not into this entry.
+    No,
+    /// Into this directory entry (the walk opens it).
+    Yes,
+    /// Into this directory, already opened by the visitor (a followed symlink).
+    Into(Dir),
+}
+
 /// What a [`walk`] does at each entry.
 pub trait Visitor {
     type Error: From<FsxError>;
 
     /// Called for each entry of `dir` (its `kind` stat'ed when the listing did not say).
-    /// Return `true` to descend into a directory.
-    fn entry(&mut self, dir: &Dir, name: Name<'_>, kind: Kind) -> Result<bool, Self::Error>;
+    /// Says whether to descend into it ([`Descend::Yes`] only counts for a directory).
+    fn entry(&mut self, dir: &Dir, name: Name<'_>, kind: Kind) -> Result<Descend, Self::Error>;
 
     /// `child`, a directory `entry` asked to descend into, is open; its entries come next.
     fn enter(&mut self, _parent: &Dir, _child: &Dir) -> Result<(), Self::Error> {
@@ -22,8 +32,9 @@ pub trait Visitor {
     }
 
     /// The directory `name` could not be opened because it is gone
-    /// ([`FsxError::is_not_found`]) or no longer a directory ([`FsxError::is_wrong_kind`]):
-    /// something changed the tree while it was walked. The default fails the walk.
+    /// ([`FsxError::is_not_found`]), no longer a directory ([`FsxError::is_wrong_kind`]):
+    /// something changed the tree while it was walked), or another file system is mounted
+    /// on it ([`FsxError::is_mount_point`]; never entered). The default fails the walk.
     fn changed(&mut self, _dir: &Dir, _name: Name<'_>, err: FsxError) -> Result<(), Self::Error> {
         Err(err.into())
     }
@@ -72,21 +83,27 @@ pub fn walk<V: Visitor>(root: &Dir, v: &mut V) -> Result<(), V::Error> {
             },
             k => k,
         };
-        if !v.entry(dir, name, kind)? || kind != Kind::Dir {
-            continue;
-        }
+        let opened = match v.entry(dir, name, kind)? {
+            Descend::No => continue,
+            Descend::Yes if kind != Kind::Dir => continue,
+            Descend::Yes => None,
+            Descend::Into(d) => Some(d),
+        };
         if depth >= MAX_DEPTH {
             return Err(
                 FsxError::new(Op::Walk, dir.rel_of(name), io::Error::other(TooDeep)).into(),
             );
         }
-        let child = match dir.open_dir(name) {
-            Ok(c) => c,
-            Err(e) if e.is_not_found() || (e.is_wrong_kind() && !e.is_mount_point()) => {
-                v.changed(dir, name, e)?;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
+        let child = match opened {
+            Some(c) => c,
+            None => match dir.open_dir(name) {
+                Ok(c) => c,
+                Err(e) if e.is_not_found() || e.is_wrong_kind() || e.is_mount_point() => {
+                    v.changed(dir, name, e)?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         v.enter(dir, &child)?;
         let entries = child.entries()?;
