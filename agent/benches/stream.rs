@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use volume_agent::api::privilege::IdMap;
 use volume_agent::contents::archive::{self, Encoding, ExtractOptions};
+use volume_agent::contents::IdMap;
 
 const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 20;

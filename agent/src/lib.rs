@@ -12,6 +12,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod demo;
 pub mod durable;
+pub mod fsx;
 pub mod generate;
 pub mod inventory;
 pub mod logging;

@@ -1,29 +1,22 @@
 //! Baggageclaim's asynchronous create (`POST /volumes-async`, `GET` and `DELETE
-//! /volumes-async/{handle}`), the `import` strategy, and the owner shift of a
-//! copy-on-write child whose privilege differs from its parent's.
+//! /volumes-async/{handle}`); the create itself is `Inventory::create_volume`.
 //!
 //! A future lives in memory only: after a restart the client's poll answers 404 and the
 //! client fails the create, as it does when baggageclaim restarts.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse, ResponseError};
-use protocol::local::{CreateVolumeRequest, ErrorBody, Strategy, VolumeFuture, VolumeJson};
+use protocol::local::{CreateVolumeRequest, ErrorBody, VolumeFuture, VolumeJson};
 use protocol::{Handle, VolumeState};
 
-use super::privilege::{shift_tree, IdMap};
 use super::volumes::{handle, volume_json};
 use super::{ApiError, ApiState};
-use crate::contents::archive::{self, Encoding, ExtractOptions};
-use crate::inventory::{CreateSpec, Inventory, InventoryError, Populate, VolumeRecord};
+use crate::inventory::VolumeRecord;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/volumes-async", web::post().to(create_async))
@@ -107,145 +100,6 @@ fn short(mut msg: String) -> String {
     msg
 }
 
-/// Creates the volume `req` asks for, in `initial_state`: fills an import, shifts owners
-/// of a copy-on-write child whose privilege differs from its parent's. Blocking.
-pub fn create_volume(
-    inv: &Inventory,
-    req: CreateVolumeRequest,
-    initial_state: VolumeState,
-) -> Result<VolumeRecord, ApiError> {
-    let ids = IdMap::for_volume(req.privileged);
-    let privileged = req.privileged;
-    let (parent, populate): (Option<Handle>, Option<Populate>) = match req.strategy {
-        // The data root the driver made belongs to the volume's (mapped) root.
-        Strategy::Empty if !req.privileged => (
-            None,
-            Some(Box::new(move |data: &Path| ids.own_root(data)) as Populate),
-        ),
-        Strategy::Empty => (None, None),
-        Strategy::Cow { volume } => {
-            let shift: Option<Populate> = match inv.get(&volume)? {
-                Some(p) if p.privileged != req.privileged => {
-                    let from = IdMap::for_volume(p.privileged);
-                    Some(Box::new(move |data: &Path| shift_tree(data, from, ids)))
-                }
-                _ => None,
-            };
-            (Some(volume), shift)
-        }
-        Strategy::Import {
-            path,
-            follow_symlinks,
-        } => {
-            let source = PathBuf::from(&path);
-            // The import path itself is always followed (baggageclaim stats it);
-            // `follow_symlinks` only governs the entries beneath it.
-            let fill: Populate = match fs::metadata(&source) {
-                Ok(m) if m.is_dir() => Box::new(move |data: &Path| {
-                    ids.own_root(data)?;
-                    copy_into(&source, data, follow_symlinks, ids, &mut HashMap::new())
-                }),
-                Ok(m) if m.is_file() => Box::new(move |data: &Path| {
-                    // Before extracting: a `./` entry in the archive sets the root's owner.
-                    ids.own_root(data)?;
-                    let file = fs::File::open(&source)?;
-                    let root = archive::open_dir(data)?;
-                    let opts = ExtractOptions {
-                        ids,
-                        ..ExtractOptions::for_volume(privileged)
-                    };
-                    archive::extract_compressed(&root, &[], io::BufReader::new(file), Encoding::Gzip, &opts)
-                        .map(drop)
-                        .map_err(|e| io::Error::other(format!("{}: {e}", source.display())))
-                }),
-                Ok(_) => {
-                    return Err(ApiError::Unprocessable(format!(
-                        "import path {path} is neither a directory nor a .tgz file"
-                    )))
-                }
-                Err(e) => {
-                    return Err(ApiError::Unprocessable(format!(
-                        "import path {path}: {e}; import a directory or a .tgz file that exists on the worker"
-                    )))
-                }
-            };
-            (None, Some(fill))
-        }
-    };
-    let spec = CreateSpec {
-        handle: req.handle,
-        parent,
-        properties: req.properties,
-        privileged: req.privileged,
-        initial_state,
-        populate,
-    };
-    inv.create(spec).map_err(|e| match e {
-        e @ InventoryError::Populate { .. } => ApiError::Unprocessable(e.to_string()),
-        e => e.into(),
-    })
-}
-
-/// Copies the children of directory `from` into the existing directory `to`, owners mapped
-/// with `ids`; symlinks are followed only when `follow` is set. Hard links within the
-/// tree stay hard links.
-fn copy_into(
-    from: &Path,
-    to: &Path,
-    follow: bool,
-    ids: IdMap,
-    links: &mut HashMap<(u64, u64), PathBuf>,
-) -> io::Result<()> {
-    let mut entries: Vec<_> = fs::read_dir(from)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let src = e.path();
-        let dst = to.join(e.file_name());
-        let meta = if follow {
-            fs::metadata(&src)?
-        } else {
-            fs::symlink_metadata(&src)?
-        };
-        let ft = meta.file_type();
-        let (uid, gid) = ids.to_disk(meta.uid(), meta.gid());
-        if ft.is_dir() {
-            fs::create_dir(&dst)?;
-            copy_into(&src, &dst, follow, ids, links)?;
-        } else {
-            if meta.nlink() > 1 {
-                let key = (meta.dev(), meta.ino());
-                if let Some(first) = links.get(&key) {
-                    fs::hard_link(first, &dst)?;
-                    continue;
-                }
-                links.insert(key, dst.clone());
-            }
-            if ft.is_symlink() {
-                std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
-                std::os::unix::fs::lchown(&dst, Some(uid), Some(gid))?;
-                continue;
-            }
-            if ft.is_file() {
-                fs::copy(&src, &dst)?;
-            } else {
-                let c =
-                    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dst.as_os_str()))
-                        .map_err(|_| {
-                            io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path")
-                        })?;
-                // SAFETY: NUL-terminated path; mode and device come from an existing node.
-                if unsafe { libc::mknod(c.as_ptr(), meta.mode(), meta.rdev()) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-        }
-        std::os::unix::fs::lchown(&dst, Some(uid), Some(gid))?;
-        // chown clears set-id bits; put the exact mode back.
-        fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-    }
-    Ok(())
-}
-
 fn error_response(status: StatusCode, error: String) -> HttpResponse {
     HttpResponse::build(status).json(ErrorBody { error })
 }
@@ -301,12 +155,11 @@ async fn create_async(
         let h = h.clone();
         actix_web::rt::spawn(async move {
             let inv = state.inventory.clone();
-            let res = match web::block(move || create_volume(&inv, req, VolumeState::Initialized))
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => Err(e.into()),
-            };
+            let res =
+                match web::block(move || inv.create_volume(req, VolumeState::Initialized)).await {
+                    Ok(r) => r.map_err(ApiError::from),
+                    Err(e) => Err(e.into()),
+                };
             finish(&state, &h, &canceled, res).await;
         });
     }

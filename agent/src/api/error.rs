@@ -71,10 +71,12 @@ impl From<InventoryError> for ApiError {
             | InventoryError::ParentDestroying(_)
             | InventoryError::HasChildren { .. }
             | InventoryError::InvalidTransition { .. }
-            | InventoryError::Busy { .. } => ApiError::Conflict(msg),
-            InventoryError::ParentNotFound(_) | InventoryError::ParentNotInitialized { .. } => {
-                ApiError::Unprocessable(msg)
-            }
+            | InventoryError::Busy { .. }
+            | InventoryError::Streaming { .. } => ApiError::Conflict(msg),
+            InventoryError::ParentNotFound(_)
+            | InventoryError::ParentNotInitialized { .. }
+            | InventoryError::Import(_)
+            | InventoryError::Populate { .. } => ApiError::Unprocessable(msg),
             _ => ApiError::Internal(msg),
         }
     }

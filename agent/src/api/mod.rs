@@ -5,7 +5,6 @@
 pub mod baggageclaim;
 pub mod error;
 pub mod ops;
-pub mod privilege;
 pub mod stream;
 pub mod volumes;
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use tar::{EntryType, Header};
 
-use crate::api::privilege::IdMap;
+use crate::contents::IdMap;
 
 /// How a tar stream is compressed (`Content-Encoding` / `Accept-Encoding`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

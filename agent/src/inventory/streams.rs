@@ -196,7 +196,7 @@ impl Inventory {
             .get(h)?
             .ok_or_else(|| InventoryError::NotFound(h.clone()))?;
         if matches!(rec.state, VolumeState::Creating | VolumeState::Destroying) {
-            return Err(InventoryError::Busy {
+            return Err(InventoryError::Streaming {
                 handle: h.clone(),
                 why: format!(
                     "{}; stream into or out of a volume that is not being created or destroyed",
@@ -207,7 +207,7 @@ impl Inventory {
         let mut map = self.inner.holds.lock();
         let e = Holds::entry(&mut map, h);
         if e.closing > 0 {
-            let busy = InventoryError::Busy {
+            let busy = InventoryError::Streaming {
                 handle: h.clone(),
                 why: "being destroyed or having its privilege changed; stream again once that is done".into(),
             };
@@ -247,7 +247,7 @@ impl Inventory {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 drop(map);
-                return Err(InventoryError::Busy {
+                return Err(InventoryError::Streaming {
                     handle: h.clone(),
                     why: format!(
                         "still streaming: {running} cut stream(s) did not stop within {CUT_WAIT:?}; try again"
@@ -306,7 +306,7 @@ impl Inventory {
         out: W,
         encoding: Encoding,
     ) -> Result<(), ArchiveError> {
-        let ids = crate::api::privilege::IdMap::for_volume(hold.record.privileged);
+        let ids = crate::contents::IdMap::for_volume(hold.record.privileged);
         let out = CutWriter { inner: out, hold };
         let mut out = archive::pack_compressed(source, out, encoding, ids, &hold.record.path)?;
         out.flush().map_err(|source| match Stopped::find(&source) {

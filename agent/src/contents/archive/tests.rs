@@ -5,7 +5,7 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::*;
-use crate::api::privilege::IdMap;
+use crate::contents::IdMap;
 
 /// One entry of a hand-made tar: names are written raw, so `..` and `/x` can be tested.
 #[derive(Clone, Debug)]
