@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use volume_agent::api::archive::{self, Encoding};
-use volume_agent::api::privilege::IdMap;
+use volume_agent::contents::archive::{self, Encoding, ExtractOptions};
+use volume_agent::contents::IdMap;
 
 const DIRS: usize = 100;
 const FILES_PER_DIR: usize = 20;
@@ -121,7 +121,8 @@ fn main() {
         let t_ours = time(|| {
             let dest = archive::open_dir(&ours_dest).expect("dest");
             let input = BufReader::new(fs::File::open(&tar_out).expect("archive"));
-            archive::extract_compressed(&dest, input, enc, IdMap::IDENTITY).expect("extract");
+            let opts = ExtractOptions::for_volume(true);
+            archive::extract_compressed(&dest, &[], input, enc, &opts).expect("extract");
         });
         let t_tar = time(|| {
             run(Command::new("tar")

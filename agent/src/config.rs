@@ -203,6 +203,19 @@ pub struct ApiConfig {
     /// `import` reads only beneath these directories; empty = `resource_types.dir`.
     #[serde(default)]
     pub import_roots: Vec<PathBuf>,
+    /// Streams (in and out) running at once, on threads of their own; more answer 503.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// A stream-in body that sends nothing (or a stream-out client that reads nothing) for
+    /// this long is cut.
+    #[serde(default = "d60s", with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Most bytes of file data one stream-in may write (apparent sizes); unset = no limit.
+    #[serde(default)]
+    pub stream_in_max_bytes: Option<u64>,
+    /// Most tar entries one stream-in may hold; unset = no limit.
+    #[serde(default)]
+    pub stream_in_max_entries: Option<u64>,
 }
 
 impl Default for ApiConfig {
@@ -215,8 +228,20 @@ impl Default for ApiConfig {
             group: String::new(),
             allow_remote: false,
             import_roots: Vec::new(),
+            max_streams: default_max_streams(),
+            body_idle_timeout: d60s(),
+            stream_in_max_bytes: None,
+            stream_in_max_entries: None,
         }
     }
+}
+
+fn default_max_streams() -> usize {
+    64
+}
+
+fn d60s() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

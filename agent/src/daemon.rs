@@ -182,6 +182,14 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         max_body_bytes: usize::try_from(config.api.max_body_bytes).unwrap_or(usize::MAX),
         futures: Default::default(),
         import_roots: config.import_roots().into(),
+        streams: api::stream::StreamSettings::new(
+            config.api.max_streams,
+            config.api.body_idle_timeout,
+            crate::inventory::StreamInLimits {
+                max_bytes: config.api.stream_in_max_bytes,
+                max_entries: config.api.stream_in_max_entries,
+            },
+        ),
     };
     let trust = api::guard::Trust {
         allowed_uids: config.api.allowed_uids.clone(),

@@ -107,20 +107,22 @@ fn properties_and_privilege_are_stored_and_survive_reopen() {
         let inv = open(&cfg);
         inv.create(CreateSpec::empty(h("a"))).expect("create");
         inv.set_property(&h("a"), "cache", "yes").expect("prop");
-        let mut reowned = None;
-        inv.set_privileged(&h("a"), true, |data, was, now| {
-            reowned = Some((data.to_owned(), was, now));
-            Ok(())
-        })
-        .expect("priv");
+        // Root as an unprivileged volume stores it (the highest id), and a set-uid file.
         let data = inv.get(&h("a")).expect("get").expect("exists").path;
-        assert_eq!(
-            reowned,
-            Some((data, false, true)),
-            "the data is re-owned first"
-        );
-        inv.set_privileged(&h("a"), true, |_, _, _| panic!("unchanged: no re-own"))
-            .expect("same again");
+        let stored_root = volume_agent::contents::IdMap::for_volume(false)
+            .mapped_root()
+            .expect("an unprivileged volume maps root");
+        let f = data.join("tool");
+        std::fs::write(&f, b"x").expect("write");
+        std::os::unix::fs::chown(&f, Some(stored_root.0), Some(stored_root.1)).expect("chown");
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o4755))
+            .expect("chmod");
+        inv.set_privileged(&h("a"), true).expect("priv");
+        let meta = std::fs::metadata(&f).expect("stat");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "the data is re-owned");
+        assert_eq!(meta.mode() & 0o7777, 0o4755, "set-uid kept after the chown");
+        inv.set_privileged(&h("a"), true).expect("same again");
         let err = inv.set_property(&h("zz"), "k", "v").expect_err("unknown");
         assert!(matches!(err, InventoryError::NotFound(_)));
     }

@@ -794,7 +794,7 @@ async fn volume_named_destroy_cannot_shadow_the_bulk_route() {
 /// The highest valid id of a `/proc/self` map, as the agent computes it.
 fn max_id(file: &str) -> u32 {
     let map = std::fs::read_to_string(format!("/proc/self/{file}")).expect("id map");
-    volume_agent::api::privilege::parse_max_id(&map).expect("an id map line")
+    volume_agent::contents::parse_max_id(&map).expect("an id map line")
 }
 
 #[tokio::test]

@@ -1,34 +1,36 @@
 //! Baggageclaim's asynchronous create (`POST /volumes-async`, `GET` and `DELETE
-//! /volumes-async/{handle}`), the `import` strategy, and the owner shift of a
-//! copy-on-write child whose privilege differs from its parent's.
+//! /volumes-async/{handle}`); the create itself is `Inventory::create_volume`.
 //!
 //! A future lives in memory only: after a restart the client's poll answers 404 and the
 //! client fails the create, as it does when baggageclaim restarts.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse, ResponseError};
-use protocol::local::{CreateVolumeRequest, ErrorBody, Strategy, VolumeFuture, VolumeJson};
+use protocol::local::{CreateVolumeRequest, ErrorBody, VolumeFuture, VolumeJson};
 use protocol::{Handle, VolumeState};
 
-use super::archive::{self, Encoding};
-use super::privilege::{shift_tree, IdMap};
 use super::volumes::{handle, volume_json};
 use super::{ApiError, ApiState};
-use crate::inventory::{CreateSpec, Inventory, InventoryError, Populate, VolumeRecord};
+use crate::inventory::VolumeRecord;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/volumes-async", web::post().to(create_async))
         .route("/volumes-async/{handle}", web::get().to(poll))
         .route("/volumes-async/{handle}", web::delete().to(cancel));
 }
+
+/// Most futures tracked at once (pending and finished); more creates answer 503.
+pub const MAX_FUTURES: usize = 1024;
+/// A finished future (done or failed) nobody deleted is forgotten after this long.
+pub const FINISHED_TTL: Duration = Duration::from_secs(600);
+/// Longest error message a failed future keeps (the rest is cut, never the caller's input
+/// echoed whole).
+pub const MAX_FAILURE_MESSAGE: usize = 512;
 
 enum Status {
     Pending,
@@ -38,154 +40,64 @@ enum Status {
 
 struct Entry {
     status: Status,
+    /// When it finished (done or failed); pending futures never expire.
+    finished: Option<Instant>,
     /// Set when the future is deleted while pending: the finished volume is destroyed.
     canceled: Arc<AtomicBool>,
 }
 
-/// The creates started by `POST /volumes-async`, by handle, until deleted.
-#[derive(Default)]
+/// The creates started by `POST /volumes-async`, by handle, until deleted or, once
+/// finished, until [`FINISHED_TTL`] passed. At most `max` at once.
 pub struct Futures {
     map: Mutex<HashMap<Handle, Entry>>,
+    max: usize,
+    ttl: Duration,
+}
+
+impl Default for Futures {
+    fn default() -> Self {
+        Futures::new(MAX_FUTURES, FINISHED_TTL)
+    }
 }
 
 impl Futures {
+    pub fn new(max: usize, ttl: Duration) -> Self {
+        Futures {
+            map: Mutex::new(HashMap::new()),
+            max,
+            ttl,
+        }
+    }
+
+    /// The table, with expired finished futures dropped.
     fn lock(&self) -> MutexGuard<'_, HashMap<Handle, Entry>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let ttl = self.ttl;
+        map.retain(|_, e| e.finished.is_none_or(|at| at.elapsed() < ttl));
+        map
+    }
+
+    /// Futures tracked now (after expiry).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
-/// Creates the volume `req` asks for, in `initial_state`: fills an import, shifts owners
-/// of a copy-on-write child whose privilege differs from its parent's. Blocking.
-pub fn create_volume(
-    inv: &Inventory,
-    req: CreateVolumeRequest,
-    initial_state: VolumeState,
-) -> Result<VolumeRecord, ApiError> {
-    let ids = IdMap::for_volume(req.privileged);
-    let (parent, populate): (Option<Handle>, Option<Populate>) = match req.strategy {
-        // The data root the driver made belongs to the volume's (mapped) root.
-        Strategy::Empty if !req.privileged => (
-            None,
-            Some(Box::new(move |data: &Path| ids.own_root(data)) as Populate),
-        ),
-        Strategy::Empty => (None, None),
-        Strategy::Cow { volume } => {
-            let shift: Option<Populate> = match inv.get(&volume)? {
-                Some(p) if p.privileged != req.privileged => {
-                    let from = IdMap::for_volume(p.privileged);
-                    Some(Box::new(move |data: &Path| shift_tree(data, from, ids)))
-                }
-                _ => None,
-            };
-            (Some(volume), shift)
+/// `msg` cut to [`MAX_FAILURE_MESSAGE`] bytes (on a character boundary).
+fn short(mut msg: String) -> String {
+    if msg.len() > MAX_FAILURE_MESSAGE {
+        let mut cut = MAX_FAILURE_MESSAGE;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
         }
-        Strategy::Import {
-            path,
-            follow_symlinks,
-        } => {
-            let source = PathBuf::from(&path);
-            // The import path itself is always followed (baggageclaim stats it);
-            // `follow_symlinks` only governs the entries beneath it.
-            let fill: Populate = match fs::metadata(&source) {
-                Ok(m) if m.is_dir() => Box::new(move |data: &Path| {
-                    ids.own_root(data)?;
-                    copy_into(&source, data, follow_symlinks, ids, &mut HashMap::new())
-                }),
-                Ok(m) if m.is_file() => Box::new(move |data: &Path| {
-                    // Before extracting: a `./` entry in the archive sets the root's owner.
-                    ids.own_root(data)?;
-                    let file = fs::File::open(&source)?;
-                    let dest = archive::open_dir(data)?;
-                    archive::extract_compressed(&dest, io::BufReader::new(file), Encoding::Gzip, ids)
-                        .map(drop)
-                        .map_err(|e| io::Error::other(format!("{}: {e}", source.display())))
-                }),
-                Ok(_) => {
-                    return Err(ApiError::Unprocessable(format!(
-                        "import path {path} is neither a directory nor a .tgz file"
-                    )))
-                }
-                Err(e) => {
-                    return Err(ApiError::Unprocessable(format!(
-                        "import path {path}: {e}; import a directory or a .tgz file that exists on the worker"
-                    )))
-                }
-            };
-            (None, Some(fill))
-        }
-    };
-    let spec = CreateSpec {
-        handle: req.handle,
-        parent,
-        properties: req.properties,
-        privileged: req.privileged,
-        initial_state,
-        populate,
-    };
-    inv.create(spec).map_err(|e| match e {
-        e @ InventoryError::Populate { .. } => ApiError::Unprocessable(e.to_string()),
-        e => e.into(),
-    })
-}
-
-/// Copies the children of directory `from` into the existing directory `to`, owners mapped
-/// with `ids`; symlinks are followed only when `follow` is set. Hard links within the
-/// tree stay hard links.
-fn copy_into(
-    from: &Path,
-    to: &Path,
-    follow: bool,
-    ids: IdMap,
-    links: &mut HashMap<(u64, u64), PathBuf>,
-) -> io::Result<()> {
-    let mut entries: Vec<_> = fs::read_dir(from)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let src = e.path();
-        let dst = to.join(e.file_name());
-        let meta = if follow {
-            fs::metadata(&src)?
-        } else {
-            fs::symlink_metadata(&src)?
-        };
-        let ft = meta.file_type();
-        let (uid, gid) = ids.to_disk(meta.uid(), meta.gid());
-        if ft.is_dir() {
-            fs::create_dir(&dst)?;
-            copy_into(&src, &dst, follow, ids, links)?;
-        } else {
-            if meta.nlink() > 1 {
-                let key = (meta.dev(), meta.ino());
-                if let Some(first) = links.get(&key) {
-                    fs::hard_link(first, &dst)?;
-                    continue;
-                }
-                links.insert(key, dst.clone());
-            }
-            if ft.is_symlink() {
-                std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
-                std::os::unix::fs::lchown(&dst, Some(uid), Some(gid))?;
-                continue;
-            }
-            if ft.is_file() {
-                fs::copy(&src, &dst)?;
-            } else {
-                let c =
-                    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dst.as_os_str()))
-                        .map_err(|_| {
-                            io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path")
-                        })?;
-                // SAFETY: NUL-terminated path; mode and device come from an existing node.
-                if unsafe { libc::mknod(c.as_ptr(), meta.mode(), meta.rdev()) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-        }
-        std::os::unix::fs::lchown(&dst, Some(uid), Some(gid))?;
-        // chown clears set-id bits; put the exact mode back.
-        fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        msg.truncate(cut);
+        msg.push_str(" [...]");
     }
-    Ok(())
+    msg
 }
 
 fn error_response(status: StatusCode, error: String) -> HttpResponse {
@@ -216,17 +128,27 @@ async fn create_async(
                 "a create of volume {h} is already tracked; poll it, or DELETE /volumes-async/{h} first"
             )));
         }
-        let status = match &parsed {
-            Ok(_) => Status::Pending,
-            Err(e) => Status::Failed(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("invalid create request: {e}; strategies are empty, cow (with \"volume\") and import (with \"path\")"),
+        if map.len() >= state.futures.max {
+            return Err(ApiError::Full(format!(
+                "{} async creates are tracked, the most this agent keeps; poll and DELETE finished ones, then retry",
+                state.futures.max
+            )));
+        }
+        let (status, finished) = match &parsed {
+            Ok(_) => (Status::Pending, None),
+            Err(e) => (
+                Status::Failed(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    short(format!("invalid create request: {e}; strategies are empty, cow (with \"volume\") and import (with \"path\")")),
+                ),
+                Some(Instant::now()),
             ),
         };
         map.insert(
             h.clone(),
             Entry {
                 status,
+                finished,
                 canceled: canceled.clone(),
             },
         );
@@ -236,12 +158,11 @@ async fn create_async(
         let h = h.clone();
         actix_web::rt::spawn(async move {
             let inv = state.inventory.clone();
-            let res = match web::block(move || create_volume(&inv, req, VolumeState::Initialized))
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => Err(e.into()),
-            };
+            let res =
+                match web::block(move || inv.create_volume(req, VolumeState::Initialized)).await {
+                    Ok(r) => r.map_err(ApiError::from),
+                    Err(e) => Err(e.into()),
+                };
             finish(&state, &h, &canceled, res).await;
         });
     }
@@ -263,8 +184,9 @@ async fn finish(
                 if Arc::ptr_eq(&entry.canceled, canceled) {
                     entry.status = match &res {
                         Ok(rec) => Status::Done(volume_json(rec)),
-                        Err(e) => Status::Failed(e.status_code(), e.to_string()),
+                        Err(e) => Status::Failed(e.status_code(), short(e.to_string())),
                     };
+                    entry.finished = Some(Instant::now());
                 }
             }
             return;

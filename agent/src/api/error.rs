@@ -7,6 +7,9 @@ use protocol::local::ErrorBody;
 
 use crate::inventory::InventoryError;
 
+/// What a 503 for a full pool asks the client to wait, in seconds.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
@@ -23,6 +26,12 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: a bounded pool (streams, async creates) is full.
+    #[error("{0}")]
+    Full(String),
+    /// 408: the request body stalled.
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -36,13 +45,21 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status_code()).json(ErrorBody {
+        let mut resp = HttpResponse::build(self.status_code());
+        if let ApiError::Full(_) = self {
+            resp.insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                RETRY_AFTER_SECS.to_string(),
+            ));
+        }
+        resp.json(ErrorBody {
             error: self.to_string(),
         })
     }
@@ -56,10 +73,13 @@ impl From<InventoryError> for ApiError {
             InventoryError::AlreadyExists(_)
             | InventoryError::ParentDestroying(_)
             | InventoryError::HasChildren { .. }
-            | InventoryError::InvalidTransition { .. } => ApiError::Conflict(msg),
-            InventoryError::ParentNotFound(_) | InventoryError::ParentNotInitialized { .. } => {
-                ApiError::Unprocessable(msg)
-            }
+            | InventoryError::InvalidTransition { .. }
+            | InventoryError::Busy { .. }
+            | InventoryError::Streaming { .. } => ApiError::Conflict(msg),
+            InventoryError::ParentNotFound(_)
+            | InventoryError::ParentNotInitialized { .. }
+            | InventoryError::Import(_)
+            | InventoryError::Populate { .. } => ApiError::Unprocessable(msg),
             _ => ApiError::Internal(msg),
         }
     }

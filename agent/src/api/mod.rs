@@ -2,12 +2,10 @@
 //! metrics and the operator's `gc` routes. Handlers are thin: every change goes through
 //! the [`Inventory`] on a blocking thread (`web::block`).
 
-pub mod archive;
 pub mod baggageclaim;
 pub mod error;
 pub mod guard;
 pub mod ops;
-pub mod privilege;
 pub mod stream;
 pub mod volumes;
 
@@ -41,6 +39,8 @@ pub struct ApiState {
     pub futures: Arc<baggageclaim::Futures>,
     /// Where `import` may read (see [`guard::confine_import`]).
     pub import_roots: Arc<[std::path::PathBuf]>,
+    /// The stream pool, idle timeout and stream-in limits.
+    pub streams: stream::StreamSettings,
 }
 
 /// Registers every route. The bulk destroy route is registered before `/volumes/{handle}`

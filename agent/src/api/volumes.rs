@@ -9,7 +9,6 @@ use protocol::local::{
 };
 use protocol::Handle;
 
-use super::privilege::IdMap;
 use super::{ApiError, ApiState};
 use crate::inventory::{DestroyOutcome, Inventory, InventoryError, VolumeRecord};
 
@@ -72,10 +71,8 @@ async fn create(
         ));
     }
     let inv = state.inventory.clone();
-    let record = web::block(move || {
-        super::baggageclaim::create_volume(&inv, req, protocol::VolumeState::Created)
-    })
-    .await??;
+    let record =
+        web::block(move || inv.create_volume(req, protocol::VolumeState::Created)).await??;
     Ok(HttpResponse::Created().json(volume_json(&record)))
 }
 
@@ -246,11 +243,6 @@ async fn set_privileged(
 ) -> Result<HttpResponse, ApiError> {
     let h = handle(&path)?;
     let value = body.into_inner().value;
-    blocking(&state, move |inv| {
-        inv.set_privileged(&h, value, |data, was, now| {
-            super::privilege::shift_tree(data, IdMap::for_volume(was), IdMap::for_volume(now))
-        })
-    })
-    .await?;
+    blocking(&state, move |inv| inv.set_privileged(&h, value)).await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -1,20 +1,19 @@
 //! Volume drivers: how a volume's data directory is made, attached and detached.
 //!
 //! * `naive`: every volume is a plain directory; a child is a full copy of its parent's data
-//!   (symlinks, permissions, owners, hard links and special files preserved).
+//!   (`contents::copy`: reflinks where the file system has them; symlinks, permissions,
+//!   owners, extended attributes, hard links and special files preserved).
 //! * `overlay`: a root is a plain directory; a child is an overlay mount whose lower layers
 //!   are its parent chain's layers (the nearest ancestors' `upper/` dirs, ending with the
 //!   chain's root `volume/`), with the child's own `upper/` and `work/` beside it.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::layout::{fsync_dir, DATA_DIR, UPPER_DIR, WORK_DIR};
-use super::sys;
+use super::layout::{DATA_DIR, UPPER_DIR, WORK_DIR};
 use super::DriverKind;
+use crate::fsx::host;
 
 /// Longest overlay option string the kernel accepts (one page).
 const MAX_MOUNT_OPTIONS: usize = 4095;
@@ -33,7 +32,7 @@ pub enum DriverError {
         from: PathBuf,
         to: PathBuf,
         #[source]
-        source: io::Error,
+        source: crate::fsx::FsxError,
     },
     #[error("mounting overlay at {target}: {source}; the kernel needs overlayfs and the volumes root must support it (or set driver = \"naive\")")]
     Mount {
@@ -93,7 +92,13 @@ impl Driver for Naive {
         let data = dir.join(DATA_DIR);
         match parent {
             None => mkdir(&data),
-            Some(p) => copy_tree(&p.data, &data),
+            Some(p) => crate::contents::copy::copy_tree(&p.data, &data)
+                .map(drop)
+                .map_err(|e| DriverError::Copy {
+                    from: p.data.clone(),
+                    to: data.clone(),
+                    source: e,
+                }),
         }
     }
     fn attach(&self, _dir: &Path, _layers: Option<&[PathBuf]>) -> Result<bool, DriverError> {
@@ -118,7 +123,7 @@ impl Driver for Overlay {
             return Ok(false);
         };
         let target = dir.join(DATA_DIR);
-        if sys::is_mount_point(&target) {
+        if host::is_mount_point(&target) {
             return Ok(false);
         }
         let options = overlay_options(layers, &dir.join(UPPER_DIR), &dir.join(WORK_DIR));
@@ -128,16 +133,16 @@ impl Driver for Overlay {
                 len: options.len(),
             });
         }
-        sys::mount_overlay(&target, &options)
+        host::mount_overlay(&target, &options)
             .map_err(|source| DriverError::Mount { target, source })?;
         Ok(true)
     }
     fn detach(&self, dir: &Path) -> Result<(), DriverError> {
         let target = dir.join(DATA_DIR);
-        if !sys::is_mount_point(&target) {
+        if !host::is_mount_point(&target) {
             return Ok(());
         }
-        sys::unmount(&target).map_err(|source| DriverError::Unmount { target, source })
+        host::unmount(&target).map_err(|source| DriverError::Unmount { target, source })
     }
 }
 
@@ -175,76 +180,13 @@ pub(crate) fn overlay_works(root: &Path) -> bool {
             &probe.join("upper"),
             &probe.join("work"),
         );
-        sys::mount_overlay(&probe.join("merged"), &opts)?;
-        sys::unmount(&probe.join("merged"))
+        host::mount_overlay(&probe.join("merged"), &opts)?;
+        host::unmount(&probe.join("merged"))
     })();
     if let Err(e) = &result {
         tracing::info!(root = %root.display(), error = %e, "overlay mounts do not work under the volumes root; using the naive driver");
     }
-    let _ = sys::unmount(&probe.join("merged"));
+    let _ = host::unmount(&probe.join("merged"));
     let _ = crate::remove::remove_tree(&probe);
     result.is_ok()
-}
-
-/// Copies the tree at `from` to `to` (which must not exist), preserving file types,
-/// permissions, owners, symlinks (never followed), hard links within the tree and
-/// special files.
-pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), DriverError> {
-    let mut links = HashMap::new();
-    copy_entry(from, to, &mut links)?;
-    if let Some(parent) = to.parent() {
-        fsync_dir(parent).map_err(|source| DriverError::Io {
-            path: parent.to_owned(),
-            source,
-        })?;
-    }
-    Ok(())
-}
-
-fn copy_entry(
-    from: &Path,
-    to: &Path,
-    links: &mut HashMap<(u64, u64), PathBuf>,
-) -> Result<(), DriverError> {
-    let err = |source: io::Error| DriverError::Copy {
-        from: from.to_owned(),
-        to: to.to_owned(),
-        source,
-    };
-    let meta = fs::symlink_metadata(from).map_err(err)?;
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        fs::create_dir(to).map_err(err)?;
-        let mut entries: Vec<_> = fs::read_dir(from)
-            .map_err(err)?
-            .collect::<Result<_, _>>()
-            .map_err(err)?;
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            copy_entry(&e.path(), &to.join(e.file_name()), links)?;
-        }
-        sys::lchown(to, meta.uid(), meta.gid()).map_err(err)?;
-        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(err)?;
-        return Ok(());
-    }
-    if meta.nlink() > 1 {
-        let key = (meta.dev(), meta.ino());
-        if let Some(first) = links.get(&key) {
-            return fs::hard_link(first, to).map_err(err);
-        }
-        links.insert(key, to.to_owned());
-    }
-    if ft.is_symlink() {
-        let target = fs::read_link(from).map_err(err)?;
-        std::os::unix::fs::symlink(target, to).map_err(err)?;
-        return sys::lchown(to, meta.uid(), meta.gid()).map_err(err);
-    }
-    if ft.is_file() {
-        fs::copy(from, to).map_err(err)?;
-    } else {
-        sys::mknod(to, meta.mode(), meta.rdev()).map_err(err)?;
-    }
-    sys::lchown(to, meta.uid(), meta.gid()).map_err(err)?;
-    // chown clears set-id bits; put the exact mode back.
-    fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777)).map_err(err)
 }

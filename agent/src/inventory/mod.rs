@@ -15,11 +15,12 @@
 //! * so creating a child and destroying its parent never both succeed.
 
 pub mod actor;
+mod contents_ops;
 mod driver;
 mod layout;
 mod recovery;
 mod store;
-mod sys;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use driver::DriverError;
 pub use protocol::{Handle, VolumeState};
+pub use streams::{StreamHold, StreamInLimits, CUT_WAIT};
 
 use driver::{driver, ParentView};
 use layout::{exists, fsync_dir, Layout, META_FILE, UPPER_DIR};
@@ -218,6 +220,13 @@ pub enum InventoryError {
         #[source]
         source: io::Error,
     },
+    #[error("{0}")]
+    Import(crate::contents::import::ImportError),
+    #[error("volume {handle} is {state}; wait until it is created, or make a new volume")]
+    Busy { handle: Handle, state: VolumeState },
+    /// A stream cannot start, or streams did not stop for a destroy or privilege change.
+    #[error("volume {handle} is {why}")]
+    Streaming { handle: Handle, why: String },
     #[error("state directory {0} is locked by another process; stop the other volume-agent (sled allows one process) and retry")]
     Locked(PathBuf),
 }
@@ -285,6 +294,8 @@ struct Inner {
     /// How destroys remove trees (threads, `gc.destroy_rate`).
     remove: RwLock<crate::remove::RemoveOptions>,
     reserve: PathBuf,
+    /// Running streams per volume (see `streams`).
+    holds: streams::Holds,
     _lock: File,
 }
 
@@ -377,7 +388,8 @@ impl Inventory {
 
     /// Frees the reserve file when the disk is nearly full, so the store can write.
     fn make_room(&self) {
-        let low = sys::available_bytes(&self.inner.state_dir)
+        let low = crate::fsx::host::disk(&self.inner.state_dir)
+            .map(|d| d.free_bytes)
             .map(|free| free < 2 * RESERVE_BYTES)
             .unwrap_or(false);
         if low && exists(&self.inner.reserve) {
@@ -391,7 +403,8 @@ impl Inventory {
         if exists(&self.inner.reserve) {
             return;
         }
-        let roomy = sys::available_bytes(&self.inner.state_dir)
+        let roomy = crate::fsx::host::disk(&self.inner.state_dir)
+            .map(|d| d.free_bytes)
             .map(|free| free > 4 * RESERVE_BYTES)
             .unwrap_or(false);
         if !roomy {
@@ -579,7 +592,6 @@ impl Inventory {
         d.make(&init, parent_view.as_ref())?;
         self.step_or(Step::CreateMade, h, &init)?;
         let layers = parent_view.as_ref().map(|v| v.layers.as_slice());
-        let wrote_data = populate.is_some() || (meta.parent.is_some() && !meta.is_overlay_child());
         if let Some(fill) = populate {
             d.attach(&init, layers)?;
             let filled =
@@ -590,10 +602,8 @@ impl Inventory {
             d.detach(&init)?;
             filled?;
         }
+        // The driver's copy and `populate` made what they wrote durable themselves.
         write_meta(&init, h, meta)?;
-        if wrote_data {
-            sys::syncfs(&init).map_err(io_err(&init))?;
-        }
         fsync_dir(&init).map_err(io_err(&init))?;
         self.step_or(Step::CreateFilled, h, &init)?;
         std::fs::rename(&init, &live).map_err(io_err(&live))?;
@@ -724,35 +734,6 @@ impl Inventory {
         .map(drop)
     }
 
-    /// Sets the privileged flag. When it changes, `reown(data, was, now)` first re-owns the
-    /// volume's data (baggageclaim re-owns the whole data dir), under the volume's lock and
-    /// before the flag is stored: a failed re-own leaves the flag as it was, and repeating
-    /// the request finishes the re-own.
-    pub fn set_privileged(
-        &self,
-        h: &Handle,
-        privileged: bool,
-        reown: impl FnOnce(&Path, bool, bool) -> io::Result<()>,
-    ) -> Result<(), InventoryError> {
-        let _guard = self.lock(h);
-        let Some(cur) = self.inner.store.get(h)? else {
-            return Err(InventoryError::NotFound(h.clone()));
-        };
-        if cur.privileged == privileged {
-            return Ok(());
-        }
-        let data = self.inner.layout.data(h);
-        if exists(&data) {
-            reown(&data, cur.privileged, privileged).map_err(io_err(&data))?;
-        }
-        self.update_locked(h, "setting privileged", |rec| {
-            let changed = rec.privileged != privileged;
-            rec.privileged = privileged;
-            Ok(changed)
-        })
-        .map(drop)
-    }
-
     /// Rewrites the metadata file of a live volume (best effort: sled is the truth, the
     /// file only serves a rebuild after the store is lost).
     fn refresh_meta(&self, h: &Handle, rec: &Stored) {
@@ -825,6 +806,7 @@ impl Inventory {
     /// deletes the record. The disk removal goes ahead even when the store cannot write the
     /// final delete (a full disk); the record is cleaned by the next attempt or by recovery.
     pub fn destroy(&self, h: &Handle) -> Result<DestroyOutcome, InventoryError> {
+        let _streams = self.close_streams(h)?;
         let _guard = self.lock(h);
         if self.mark_destroying_locked(h)? == DestroyOutcome::AlreadyGone {
             return Ok(DestroyOutcome::AlreadyGone);
@@ -854,7 +836,7 @@ impl Inventory {
                     fsync_dir(&layout.dead_dir()).map_err(io_err(&layout.dead_dir()))?;
                     fsync_dir(&layout.live_dir()).map_err(io_err(&layout.live_dir()))?;
                 }
-                Err(e) if exists(&dead) || sys::is_enospc(&e) => {
+                Err(e) if exists(&dead) || crate::fsx::host::is_enospc(&e) => {
                     // No room for a new entry in dead/ (or a stale one is there): remove in
                     // place; the `destroying` record tells recovery to finish it.
                     tracing::warn!(handle = %h, error = %e, "could not move the volume to dead/; removing it in place");

@@ -45,7 +45,7 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
     // A lock can be held for a moment by a process that is exiting, or by a child forked
     // from this one that has not exec'd yet (it shares the open file): wait briefly.
     let mut tries = 0;
-    while super::sys::try_lock_exclusive(&lock).is_err() {
+    while crate::fsx::host::try_lock_exclusive(&lock).is_err() {
         tries += 1;
         if tries > LOCK_TRIES {
             return Err(InventoryError::Locked(state_dir));
@@ -103,6 +103,7 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             hook: RwLock::new(None),
             remove: RwLock::new(crate::remove::RemoveOptions::default()),
+            holds: Default::default(),
             _lock: lock,
         }),
     };

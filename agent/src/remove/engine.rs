@@ -7,18 +7,15 @@
 //! finishes the last one removes the directory and walks on to its parent. The LIFO order
 //! keeps the number of open handles near depth × threads.
 
-use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::rate::{Meter, RateLimit};
-use super::sys;
-use super::{MountPointInside, RemoveError};
+use super::RemoveError;
+use crate::fsx::{self, Errno, FsxError, Kind, Listing, Name, NameBuf};
 
 /// Size of the buffer each thread reads directory entries into.
 const DIRENT_BUF: usize = 64 * 1024;
@@ -29,8 +26,8 @@ const MAX_RESCANS: u32 = 16;
 struct Dir {
     /// `None` for the root, whose parent handle is [`Engine::top`].
     parent: Option<Arc<Dir>>,
-    name: CString,
-    fd: OwnedFd,
+    name: NameBuf,
+    fd: fsx::Dir,
     /// 1 while this directory's own scan is running, plus one per unfinished subdirectory.
     pending: AtomicUsize,
     rescans: AtomicU32,
@@ -40,7 +37,7 @@ struct Dir {
 
 enum Task {
     /// Open and scan the subdirectory `name` of `parent`.
-    Open { parent: Arc<Dir>, name: CString },
+    Open { parent: Arc<Dir>, name: NameBuf },
     /// Scan an already open directory again (its removal found it not empty).
     Rescan(Arc<Dir>),
 }
@@ -52,10 +49,9 @@ struct Queue {
 }
 
 pub(super) struct Engine<'a> {
-    root_path: &'a Path,
-    /// The directory holding the root.
-    top: OwnedFd,
-    root_place: sys::Placement,
+    /// The directory holding the root, whose path error paths start from.
+    top_path: &'a Path,
+    top: fsx::Dir,
     rate: Option<&'a RateLimit>,
     count_bytes: bool,
     queue: Mutex<Queue>,
@@ -82,7 +78,7 @@ impl std::ops::AddAssign for Tally {
 }
 
 struct Worker<'e> {
-    buf: Vec<u8>,
+    listing: Listing,
     counts: Counts<'e>,
 }
 
@@ -92,65 +88,35 @@ struct Counts<'e> {
     bytes: u64,
 }
 
-fn is(e: &io::Error, errno: libc::c_int) -> bool {
-    e.raw_os_error() == Some(errno)
-}
-
-fn os(name: &CStr) -> &OsStr {
-    OsStr::from_bytes(name.to_bytes())
-}
-
 impl Dir {
-    /// The path of this directory, for error messages.
-    fn path(&self, root: &Path) -> PathBuf {
-        let mut names = Vec::new();
-        let mut at = Some(self);
-        while let Some(d) = at {
-            if d.parent.is_some() {
-                names.push(os(&d.name));
-            }
-            at = d.parent.as_deref();
-        }
-        let mut path = root.to_path_buf();
-        path.extend(names.iter().rev());
-        path
-    }
-
-    fn child_path(&self, root: &Path, name: &CStr) -> PathBuf {
-        let mut path = self.path(root);
-        path.push(os(name));
-        path
+    fn name(&self) -> Name<'_> {
+        self.name.as_name()
     }
 }
 
 impl<'a> Engine<'a> {
-    /// Runs the removal of the directory `name` in `top` (already opened as `root_fd`).
+    /// Runs the removal of the directory `root` (open, and named `name` in `top`, which is
+    /// at `top_path`).
     pub(super) fn run(
-        root_path: &'a Path,
-        top: OwnedFd,
-        name: CString,
-        root_fd: OwnedFd,
+        top_path: &'a Path,
+        top: fsx::Dir,
+        name: NameBuf,
+        root: fsx::Dir,
         threads: usize,
         rate: Option<&'a RateLimit>,
         count_bytes: bool,
     ) -> Result<Tally, RemoveError> {
-        let err = |source| RemoveError {
-            path: root_path.to_owned(),
-            source,
-        };
-        let root_place = sys::placement(root_fd.as_fd()).map_err(err)?;
         let root = Arc::new(Dir {
             parent: None,
             name,
-            fd: root_fd,
+            fd: root,
             pending: AtomicUsize::new(1),
             rescans: AtomicU32::new(0),
             unlocked: AtomicBool::new(false),
         });
         let engine = Engine {
-            root_path,
+            top_path,
             top,
-            root_place,
             rate,
             count_bytes,
             queue: Mutex::new(Queue {
@@ -174,7 +140,7 @@ impl<'a> Engine<'a> {
                         Ok(t) => total += t,
                         // Only a bug panics; the guard in `work` already stopped the others.
                         Err(_) => engine.fail(RemoveError {
-                            path: root_path.to_owned(),
+                            path: top_path.to_owned(),
                             source: io::Error::other("a removal thread panicked (a bug)"),
                         }),
                     }
@@ -189,6 +155,14 @@ impl<'a> Engine<'a> {
         match failed {
             Some(e) => Err(e),
             None => Ok(total),
+        }
+    }
+
+    /// The removal error for a failed file operation (its path made absolute).
+    fn err(&self, e: FsxError) -> RemoveError {
+        RemoveError {
+            path: self.top_path.join(&e.path),
+            source: e.source,
         }
     }
 
@@ -257,7 +231,7 @@ impl<'a> Engine<'a> {
         }
         let _guard = StopOnPanic(self);
         let mut w = Worker {
-            buf: vec![0; DIRENT_BUF],
+            listing: Listing::with_capacity(DIRENT_BUF),
             counts: Counts {
                 meter: Meter::new(self.rate),
                 entries: 0,
@@ -267,11 +241,10 @@ impl<'a> Engine<'a> {
         while let Some(task) = self.next_task() {
             let res = match task {
                 Task::Open { parent, name } => self.open(&mut w, parent, name),
-                Task::Rescan(dir) => sys::rewind(dir.fd.as_fd())
-                    .map_err(|source| RemoveError {
-                        path: dir.path(self.root_path),
-                        source,
-                    })
+                Task::Rescan(dir) => dir
+                    .fd
+                    .rewind()
+                    .map_err(|e| self.err(e))
                     .and_then(|()| self.scan(&mut w, dir)),
             };
             if let Err(e) = res {
@@ -285,20 +258,20 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn parent_fd<'d>(&'d self, dir: &'d Dir) -> BorrowedFd<'d> {
+    fn parent_of<'d>(&'d self, dir: &'d Dir) -> &'d fsx::Dir {
         match &dir.parent {
-            Some(p) => p.fd.as_fd(),
-            None => self.top.as_fd(),
+            Some(p) => &p.fd,
+            None => &self.top,
         }
     }
 
     /// Opens the subdirectory `name` of `parent` and scans it.
-    fn open(&self, w: &mut Worker<'_>, parent: Arc<Dir>, name: CString) -> Result<(), RemoveError> {
-        let fd = match self.open_child(&parent, &name) {
+    fn open(&self, w: &mut Worker<'_>, parent: Arc<Dir>, name: NameBuf) -> Result<(), RemoveError> {
+        let fd = match open_subdir(&parent.fd, name.as_name()) {
             Ok(Some(fd)) => fd,
             // Gone already, or no longer a directory and unlinked: the child is finished.
             Ok(None) => return self.child_done(&mut w.counts, parent),
-            Err(e) => return Err(e),
+            Err(e) => return Err(self.err(e)),
         };
         let dir = Arc::new(Dir {
             parent: Some(parent),
@@ -311,77 +284,20 @@ impl<'a> Engine<'a> {
         self.scan(w, dir)
     }
 
-    fn open_child(&self, parent: &Dir, name: &CStr) -> Result<Option<OwnedFd>, RemoveError> {
-        let err = |source| RemoveError {
-            path: parent.child_path(self.root_path, name),
-            source,
-        };
-        let mut chmodded = false;
-        let fd = loop {
-            match sys::open_dir_at(parent.fd.as_fd(), name) {
-                Ok(fd) => break fd,
-                Err(e) if is(&e, libc::ENOENT) => return Ok(None),
-                Err(e) if is(&e, libc::ELOOP) || is(&e, libc::ENOTDIR) => {
-                    // Replaced by a symlink or a file since it was listed: unlink that.
-                    return match sys::unlink_at(parent.fd.as_fd(), name, 0) {
-                        Ok(()) => Ok(None),
-                        Err(e) if is(&e, libc::ENOENT) => Ok(None),
-                        Err(e) => Err(err(e)),
-                    };
-                }
-                Err(e) if is(&e, libc::EACCES) && !chmodded => {
-                    // Not root and the directory is unreadable: open it as a path handle,
-                    // make sure it is on our mount, then give ourselves access.
-                    chmodded = true;
-                    let path_fd = sys::open_dir_path_at(parent.fd.as_fd(), name).map_err(err)?;
-                    self.check_same_mount(parent, name, path_fd.as_fd())?;
-                    sys::make_owner_writable_path(path_fd.as_fd()).map_err(|_| err(e))?;
-                }
-                Err(e) => return Err(err(e)),
-            }
-        };
-        self.check_same_mount(parent, name, fd.as_fd())?;
-        Ok(Some(fd))
-    }
-
-    fn check_same_mount(
-        &self,
-        parent: &Dir,
-        name: &CStr,
-        fd: BorrowedFd<'_>,
-    ) -> Result<(), RemoveError> {
-        let path = || parent.child_path(self.root_path, name);
-        let place = sys::placement(fd).map_err(|source| RemoveError {
-            path: path(),
-            source,
-        })?;
-        if place.differs_from(&self.root_place) {
-            return Err(RemoveError {
-                path: path(),
-                source: io::Error::other(MountPointInside),
-            });
-        }
-        Ok(())
-    }
-
     /// Lists `dir`: pushes its subdirectories as tasks and unlinks everything else.
     fn scan(&self, w: &mut Worker<'_>, dir: Arc<Dir>) -> Result<(), RemoveError> {
-        let fd = dir.fd.as_fd();
         let mut children = Vec::new();
         loop {
-            let n = sys::getdents(fd, &mut w.buf).map_err(|source| RemoveError {
-                path: dir.path(self.root_path),
-                source,
-            })?;
-            if n == 0 {
+            let more = dir.fd.read_batch(&mut w.listing).map_err(|e| self.err(e))?;
+            if !more {
                 break;
             }
             // Subdirectories first, so idle threads get work while we unlink the files.
-            let dirs = sys::Dirents::new(&w.buf[..n]).filter(|&(_, t)| t == libc::DT_DIR);
+            let dirs = w.listing.iter().filter(|&(_, k)| k == Kind::Dir);
             children.extend(dirs.map(|(name, _)| name.to_owned()));
             self.schedule(&dir, &mut children);
-            for (name, d_type) in sys::Dirents::new(&w.buf[..n]) {
-                if d_type != libc::DT_DIR && self.unlink_entry(&mut w.counts, &dir, name)? {
+            for (name, kind) in w.listing.iter() {
+                if kind != Kind::Dir && self.unlink_entry(&mut w.counts, &dir, name)? {
                     children.push(name.to_owned());
                 }
             }
@@ -397,7 +313,7 @@ impl<'a> Engine<'a> {
     }
 
     /// Pushes the subdirectories `names` of `dir` as tasks.
-    fn schedule(&self, dir: &Arc<Dir>, names: &mut Vec<CString>) {
+    fn schedule(&self, dir: &Arc<Dir>, names: &mut Vec<NameBuf>) {
         if names.is_empty() {
             return;
         }
@@ -414,36 +330,31 @@ impl<'a> Engine<'a> {
         &self,
         w: &mut Counts<'_>,
         dir: &Dir,
-        name: &CStr,
+        name: Name<'_>,
     ) -> Result<bool, RemoveError> {
-        let fd = dir.fd.as_fd();
-        let err = |source| RemoveError {
-            path: dir.child_path(self.root_path, name),
-            source,
-        };
         w.meter.take_one();
         let freed = if self.count_bytes {
-            match sys::lstat_at(fd, name) {
-                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => return Ok(true),
-                Ok(st) if st.st_nlink <= 1 => u64::try_from(st.st_blocks).unwrap_or(0) * 512,
+            match dir.fd.stat(name) {
+                Ok(m) if m.is_dir() => return Ok(true),
+                Ok(m) if m.nlink <= 1 => m.disk_bytes(),
                 Ok(_) => 0,
-                Err(e) if is(&e, libc::ENOENT) => return Ok(false),
-                Err(e) => return Err(err(e)),
+                Err(e) if e.is_not_found() => return Ok(false),
+                Err(e) => return Err(self.err(e)),
             }
         } else {
             0
         };
         loop {
-            match sys::unlink_at(fd, name, 0) {
+            match dir.fd.unlink(name) {
                 Ok(()) => {
                     w.entries += 1;
                     w.bytes += freed;
                     return Ok(false);
                 }
-                Err(e) if is(&e, libc::ENOENT) => return Ok(false),
-                Err(e) if is(&e, libc::EISDIR) => return Ok(true),
-                Err(e) if is(&e, libc::EACCES) && self.unlock(dir) => continue,
-                Err(e) => return Err(err(e)),
+                Err(e) if e.is_not_found() => return Ok(false),
+                Err(e) if e.is(Errno::ISDIR) => return Ok(true),
+                Err(e) if e.is(Errno::ACCESS) && self.unlock(dir) => continue,
+                Err(e) => return Err(self.err(e)),
             }
         }
     }
@@ -451,8 +362,7 @@ impl<'a> Engine<'a> {
     /// Gives us write access to `dir` the first time it refuses us. Returns whether a retry
     /// may now succeed.
     fn unlock(&self, dir: &Dir) -> bool {
-        !dir.unlocked.swap(true, Ordering::AcqRel)
-            && sys::make_owner_writable(dir.fd.as_fd()).is_ok()
+        !dir.unlocked.swap(true, Ordering::AcqRel) && dir.fd.chmod_self(0o700).is_ok()
     }
 
     /// One subdirectory of `parent` is finished.
@@ -468,10 +378,10 @@ impl<'a> Engine<'a> {
     fn remove_dir(&self, w: &mut Counts<'_>, mut dir: Arc<Dir>) -> Result<(), RemoveError> {
         loop {
             w.meter.take_one();
-            let parent_fd = self.parent_fd(&dir);
+            let parent = self.parent_of(&dir);
             let res = loop {
-                match sys::unlink_at(parent_fd, &dir.name, libc::AT_REMOVEDIR) {
-                    Err(e) if is(&e, libc::EACCES) => {
+                match parent.rmdir(dir.name()) {
+                    Err(e) if e.is(Errno::ACCESS) => {
                         if let Some(p) = &dir.parent {
                             if self.unlock(p) {
                                 continue;
@@ -484,12 +394,12 @@ impl<'a> Engine<'a> {
             };
             match res {
                 Ok(()) => w.entries += 1,
-                Err(e) if is(&e, libc::ENOENT) => {}
-                Err(e) if is(&e, libc::ENOTEMPTY) || is(&e, libc::EEXIST) => {
+                Err(e) if e.is_not_found() => {}
+                Err(e) if e.is(Errno::NOTEMPTY) || e.is(Errno::EXIST) => {
                     // Entries appeared (or a listing missed some): scan it again.
                     if dir.rescans.fetch_add(1, Ordering::AcqRel) >= MAX_RESCANS {
                         return Err(RemoveError {
-                            path: dir.path(self.root_path),
+                            path: self.top_path.join(dir.fd.rel()),
                             source: io::Error::other(
                                 "the directory keeps getting new entries while being removed; \
                                  stop whatever writes into it, then retry",
@@ -500,12 +410,7 @@ impl<'a> Engine<'a> {
                     self.push([Task::Rescan(dir)]);
                     return Ok(());
                 }
-                Err(source) => {
-                    return Err(RemoveError {
-                        path: dir.path(self.root_path),
-                        source,
-                    })
-                }
+                Err(e) => return Err(self.err(e)),
             }
             match dir.parent.clone() {
                 None => {
@@ -520,6 +425,32 @@ impl<'a> Engine<'a> {
                     dir = parent;
                 }
             }
+        }
+    }
+}
+
+/// Opens the directory `name` in `parent` for removal. `None` when it is gone, or was
+/// replaced by a non-directory (which is then unlinked). When it cannot be read (not root,
+/// mode 0), gives the owner access first, after checking it is on `parent`'s mount.
+pub(super) fn open_subdir(parent: &fsx::Dir, name: Name<'_>) -> Result<Option<fsx::Dir>, FsxError> {
+    let mut chmodded = false;
+    loop {
+        match parent.open_dir(name) {
+            Ok(d) => return Ok(Some(d)),
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) if e.is_wrong_kind() => {
+                // Replaced by a symlink or a file since it was listed: unlink that.
+                return match parent.unlink(name) {
+                    Err(e) if !e.is_not_found() => Err(e),
+                    _ => Ok(None),
+                };
+            }
+            Err(e) if e.is(Errno::ACCESS) && !chmodded => {
+                chmodded = true;
+                let path_only = parent.open_dir_path(name)?;
+                path_only.chmod_self(0o700).map_err(|_| e)?;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

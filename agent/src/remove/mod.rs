@@ -11,14 +11,12 @@
 
 mod engine;
 mod rate;
-mod sys;
 
 pub use rate::RateLimit;
 
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,17 +58,9 @@ impl RemoveError {
     pub fn is_mount_point(&self) -> bool {
         self.source
             .get_ref()
-            .is_some_and(|e| e.is::<MountPointInside>())
+            .is_some_and(|e| e.is::<crate::fsx::CrossesMount>())
     }
 }
-
-/// The error for a mount point found inside a tree being removed.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "another filesystem is mounted here, so nothing under it was removed; \
-     unmount it, then remove the tree again"
-)]
-struct MountPointInside;
 
 /// Removes `path` and everything below it with default options (two threads per core, no
 /// rate limit). A path that does not exist is already removed; a file or symlink is unlinked.
@@ -119,7 +109,7 @@ pub fn remove_tree_with(path: &Path, opts: &RemoveOptions) -> Result<RemoveStats
         };
     }
     let name = match path.file_name() {
-        Some(name) => std::ffi::CString::new(name.as_bytes()).map_err(|e| err(e.into()))?,
+        Some(name) => crate::fsx::NameBuf::new(name.as_bytes()).map_err(err)?,
         None => {
             return Err(err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -132,17 +122,13 @@ pub fn remove_tree_with(path: &Path, opts: &RemoveOptions) -> Result<RemoveStats
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let top: OwnedFd = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(parent)
-        .map_err(|source| RemoveError {
-            path: parent.to_owned(),
-            source,
-        })?
-        .into();
-    let root_fd = match open_root(&top, &name) {
-        Ok(Some(fd)) => fd,
+    // The path up to the root is the caller's (followed); from the root down, nothing is.
+    let top = crate::fsx::Dir::open_host(parent).map_err(|e| RemoveError {
+        path: parent.to_owned(),
+        source: e.source,
+    })?;
+    let root = match engine::open_subdir(&top, name.as_name()) {
+        Ok(Some(root)) => root,
         Ok(None) => {
             // Vanished, or replaced by a non-directory that is now unlinked.
             return Ok(RemoveStats {
@@ -151,17 +137,22 @@ pub fn remove_tree_with(path: &Path, opts: &RemoveOptions) -> Result<RemoveStats
                 ..RemoveStats::default()
             });
         }
-        Err(e) => return Err(err(e)),
+        Err(e) => {
+            return Err(RemoveError {
+                path: parent.join(&e.path),
+                source: e.source,
+            })
+        }
     };
     let threads = match opts.threads {
         0 => max_threads() / 2,
         n => n.min(max_threads()),
     };
     let tally = engine::Engine::run(
-        path,
+        parent,
         top,
         name,
-        root_fd,
+        root,
         threads,
         opts.rate.as_ref(),
         opts.count_bytes,
@@ -177,32 +168,6 @@ pub fn remove_tree_with(path: &Path, opts: &RemoveOptions) -> Result<RemoveStats
 /// disk rather than computing, so a few threads per core keep more operations in flight.
 fn max_threads() -> usize {
     4 * std::thread::available_parallelism().map_or(1, usize::from)
-}
-
-/// Opens the root directory `name` in `top`. `None` when it is gone, or was replaced by a
-/// non-directory (which is then unlinked).
-fn open_root(top: &OwnedFd, name: &std::ffi::CStr) -> io::Result<Option<OwnedFd>> {
-    use std::os::fd::AsFd;
-    let is = |e: &io::Error, errno| e.raw_os_error() == Some(errno);
-    let mut chmodded = false;
-    loop {
-        match sys::open_dir_at(top.as_fd(), name) {
-            Ok(fd) => return Ok(Some(fd)),
-            Err(e) if is(&e, libc::ENOENT) => return Ok(None),
-            Err(e) if is(&e, libc::ELOOP) || is(&e, libc::ENOTDIR) => {
-                return match sys::unlink_at(top.as_fd(), name, 0) {
-                    Err(e) if !is(&e, libc::ENOENT) => Err(e),
-                    _ => Ok(None),
-                };
-            }
-            Err(e) if is(&e, libc::EACCES) && !chmodded => {
-                chmodded = true;
-                let path_fd = sys::open_dir_path_at(top.as_fd(), name)?;
-                sys::make_owner_writable_path(path_fd.as_fd()).map_err(|_| e)?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use crate::fsx;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -20,42 +22,64 @@ use protocol::Handle;
 
 use crate::inventory::{DriverKind, VolumeRecord};
 
-/// Real on-disk bytes below `dir` (hard links once, same filesystem only).
+/// Real on-disk bytes below `dir` (hard links once, same file system only, never through
+/// a symlink): an fd-relative walk ([`fsx::walk`]), so a container renaming or swapping
+/// directories meanwhile can only make it count some of its own entries twice or not at
+/// all, never anything outside. A directory that vanishes meanwhile counts as empty.
 pub fn measure(dir: &Path) -> io::Result<u64> {
-    let root = std::fs::symlink_metadata(dir)?;
-    let dev = root.dev();
-    let mut seen: HashSet<u64> = HashSet::new();
-    let mut total = root.blocks() * 512;
-    let mut stack: Vec<PathBuf> = Vec::new();
-    if root.is_dir() {
-        stack.push(dir.to_owned());
-    }
-    while let Some(d) = stack.pop() {
-        let entries = match std::fs::read_dir(&d) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+    let root = match fsx::Dir::open_root(dir) {
+        Ok(r) => r,
+        Err(e) if e.is_wrong_kind() => {
+            // A file or a symlink: its own blocks.
+            return std::fs::symlink_metadata(dir).map(|m| m.blocks() * 512);
+        }
+        Err(e) => return Err(e.source),
+    };
+    let mut m = Measure {
+        seen: HashSet::new(),
+        total: root.meta().map_err(|e| e.source)?.disk_bytes(),
+    };
+    fsx::walk(&root, &mut m).map_err(|e| io::Error::new(e.source.kind(), e))?;
+    Ok(m.total)
+}
+
+struct Measure {
+    seen: HashSet<u64>,
+    total: u64,
+}
+
+impl fsx::Visitor for Measure {
+    type Error = fsx::FsxError;
+
+    fn entry(
+        &mut self,
+        dir: &fsx::Dir,
+        name: fsx::Name<'_>,
+        _kind: fsx::Kind,
+    ) -> fsx::Result<fsx::Descend> {
+        let meta = match dir.stat(name) {
+            Ok(m) => m,
+            Err(e) if e.is_not_found() => return Ok(fsx::Descend::No),
             Err(e) => return Err(e),
         };
-        for entry in entries {
-            let entry = entry?;
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            if meta.dev() != dev {
-                continue;
-            }
-            if meta.nlink() > 1 && !meta.is_dir() && !seen.insert(meta.ino()) {
-                continue;
-            }
-            total += meta.blocks() * 512;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
+        if meta.dev != dir.placement().dev
+            || (meta.nlink > 1 && !meta.is_dir() && !self.seen.insert(meta.ino))
+        {
+            return Ok(fsx::Descend::No);
         }
+        self.total += meta.disk_bytes();
+        Ok(fsx::Descend::Yes)
     }
-    Ok(total)
+
+    fn changed(
+        &mut self,
+        _dir: &fsx::Dir,
+        _name: fsx::Name<'_>,
+        _err: fsx::FsxError,
+    ) -> fsx::Result<()> {
+        // Gone, replaced, or a mount point: nothing (more) of this volume's to count.
+        Ok(())
+    }
 }
 
 /// The directory holding the bytes that belong to this volume alone.
@@ -70,39 +94,11 @@ pub fn own_data(record: &VolumeRecord) -> PathBuf {
     }
 }
 
-/// The volumes filesystem: total and free bytes, free inodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DiskFigures {
-    pub total_bytes: u64,
-    pub free_bytes: u64,
-    pub free_inodes: u64,
-}
+pub use fsx::host::DiskFigures;
 
+/// The figures of the file system holding `path`.
 pub fn disk(path: &Path) -> io::Result<DiskFigures> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut st: libc::statvfs = unsafe_zeroed();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let frsize = if st.f_frsize > 0 {
-        st.f_frsize
-    } else {
-        st.f_bsize
-    };
-    Ok(DiskFigures {
-        total_bytes: st.f_blocks.saturating_mul(frsize),
-        free_bytes: st.f_bavail.saturating_mul(frsize),
-        free_inodes: st.f_favail,
-    })
-}
-
-fn unsafe_zeroed() -> libc::statvfs {
-    // SAFETY: statvfs is a plain C struct of integers; all-zero is a valid value.
-    unsafe { std::mem::zeroed() }
+    fsx::host::disk(path)
 }
 
 /// Bytes per volume, as last measured, shared by the accounting actor (writer), the

@@ -4,9 +4,9 @@
 //! privileged volume keeps ids as they are.
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use crate::fsx;
 
 /// The highest id baggageclaim falls back to when the map cannot be read.
 const FALLBACK_MAX_ID: u32 = 4_294_967_294;
@@ -46,8 +46,20 @@ impl IdMap {
     /// Re-owns the directory `dir` itself (not its contents) as this map stores its
     /// current owner: a new volume's data root, made by the agent as root, becomes the
     /// mapped root in an unprivileged volume, as baggageclaim does.
-    pub fn own_root(&self, dir: &Path) -> io::Result<()> {
-        shift_one(dir, IdMap::IDENTITY, *self).map(drop)
+    pub fn own_root(&self, dir: &fsx::Dir) -> fsx::Result<()> {
+        let meta = dir.meta()?;
+        let (uid, gid) = self.to_disk(meta.uid, meta.gid);
+        if (uid, gid) != (meta.uid, meta.gid) {
+            dir.chown_self(uid, gid)?;
+            dir.chmod_self(meta.mode)?;
+        }
+        Ok(())
+    }
+
+    /// The on-disk ids under this map for ids stored under `from`.
+    pub fn shift_from(&self, from: IdMap, uid: u32, gid: u32) -> (u32, u32) {
+        let (u, g) = from.from_disk(uid, gid);
+        self.to_disk(u, g)
     }
 
     /// Ids as written to disk for ids `(uid, gid)` of a stream.
@@ -93,40 +105,6 @@ pub fn parse_max_id(map: &str) -> Option<u32> {
         })
         .max()
         .map(|m| u32::try_from(m).unwrap_or(u32::MAX))
-}
-
-/// Changes owners under `dir` (not following symlinks) from what `from` stores to what
-/// `to` stores: used when a copy-on-write child's privilege differs from its parent's.
-pub fn shift_tree(dir: &Path, from: IdMap, to: IdMap) -> io::Result<()> {
-    if from == to {
-        return Ok(());
-    }
-    let meta = shift_one(dir, from, to)?;
-    if meta.is_dir() {
-        for e in fs::read_dir(dir)? {
-            shift_tree(&e?.path(), from, to)?;
-        }
-    }
-    Ok(())
-}
-
-/// Changes the owner of `dir` itself (never following a symlink) from what `from`
-/// stores to what `to` stores; returns its metadata from before.
-fn shift_one(dir: &Path, from: IdMap, to: IdMap) -> io::Result<fs::Metadata> {
-    let meta = fs::symlink_metadata(dir)?;
-    let (u, g) = from.from_disk(meta.uid(), meta.gid());
-    let (nu, ng) = to.to_disk(u, g);
-    if (nu, ng) != (meta.uid(), meta.gid()) {
-        std::os::unix::fs::lchown(dir, Some(nu), Some(ng))?;
-        if !meta.file_type().is_symlink() {
-            // chown clears set-id bits; put the exact mode back.
-            fs::set_permissions(
-                dir,
-                std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777),
-            )?;
-        }
-    }
-    Ok(meta)
 }
 
 #[cfg(test)]
