@@ -196,12 +196,19 @@ impl ReconcilerActor {
             remaining.iter().filter(|v| v.missing).count() as u64,
             Relaxed,
         );
+        // A missing record dropped in this pass is reported destroyed, not missing.
+        let missing: Vec<Handle> = plan
+            .missing
+            .iter()
+            .filter(|h| !gone.contains(h))
+            .cloned()
+            .collect();
         self.reporter.do_send(PassReport {
             revision: self.revision,
             destroyed,
             failed: self.backoff.report(),
             blocked,
-            missing: plan.missing.clone(),
+            missing,
             refused,
             remaining,
         });
