@@ -276,12 +276,13 @@ pub struct Worker {
 
 impl Worker {
     /// Starts an agent for worker `name` against `central_url` (polls every 200 ms,
-    /// reports every 300 ms, resource types rescanned every 200 ms).
+    /// reports every 300 ms, resource types rescanned and drift scanned every 200 ms).
     pub fn start(central_url: &str, name: &str) -> Worker {
         let settings = AgentSettings {
             worker: name.into(),
             poll_interval: "200ms",
             report_interval: "300ms",
+            scan_interval: Some("200ms"),
             ..AgentSettings::default()
         };
         let agent = Agent::start(central_url, &settings);
