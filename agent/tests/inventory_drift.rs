@@ -124,6 +124,14 @@ fn missing_parent_is_not_dropped_before_its_child() {
         "{err}"
     );
     assert!(inv.get(&h("p")).expect("get").is_some());
+    // Nothing new is made from it.
+    let err = inv
+        .create(CreateSpec::child(h("kid2"), h("p")))
+        .expect_err("child of a missing parent");
+    assert!(
+        matches!(err, InventoryError::ParentMissing(ref p) if *p == h("p")),
+        "{err}"
+    );
     inv.destroy(&h("kid")).expect("child first");
     inv.destroy(&h("p")).expect("then the parent");
     assert!(inv.list().expect("list").is_empty());

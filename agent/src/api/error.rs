@@ -54,9 +54,9 @@ impl From<InventoryError> for ApiError {
             | InventoryError::ParentDestroying(_)
             | InventoryError::HasChildren { .. }
             | InventoryError::InvalidTransition { .. } => ApiError::Conflict(msg),
-            InventoryError::ParentNotFound(_) | InventoryError::ParentNotInitialized { .. } => {
-                ApiError::Unprocessable(msg)
-            }
+            InventoryError::ParentNotFound(_)
+            | InventoryError::ParentNotInitialized { .. }
+            | InventoryError::ParentMissing(_) => ApiError::Unprocessable(msg),
             _ => ApiError::Internal(msg),
         }
     }

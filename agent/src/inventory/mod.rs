@@ -194,6 +194,8 @@ pub enum InventoryError {
         "parent volume {0} is being destroyed; a child cannot be made from it (make a new parent)"
     )]
     ParentDestroying(Handle),
+    #[error("parent volume {0} is missing: its data directory is gone (see `volume-agent volumes list`); make a new parent")]
+    ParentMissing(Handle),
     #[error("volume {handle} still has children {children:?}; destroy the children first")]
     HasChildren {
         handle: Handle,
@@ -453,6 +455,9 @@ impl Inventory {
                 from: VolumeState::Creating,
                 to: initial_state,
             });
+        }
+        if let Some(p) = parent.as_ref().filter(|p| self.is_missing(p)) {
+            return Err(InventoryError::ParentMissing(p.clone()));
         }
         let _guard = self.lock(&handle);
         let now = Utc::now();

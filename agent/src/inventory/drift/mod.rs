@@ -23,6 +23,10 @@
 //!   through a chain of overlay children, down to the root layer) is missing too: its
 //!   lower layer is gone, so its contents are incomplete and it cannot be mounted again.
 //!
+//! A volumes root without `live/` (a volumes disk not mounted at all) fails the scan,
+//! loudly, and keeps the last verdicts: that is an operator's matter, not drift of single
+//! volumes to report to the central side.
+//!
 //! A suspect is confirmed under the volume's lock, so a create or destroy moving its
 //! directories is never taken for drift; a volume whose lock is busy, or whose look-up
 //! fails for another reason (`EACCES`, `EIO`), keeps its previous verdict.
