@@ -39,6 +39,7 @@ fn forest(n: usize, seed: u64) -> (Vec<LocalVolume>, Desired) {
             parent,
             state: VolumeState::Initialized,
             created_at: t0,
+            missing: false,
         });
     }
     let as_of = t0 + chrono::Duration::hours(1);

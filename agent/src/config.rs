@@ -90,6 +90,9 @@ pub struct VolumesConfig {
     pub root: PathBuf,
     #[serde(default)]
     pub driver: DriverName,
+    /// How often records are compared with their directories (drift); also at start.
+    #[serde(default = "d1m", with = "humantime_serde")]
+    pub scan_interval: Duration,
 }
 
 impl Default for VolumesConfig {
@@ -97,6 +100,7 @@ impl Default for VolumesConfig {
         VolumesConfig {
             root: default_volumes_root(),
             driver: DriverName::default(),
+            scan_interval: d1m(),
         }
     }
 }
@@ -398,6 +402,9 @@ fn d5s() -> Duration {
 fn d30s() -> Duration {
     Duration::from_secs(30)
 }
+fn d1m() -> Duration {
+    Duration::from_secs(60)
+}
 fn d5m() -> Duration {
     Duration::from_secs(300)
 }
@@ -524,6 +531,9 @@ impl Config {
                 "central.poll_interval and central.report_interval must be above 0s".into(),
             );
         }
+        if self.volumes.scan_interval.is_zero() {
+            return Err("volumes.scan_interval must be above 0s (it is how often records are compared with their directories)".into());
+        }
         self.validate_api_trust()
     }
 
@@ -631,6 +641,7 @@ mod tests {
         assert_eq!(c.central.dialect, Dialect::Native);
         assert_eq!(c.central.poll_interval, Duration::from_secs(30));
         assert_eq!(c.volumes.driver, DriverName::Detect);
+        assert_eq!(c.volumes.scan_interval, Duration::from_secs(60));
         assert_eq!(
             c.api.listen,
             Listen::Tcp("127.0.0.1:7788".parse().expect("addr"))
@@ -654,6 +665,7 @@ report_interval = "30s"
 [volumes]
 root = "/var/lib/volume-agent/volumes"
 driver = "detect"
+scan_interval = "1m"
 [state]
 dir = "/var/lib/volume-agent/state"
 [api]
@@ -670,6 +682,13 @@ min_free = "10%"
 "#;
         let c = parse(text).expect("design example parses");
         assert_eq!(c.worker_name, "worker-0");
+    }
+
+    #[test]
+    fn rejects_a_zero_scan_interval_naming_the_key() {
+        let err = parse(&format!("{MINIMAL}[volumes]\nscan_interval = \"0s\"\n"))
+            .expect_err("zero scan interval");
+        assert!(err.to_string().contains("volumes.scan_interval"), "{err}");
     }
 
     #[test]

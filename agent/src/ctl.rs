@@ -139,9 +139,14 @@ pub fn volumes_table(
         "PATH".to_string(),
     ]];
     for v in volumes {
+        let state = if v.missing {
+            format!("{} (missing)", v.state)
+        } else {
+            v.state.to_string()
+        };
         rows.push([
             v.handle.to_string(),
-            v.state.to_string(),
+            state,
             v.parent
                 .as_ref()
                 .map(ToString::to_string)

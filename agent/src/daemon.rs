@@ -15,6 +15,7 @@ use crate::central::{CentralClient, ClientError};
 use crate::config::{Config, DriverName, Listen};
 use crate::durable::revision;
 use crate::inventory::actor::InventoryActor;
+use crate::inventory::drift::actor::DriftActor;
 use crate::inventory::{DriverChoice, Inventory, InventoryConfig, InventoryError, RecoveryReport};
 use crate::metrics::Metrics;
 use crate::notify;
@@ -88,6 +89,9 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         .await
         .map_err(|e| DaemonError::Task(e.to_string()))??;
     log_recovery(&recovery);
+    metrics
+        .missing_volumes
+        .store(recovery.missing_on_disk.len() as u64, Relaxed);
     let rate = crate::remove::RateLimit::per_second(config.gc.destroy_rate);
     inventory.set_remove_options(crate::remove::RemoveOptions {
         threads: 0,
@@ -136,6 +140,13 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         metrics.clone(),
     )
     .with_orphans(inv_addr.clone().recipient())
+    .start();
+    DriftActor::new(
+        inventory.clone(),
+        config.volumes.scan_interval,
+        metrics.clone(),
+        reconciler.clone().recipient(),
+    )
     .start();
     let desired = DesiredStateActor::new(
         client.clone(),
@@ -297,6 +308,9 @@ fn log_recovery(r: &RecoveryReport) {
     }
     for p in &r.quarantined {
         warn!(path = %p.display(), "recovery: quarantined a directory without a record");
+    }
+    for h in &r.missing_on_disk {
+        warn!(handle = %h, "recovery: the volume's data directory is gone; it is reported missing");
     }
 }
 

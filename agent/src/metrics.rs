@@ -57,6 +57,8 @@ pub struct Metrics {
     pub destroys_failed_total: AtomicU64,
     pub destroy_duration: Histogram,
     pub blocked_volumes: AtomicU64,
+    /// Records whose data directory is gone (the drift scan's verdict).
+    pub missing_volumes: AtomicU64,
     pub plans_refused_total: AtomicU64,
     pub stale_answers_total: AtomicU64,
     pub reconcile_passes_total: AtomicU64,
@@ -162,6 +164,13 @@ impl Metrics {
             "Volumes asked to go that still have live children.",
             "gauge",
             self.blocked_volumes.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "volume_agent_missing_volumes",
+            "Volumes whose data directory is gone (reported missing until the central side lets them go).",
+            "gauge",
+            self.missing_volumes.load(Relaxed),
         );
         gauge(
             &mut out,
@@ -289,6 +298,7 @@ mod tests {
             "volume_agent_destroys_failed_total",
             "volume_agent_destroy_duration_seconds_bucket{le=\"0.05\"} 1",
             "volume_agent_blocked_volumes",
+            "volume_agent_missing_volumes",
             "volume_agent_plans_refused_total",
             "volume_agent_central_requests_total{endpoint=\"desired\",outcome=\"not_modified\"} 1",
             "volume_agent_last_sync_timestamp_seconds",

@@ -196,3 +196,46 @@ fn a_lost_store_with_overlay_children_is_rebuilt_and_remounted() {
     ));
     assert_consistent(&inv);
 }
+
+#[test]
+fn overlay_child_stacked_on_a_missing_parent_is_missing_too() {
+    let Some(sb) = Sandbox::new() else { return };
+    let cfg = config(sb.path(), DriverChoice::Overlay);
+    let inv = open(&cfg);
+    initialized_root(&inv, "p", &[("f", "parent")]);
+    child(&inv, "c", "p");
+    initialized_root(&inv, "q", &[("f", "other")]);
+    child(&inv, "d", "q");
+    // A healthy overlay child (mounted) is a volume.
+    assert!(inv.scan_drift().expect("scan").missing.is_empty());
+
+    // The parent's directory goes while the child's mount still stacks on it.
+    std::fs::remove_dir_all(cfg.volumes_root.join("live/p")).expect("remove the parent");
+    let scan = inv.scan_drift().expect("scan");
+    assert_eq!(scan.missing, [h("c"), h("p")]);
+
+    // After a reboot the child cannot be mounted again: still missing, never an empty
+    // directory taken for a volume. Its healthy neighbour comes back mounted.
+    drop(inv);
+    unmount_all(&cfg.volumes_root);
+    let (inv, report) = Inventory::open(&cfg).expect("reopen");
+    assert_eq!(report.missing_on_disk, [h("c"), h("p")]);
+    assert!(!inv.is_missing(&h("d")));
+    assert_eq!(
+        std::fs::read_to_string(inv.get(&h("d")).expect("get").expect("d").path.join("f"))
+            .expect("d reads its parent's file"),
+        "other"
+    );
+
+    // Children first: the child's own layer goes with it, then the parent's record.
+    assert_eq!(
+        inv.destroy(&h("c")).expect("child"),
+        DestroyOutcome::Destroyed
+    );
+    assert_eq!(
+        inv.destroy(&h("p")).expect("parent"),
+        DestroyOutcome::Destroyed
+    );
+    assert!(inv.missing().is_empty());
+    assert_consistent(&inv);
+}

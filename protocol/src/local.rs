@@ -65,6 +65,10 @@ pub struct VolumeJson {
     pub parent: Option<Handle>,
     pub properties: Properties,
     pub privileged: bool,
+    /// `true` when the agent's drift scan found the data directory gone (the volume is
+    /// reported `missing` to the central side); omitted otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub missing: bool,
 }
 
 /// `PUT /volumes/{handle}/properties/{key}`.
@@ -104,7 +108,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PlannedAction {
     pub handle: Handle,
-    /// `destroy`, `keep`, `blocked`, `wait`.
+    /// `destroy`, `keep`, `blocked`, `wait`, `missing`, `report-destroyed`.
     pub action: String,
     /// Why, in words.
     pub reason: String,

@@ -81,6 +81,9 @@ pub struct AgentSettings {
     pub token_file: Option<PathBuf>,
     /// `api.max_body_bytes` (the local API's JSON body limit); `None` = the default.
     pub api_max_body_bytes: Option<u64>,
+    /// `volumes.scan_interval` (how often records are compared with their directories);
+    /// `None` = the agent's default.
+    pub scan_interval: Option<&'static str>,
     /// Appended to the `[gc]` section.
     pub extra: String,
     /// Where `state/` and `volumes/` go; `None` = the agent's temporary directory (which
@@ -110,6 +113,7 @@ impl Default for AgentSettings {
             max_body_bytes: 1 << 20,
             token_file: None,
             api_max_body_bytes: None,
+            scan_interval: None,
             extra: String::new(),
             data_dir: None,
             central_extra: String::new(),
@@ -165,7 +169,7 @@ impl Agent {
             "worker_name = \"{worker}\"\n\
              [central]\nurl = \"{central_url}\"\ndialect = \"{dialect}\"\npoll_interval = \"{poll}\"\n\
              report_interval = \"{report}\"\n{token}request_timeout = \"{timeout}\"\nmax_body_bytes = {max_body}\nmax_backoff = \"2s\"\n{central_extra}\n\
-             [volumes]\nroot = {root:?}\ndriver = \"naive\"\n[state]\ndir = {state:?}\n\
+             [volumes]\nroot = {root:?}\ndriver = \"naive\"\n{scan}[state]\ndir = {state:?}\n\
              [api]\nlisten = \"{listen}\"\nimport_roots = {import_roots:?}\n{api_limit}{api_extra}\n[resource_types]\ndir = {types:?}\nrescan_interval = \"200ms\"\n\
              [gc]\nunknown_grace = \"{grace}\"\n{extra}",
             worker = settings.worker,
@@ -180,6 +184,10 @@ impl Agent {
             timeout = settings.request_timeout,
             max_body = settings.max_body_bytes,
             root = data.join("volumes"),
+            scan = settings
+                .scan_interval
+                .map(|s| format!("scan_interval = \"{s}\"\n"))
+                .unwrap_or_default(),
             state = data.join("state"),
             grace = settings.unknown_grace,
             api_limit = settings
@@ -394,17 +402,25 @@ impl Local {
         v
     }
 
-    pub async fn handles(&self) -> Vec<String> {
-        let vols: Vec<VolumeJson> = self
-            .http
+    /// `GET /volumes`.
+    pub async fn list(&self) -> Vec<VolumeJson> {
+        self.http
             .get(format!("{}/volumes", self.base))
             .send()
             .await
             .expect("list")
             .json()
             .await
-            .expect("list json");
-        let mut v: Vec<String> = vols.into_iter().map(|v| v.handle.to_string()).collect();
+            .expect("list json")
+    }
+
+    pub async fn handles(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .list()
+            .await
+            .into_iter()
+            .map(|v| v.handle.to_string())
+            .collect();
         v.sort();
         v
     }

@@ -311,8 +311,8 @@ pub struct Worker {
 
 impl Worker {
     /// Registers worker `name` by issuing its credential, and starts its agent against
-    /// `central` with that token (polls every 200 ms, reports every 300 ms, resource
-    /// types rescanned every 200 ms).
+    /// `central` with that token (polls every 200 ms, reports every 300 ms, resource types
+    /// rescanned and drift scanned every 200 ms).
     pub async fn start(central: &Central, name: &str) -> Worker {
         let token_dir = tempfile::tempdir().expect("tempdir");
         let token_file = token_dir.path().join("token");
@@ -322,6 +322,7 @@ impl Worker {
             poll_interval: "200ms",
             report_interval: "300ms",
             token_file: Some(token_file),
+            scan_interval: Some("200ms"),
             ..AgentSettings::default()
         };
         let agent = Agent::start(&central.url(), &settings);

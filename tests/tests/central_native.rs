@@ -544,3 +544,100 @@ async fn gc_plan_lists_directories_found_without_a_record() {
             == 1
     );
 }
+
+/// Runs the agent's CLI against the daemon's local API; returns its standard output.
+async fn cli(agent: &Agent, args: &[&str]) -> String {
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--api".to_string(), agent.api.clone()]);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(agent_binary())
+            .args(&args)
+            .output()
+            .expect("run the CLI")
+    })
+    .await
+    .expect("CLI task");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The table line of `handle` in a CLI table.
+fn line_of<'a>(table: &'a str, handle: &str) -> &'a str {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(handle))
+        .unwrap_or_else(|| panic!("no line for {handle} in\n{table}"))
+}
+
+#[tokio::test]
+async fn reports_volume_whose_directory_vanished_as_missing() {
+    let script = DesiredScript::new("w1");
+    let server = central(&script).await;
+    let settings = AgentSettings {
+        scan_interval: Some("200ms"),
+        unknown_grace: "1s",
+        ..AgentSettings::default()
+    };
+    let agent = Agent::start(&server.uri(), &settings);
+    let local = Local::new(&agent);
+    local.make("gone", None).await;
+    local.make("keeper", None).await;
+    script.set(&[("gone", None), ("keeper", None)], &[]);
+    eventually("both volumes are reported", || async {
+        reports(&server).await.iter().any(|r| r.volumes.len() == 2)
+    })
+    .await;
+
+    // Removed behind the agent's back, while it runs.
+    std::fs::remove_dir_all(agent.root().join("live/gone")).expect("remove the volume dir");
+    eventually(
+        "the report carries it in missing, not in volumes",
+        || async {
+            reports(&server).await.last().is_some_and(|r| {
+                r.missing.iter().any(|m| m.as_str() == "gone")
+                    && r.volumes.iter().all(|v| v.handle.as_str() != "gone")
+                    && r.volumes.iter().any(|v| v.handle.as_str() == "keeper")
+            })
+        },
+    )
+    .await;
+    let listed = local.list().await;
+    let flags: Vec<(&str, bool)> = listed
+        .iter()
+        .map(|v| (v.handle.as_str(), v.missing))
+        .collect();
+    assert_eq!(flags, [("gone", true), ("keeper", false)]);
+    assert!(line_of(&cli(&agent, &["volumes", "list"]).await, "gone").contains("(missing)"));
+    assert!(!line_of(&cli(&agent, &["volumes", "list"]).await, "keeper").contains("missing"));
+    let plan = cli(&agent, &["gc", "plan"]).await;
+    let words: Vec<&str> = line_of(&plan, "gone").split_whitespace().collect();
+    assert_eq!(words.get(1), Some(&"missing"), "{plan}");
+    assert_eq!(
+        local.metric("volume_agent_missing_volumes").await,
+        Some(1.0)
+    );
+    assert!(destroyed(&server).await.is_empty());
+
+    // The desired set no longer names it: past the grace period its record goes. (The
+    // answer's own clock is set ahead, so the grace is counted by the worker's clock
+    // alone while the answer is held across 304s.)
+    script.with(|s| s.as_of = Some(chrono::Utc::now() + chrono::Duration::minutes(10)));
+    script.set(&[("keeper", None)], &[]);
+    eventually("the record is gone and reported destroyed", || async {
+        local.handles().await == ["keeper"] && destroyed(&server).await.iter().any(|d| d == "gone")
+    })
+    .await;
+    eventually("the gauge follows", || async {
+        local.metric("volume_agent_missing_volumes").await == Some(0.0)
+    })
+    .await;
+    assert!(reports(&server)
+        .await
+        .last()
+        .is_some_and(|r| r.missing.is_empty()));
+    assert!(agent.root().join("live/keeper/volume/keeper.txt").exists());
+}

@@ -336,3 +336,70 @@ async fn agents_split_between_two_replicas_converge() {
         .await;
     }
 }
+
+#[actix_rt::test]
+async fn volume_whose_directory_vanished_is_reported_missing_and_its_row_goes_after_the_grace() {
+    let central = Central::start().await;
+    let w = Worker::start(&central, "w1").await;
+    central.container("w1", "c1").await;
+    central.container("w1", "c2").await;
+    w.volume(&central, "solo", None, Owner::Container("c1"))
+        .await;
+    w.volume(&central, "kept", None, Owner::Container("c1"))
+        .await;
+    // A parent whose directory goes too, under a naive child (a full copy) still in use.
+    w.volume(&central, "base", None, Owner::Container("c1"))
+        .await;
+    w.volume(&central, "kid", Some("base"), Owner::Container("c2"))
+        .await;
+
+    // Removed behind the agent's back while it runs.
+    let live = w.agent.root().join("live");
+    std::fs::remove_dir_all(live.join("solo")).expect("remove solo");
+    std::fs::remove_dir_all(live.join("base")).expect("remove base");
+    eventually("the central side hears solo is missing", || async {
+        match central.row("w1", "solo").await {
+            Some(row) => !row["missing_since"].is_null(),
+            None => true,
+        }
+    })
+    .await;
+    // After missing_grace (2 s here) the central side marks solo destroying; the agent
+    // drops the record (nothing left to remove) and reports it destroyed; the row goes.
+    eventually("solo's row and record are gone", || async {
+        central.row("w1", "solo").await.is_none()
+            && !w.local.handles().await.iter().any(|h| h == "solo")
+    })
+    .await;
+    assert!(w.destroyed_in_order().iter().any(|h| h == "solo"));
+
+    // base is missing too, and longer than the grace by now, but a live child stands on
+    // it: neither side lets it go before the child.
+    central.wait_gc_passes(3).await;
+    assert_eq!(central.handles("w1").await, ["base", "kept", "kid"]);
+    let flags: Vec<(String, bool)> = w
+        .local
+        .list()
+        .await
+        .into_iter()
+        .map(|v| (v.handle.to_string(), v.missing))
+        .collect();
+    assert_eq!(
+        flags,
+        [
+            ("base".to_string(), true),
+            ("kept".to_string(), false),
+            ("kid".to_string(), false),
+        ]
+    );
+    assert_eq!(w.data_of("kid").as_deref(), Some("kid"));
+
+    // The child's build ends: child first, then the missing parent's record.
+    central.end_container("w1", "c2").await;
+    eventually("kid and base are gone from both sides", || async {
+        central.handles("w1").await == ["kept"] && w.local.handles().await == ["kept"]
+    })
+    .await;
+    w.assert_destroyed_in_order(&["kid", "base"]);
+    assert_eq!(w.data_of("kept").as_deref(), Some("kept"));
+}

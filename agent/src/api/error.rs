@@ -78,6 +78,7 @@ impl From<InventoryError> for ApiError {
             | InventoryError::Streaming { .. } => ApiError::Conflict(msg),
             InventoryError::ParentNotFound(_)
             | InventoryError::ParentNotInitialized { .. }
+            | InventoryError::ParentMissing(_)
             | InventoryError::Import(_)
             | InventoryError::Populate { .. } => ApiError::Unprocessable(msg),
             _ => ApiError::Internal(msg),

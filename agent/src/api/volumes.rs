@@ -47,6 +47,7 @@ pub fn volume_json(r: &VolumeRecord) -> VolumeJson {
         parent: r.parent.clone(),
         properties: r.properties.clone(),
         privileged: r.privileged,
+        missing: r.missing,
     }
 }
 

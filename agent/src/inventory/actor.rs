@@ -31,6 +31,7 @@ pub fn local_volume(r: &VolumeRecord) -> LocalVolume {
         parent: r.parent.clone(),
         state: r.state,
         created_at: r.created_at,
+        missing: r.missing,
     }
 }
 

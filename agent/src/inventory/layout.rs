@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use protocol::Handle;
 
+pub(crate) const LIVE_DIR: &str = "live";
 pub(crate) const DATA_DIR: &str = "volume";
 pub(crate) const UPPER_DIR: &str = "upper";
 pub(crate) const WORK_DIR: &str = "work";
@@ -61,7 +62,7 @@ impl Layout {
         self.root.join("init")
     }
     pub(crate) fn live_dir(&self) -> PathBuf {
-        self.root.join("live")
+        self.root.join(LIVE_DIR)
     }
     pub(crate) fn dead_dir(&self) -> PathBuf {
         self.root.join("dead")
@@ -81,6 +82,12 @@ impl Layout {
     /// The data directory of a live volume (what callers mount).
     pub(crate) fn data(&self, h: &Handle) -> PathBuf {
         self.live(h).join(DATA_DIR)
+    }
+
+    /// [`Self::data`] relative to the volumes root (`live/<h>/volume`), for `*at` calls on
+    /// the root's directory fd.
+    pub(crate) fn data_in_root(h: &Handle) -> PathBuf {
+        Path::new(LIVE_DIR).join(h.as_str()).join(DATA_DIR)
     }
 
     /// Makes the four top-level directories.

@@ -13,16 +13,20 @@
 //!   first moment (`creating`);
 //! * a volume with a child in any state cannot be marked `destroying`;
 //! * so creating a child and destroying its parent never both succeed.
+//!
+//! Drift (see `drift`): a record whose data directory is gone is flagged missing by a scan
+//! at open and every `volumes.scan_interval`, never silently kept as a volume.
 
 pub mod actor;
 mod contents_ops;
+pub mod drift;
 mod driver;
 mod layout;
 mod recovery;
 mod store;
 mod streams;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -82,6 +86,8 @@ pub struct VolumeRecord {
     pub privileged: bool,
     pub created_at: DateTime<Utc>,
     pub changed_at: DateTime<Utc>,
+    /// The last drift scan found the data directory gone (see `drift`).
+    pub missing: bool,
 }
 
 /// Fills a new volume's data directory while it is still `creating`.
@@ -157,7 +163,8 @@ pub struct RecoveryReport {
     pub rebuilt_from_disk: bool,
     /// Directories found under `live/` without a record and adopted from their metadata file.
     pub adopted: Vec<Handle>,
-    /// Records whose directory is missing under `live/` (kept; logged as errors).
+    /// Records whose data directory is gone, as the drift scan at open found them: flagged
+    /// missing (reported so, and dropped once the central side no longer wants them).
     pub missing_on_disk: Vec<Handle>,
 }
 
@@ -189,6 +196,8 @@ pub enum InventoryError {
         "parent volume {0} is being destroyed; a child cannot be made from it (make a new parent)"
     )]
     ParentDestroying(Handle),
+    #[error("parent volume {0} is missing: its data directory is gone (see `volume-agent volumes list`); make a new parent")]
+    ParentMissing(Handle),
     #[error("volume {handle} still has children {children:?}; destroy the children first")]
     HasChildren {
         handle: Handle,
@@ -290,6 +299,8 @@ struct Inner {
     state_dir: PathBuf,
     new_kind: DriverKind,
     stripes: Vec<Mutex<()>>,
+    /// Records the last drift scan found without their data directory.
+    missing: RwLock<BTreeSet<Handle>>,
     hook: RwLock<Option<StepHook>>,
     /// How destroys remove trees (threads, `gc.destroy_rate`).
     remove: RwLock<crate::remove::RemoveOptions>,
@@ -336,14 +347,28 @@ impl Inventory {
             privileged: s.privileged,
             created_at: s.created_at,
             changed_at: s.changed_at,
+            missing: self.is_missing(h),
         }
     }
 
-    fn lock(&self, h: &Handle) -> MutexGuard<'_, ()> {
+    fn stripe(&self, h: &Handle) -> &Mutex<()> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         h.hash(&mut hasher);
-        lock_stripe(&self.inner.stripes[(hasher.finish() as usize) % LOCK_STRIPES])
+        &self.inner.stripes[(hasher.finish() as usize) % LOCK_STRIPES]
+    }
+
+    fn lock(&self, h: &Handle) -> MutexGuard<'_, ()> {
+        lock_stripe(self.stripe(h))
+    }
+
+    /// The volume's lock if nobody holds it now.
+    fn try_lock(&self, h: &Handle) -> Option<MutexGuard<'_, ()>> {
+        match self.stripe(h).try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     fn step(&self, step: Step, h: &Handle) -> io::Result<()> {
@@ -444,6 +469,9 @@ impl Inventory {
                 to: initial_state,
             });
         }
+        if let Some(p) = parent.as_ref().filter(|p| self.is_missing(p)) {
+            return Err(InventoryError::ParentMissing(p.clone()));
+        }
         let _guard = self.lock(&handle);
         let now = Utc::now();
         let stored = Stored {
@@ -531,6 +559,8 @@ impl Inventory {
                 return Err(e);
             }
         };
+        // A new volume under the handle of one that went missing is there.
+        self.forget_missing(&handle);
         Ok(self.record(&handle, rec))
     }
 
@@ -862,7 +892,9 @@ impl Inventory {
     fn finish_destroy(&self, h: &Handle) -> Result<(), InventoryError> {
         let store = &self.inner.store;
         store.tx("deleting a destroyed volume's record", |tx| tx.delete(h))?;
-        store.commit()
+        store.commit()?;
+        self.forget_missing(h);
+        Ok(())
     }
 
     /// Makes everything written so far durable.

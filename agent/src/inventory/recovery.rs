@@ -101,6 +101,7 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
             state_dir,
             new_kind,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            missing: RwLock::new(Default::default()),
             hook: RwLock::new(None),
             remove: RwLock::new(crate::remove::RemoveOptions::default()),
             holds: Default::default(),
@@ -113,6 +114,8 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
         report.rebuilt_from_disk = true;
     }
     inv.recover(&mut report)?;
+    // Drift: records whose data directory is gone (after the re-mounts above).
+    report.missing_on_disk = inv.scan_drift()?.missing;
     if !inv.inner.store.is_initialized()? {
         inv.inner.store.mark_initialized()?;
         inv.inner.store.commit()?;
@@ -125,6 +128,7 @@ pub(super) fn open(cfg: &InventoryConfig) -> Result<(Inventory, RecoveryReport),
         creates_removed = report.creates_removed.len(),
         remounted = report.remounted.len(),
         quarantined = report.quarantined.len(),
+        missing = report.missing_on_disk.len(),
         rebuilt_from_disk = report.rebuilt_from_disk,
         "volume inventory open"
     );
@@ -484,13 +488,10 @@ impl Inventory {
                 .unwrap_or_else(|p| std::panic::resume_unwind(p));
             (on_disk, names)
         });
+        // Records without a directory are the drift scan's to flag (after the re-mounts).
         let mut on_disk: HashSet<String> = on_disk?.into_iter().collect();
         for k in names? {
-            if !on_disk.remove(String::from_utf8_lossy(&k).as_ref()) {
-                let h = store::handle_from_key(&k)?;
-                tracing::error!(handle = %h, dir = %layout.live(&h).display(), "volume record has no directory on disk; keeping the record (destroy the volume to clean it up)");
-                report.missing_on_disk.push(h);
-            }
+            on_disk.remove(String::from_utf8_lossy(&k).as_ref());
         }
         let placed = self.adopt(on_disk, false, report)?;
         for h in &placed {

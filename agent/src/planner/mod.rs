@@ -11,6 +11,11 @@
 //! * A candidate is destroyed only when every descendant is destroyed in the same plan.
 //!   Otherwise it is blocked by the children that stay. A chain of any depth goes in one
 //!   plan: each destroy lists the children it must wait for.
+//! * A volume whose data directory is gone (`missing`, found by the inventory's drift scan
+//!   and passed in) follows the same rules: kept while desired, destroyed (only its record
+//!   and leftovers go) once named or unknown past the grace period, never before its
+//!   children. Every missing record is listed in [`Plan::missing`] with the desired
+//!   volumes this worker does not have.
 //! * The mass-destroy guard drops every destroy *by absence* when the answer leaves more
 //!   than `max_destroy_fraction` of the volumes (and more than `guard_min_volumes`) unknown,
 //!   whatever their age: an empty or truncated answer is the usual cause.
@@ -28,6 +33,8 @@ pub struct LocalVolume {
     pub parent: Option<Handle>,
     pub state: VolumeState,
     pub created_at: DateTime<Utc>,
+    /// The drift scan found its data directory gone: reported `missing`, not as a volume.
+    pub missing: bool,
 }
 
 /// What the central side said, in either dialect.
@@ -143,7 +150,8 @@ pub struct Plan {
     pub already_gone: Vec<Handle>,
     /// Unknown volumes kept for now, and why.
     pub waiting: Vec<(Handle, WaitReason)>,
-    /// Desired volumes this worker does not have.
+    /// What to report `missing`: desired volumes this worker does not have, and every
+    /// local record whose data directory is gone. Sorted, without repeats.
     pub missing: Vec<Handle>,
     pub refused: Option<Refusal>,
 }
@@ -182,10 +190,12 @@ pub fn plan(local: &[LocalVolume], desired: &Desired, now: DateTime<Utc>, policy
                 None => out.missing.push(h.clone()),
             }
         }
-        out.missing.sort();
-        out.missing.dedup();
         kept
     });
+    out.missing
+        .extend(local.iter().filter(|v| v.missing).map(|v| v.handle.clone()));
+    out.missing.sort();
+    out.missing.dedup();
 
     for h in named {
         match index.get(h.as_str()) {

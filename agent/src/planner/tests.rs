@@ -19,6 +19,15 @@ fn vol(handle: &str, parent: Option<&str>, state: VolumeState) -> LocalVolume {
         parent: parent.map(h),
         state,
         created_at: t0(),
+        missing: false,
+    }
+}
+
+/// An initialized volume whose data directory the drift scan found gone.
+fn gone(handle: &str, parent: Option<&str>) -> LocalVolume {
+    LocalVolume {
+        missing: true,
+        ..init(handle, parent)
     }
 }
 
@@ -253,6 +262,96 @@ fn survives_parent_cycle_without_destroying_it() {
     assert_eq!(p.blocked.len(), 2);
 }
 
+#[test]
+fn keeps_desired_volume_whose_directory_is_gone_and_reports_it_missing() {
+    let local = vec![gone("v", None), init("ok", None)];
+    let p = plan(
+        &local,
+        &native(&["v", "ok", "elsewhere"], &[], later(1)),
+        later(1),
+        &Policy::default(),
+    );
+    assert!(p.destroy.is_empty() && p.blocked.is_empty() && p.waiting.is_empty());
+    assert_eq!(p.missing, [h("elsewhere"), h("v")]);
+}
+
+#[test]
+fn drops_missing_volume_the_central_side_names_destroying() {
+    let local = vec![gone("v", None)];
+    let p = plan(&local, &native(&[], &["v"], t0()), t0(), &Policy::default());
+    assert_eq!(destroyed(&p), ["v"]);
+    assert_eq!(p.destroy[0].reason, Reason::Named);
+    // Still reported missing until the destroy has dropped the record.
+    assert_eq!(p.missing, [h("v")]);
+}
+
+#[test]
+fn drops_missing_volume_unknown_to_the_central_side_after_the_grace_period() {
+    let local = vec![gone("v", None)];
+    let young = plan(
+        &local,
+        &native(&[], &[], later(10)),
+        later(10),
+        &Policy::default(),
+    );
+    assert!(young.destroy.is_empty());
+    assert!(matches!(young.waiting[..], [(ref w, WaitReason::Young { .. })] if *w == h("v")));
+    let old = plan(
+        &local,
+        &native(&[], &[], later(301)),
+        later(301),
+        &Policy::default(),
+    );
+    assert_eq!(destroyed(&old), ["v"]);
+    assert_eq!(old.destroy[0].reason, Reason::Unknown);
+}
+
+#[test]
+fn keeps_missing_parent_while_a_live_child_stays() {
+    // The parent's directory is gone; a naive child (a full copy) is still desired.
+    let local = vec![gone("p", None), init("kid", Some("p"))];
+    let p = plan(
+        &local,
+        &native(&["kid"], &["p"], later(1)),
+        later(1),
+        &Policy::default(),
+    );
+    assert!(p.destroy.is_empty());
+    assert_eq!(p.blocked[0].handle, h("p"));
+    assert_eq!(p.blocked[0].by_children, [h("kid")]);
+    assert_eq!(p.missing, [h("p")]);
+}
+
+#[test]
+fn drops_missing_overlay_stack_child_first() {
+    // An overlay child stacked on a missing parent is missing too; both go, child first.
+    let local = vec![gone("p", None), gone("c", Some("p")), init("keep", None)];
+    let p = plan(
+        &local,
+        &native(&["keep"], &["p", "c"], later(1)),
+        later(1),
+        &Policy::default(),
+    );
+    assert_eq!(destroyed(&p), ["c", "p"]);
+    assert_eq!(p.destroy[1].after, [h("c")]);
+    assert_eq!(p.missing, [h("c"), h("p")]);
+}
+
+#[test]
+fn concourse_dialect_lists_missing_records_and_destroys_only_what_is_named() {
+    let local = vec![gone("a", None), gone("b", None)];
+    let p = plan(
+        &local,
+        &Desired::Concourse {
+            destroying: vec![h("a")],
+        },
+        later(86400),
+        &Policy::default(),
+    );
+    assert_eq!(destroyed(&p), ["a"]);
+    assert_eq!(p.missing, [h("a"), h("b")]);
+}
+
 // ---- properties over random forests and random desired sets ----
 
 #[derive(Debug, Clone)]
@@ -273,6 +372,7 @@ prop_compose! {
         states in prop::collection::vec(states(), n),
         ages in prop::collection::vec(0i64..1000, n),
         fate in prop::collection::vec(0u8..4, n),
+        missing in prop::collection::vec(prop::bool::weighted(0.2), n),
         ghosts in prop::collection::vec("[g-h][0-9]{1,3}", 0..5),
         concourse in any::<bool>(),
         answer_lag in 0i64..600,
@@ -287,6 +387,7 @@ prop_compose! {
                 parent: parent.map(|p: String| h(&p)),
                 state: states[i],
                 created_at: now - chrono::Duration::seconds(ages[i]),
+                missing: missing[i],
             });
         }
         let mut keep = Vec::new();
@@ -368,6 +469,41 @@ proptest! {
             prop_assert!(!matches!(v.state, VolumeState::Creating | VolumeState::Initializing));
             prop_assert!(age(c.now, v.created_at) >= small_grace().unknown_grace);
         }
+    }
+
+    #[test]
+    fn every_missing_record_is_reported_missing_and_only_ghosts_besides(c in case()) {
+        let p = plan(&c.local, &c.desired, c.now, &small_grace());
+        let local: HashMap<&str, &LocalVolume> = c.local.iter().map(|v| (v.handle.as_str(), v)).collect();
+        for v in c.local.iter().filter(|v| v.missing) {
+            prop_assert!(p.missing.contains(&v.handle), "{} missing but not reported", v.handle);
+        }
+        for m in &p.missing {
+            match local.get(m.as_str()) {
+                // A local volume is reported missing only when its directory is gone.
+                Some(v) => prop_assert!(v.missing, "{} reported missing but present", m),
+                // Otherwise it is a desired volume this worker does not have.
+                None => {
+                    let desired = matches!(&c.desired, Desired::Native { keep, .. } if keep.contains(m));
+                    prop_assert!(desired, "{} reported missing but not desired", m);
+                }
+            }
+        }
+        prop_assert!(p.missing.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+    }
+
+    #[test]
+    fn missing_flag_changes_nothing_but_the_missing_list(c in case()) {
+        // Whether a record's directory is gone decides how it is reported, never whether
+        // or in which order it is destroyed: the same rules (children first, grace,
+        // guard) hold for missing volumes.
+        let p = plan(&c.local, &c.desired, c.now, &small_grace());
+        let healthy: Vec<LocalVolume> = c.local.iter().cloned().map(|v| LocalVolume { missing: false, ..v }).collect();
+        let q = plan(&healthy, &c.desired, c.now, &small_grace());
+        prop_assert_eq!(&p.destroy, &q.destroy);
+        prop_assert_eq!(&p.blocked, &q.blocked);
+        prop_assert_eq!(&p.waiting, &q.waiting);
+        prop_assert_eq!(&p.already_gone, &q.already_gone);
     }
 
     #[test]

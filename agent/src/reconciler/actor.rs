@@ -192,12 +192,23 @@ impl ReconcilerActor {
             *by_state.entry(v.state.as_str().to_string()).or_default() += 1;
         }
         m.set_volumes_by_state(by_state);
+        m.missing_volumes.store(
+            remaining.iter().filter(|v| v.missing).count() as u64,
+            Relaxed,
+        );
+        // A missing record dropped in this pass is reported destroyed, not missing.
+        let missing: Vec<Handle> = plan
+            .missing
+            .iter()
+            .filter(|h| !gone.contains(h))
+            .cloned()
+            .collect();
         self.reporter.do_send(PassReport {
             revision: self.revision,
             destroyed,
             failed: self.backoff.report(),
             blocked,
-            missing: plan.missing.clone(),
+            missing,
             refused,
             remaining,
         });
@@ -300,9 +311,17 @@ fn action(handle: &Handle, action: &str, reason: &str) -> PlannedAction {
 pub fn view(local: &[LocalVolume], plan: &Plan, revision: Option<u64>) -> PlanView {
     let mut actions = Vec::new();
     let mut explained = HashSet::new();
+    let gone: HashSet<&Handle> = local
+        .iter()
+        .filter(|v| v.missing)
+        .map(|v| &v.handle)
+        .collect();
     for d in &plan.destroy {
         explained.insert(d.handle.clone());
         let mut why = d.reason.as_str().to_string();
+        if gone.contains(&d.handle) {
+            why.push_str("; its data directory is gone: only the record (and any leftovers) goes");
+        }
         if !d.after.is_empty() {
             let after: Vec<&str> = d.after.iter().map(Handle::as_str).collect();
             why.push_str(&format!("; after its children {}", after.join(", ")));
@@ -312,19 +331,19 @@ pub fn view(local: &[LocalVolume], plan: &Plan, revision: Option<u64>) -> PlanVi
     for b in &plan.blocked {
         explained.insert(b.handle.clone());
         let kids: Vec<&str> = b.by_children.iter().map(Handle::as_str).collect();
-        actions.push(action(
-            &b.handle,
-            "blocked",
-            &format!(
-                "{}, but children stay: {}",
-                b.reason.as_str(),
-                kids.join(", ")
-            ),
-        ));
+        let mut why = format!(
+            "{}, but children stay: {}",
+            b.reason.as_str(),
+            kids.join(", ")
+        );
+        if gone.contains(&b.handle) {
+            why.push_str("; its data directory is gone (reported missing)");
+        }
+        actions.push(action(&b.handle, "blocked", &why));
     }
     for (h, w) in &plan.waiting {
         explained.insert(h.clone());
-        let why = match w {
+        let mut why = match w {
             WaitReason::Young { remaining } => format!(
                 "unknown to the central side; may go in {}",
                 humantime::format_duration(Duration::from_secs(remaining.as_secs()))
@@ -334,6 +353,9 @@ pub fn view(local: &[LocalVolume], plan: &Plan, revision: Option<u64>) -> PlanVi
             }
             WaitReason::Guard => "kept: the mass-destroy guard refused this pass".to_string(),
         };
+        if gone.contains(h) {
+            why.push_str("; its data directory is gone (reported missing)");
+        }
         actions.push(action(h, "wait", &why));
     }
     for h in &plan.already_gone {
@@ -343,11 +365,20 @@ pub fn view(local: &[LocalVolume], plan: &Plan, revision: Option<u64>) -> PlanVi
             "named destroying; not on this worker",
         ));
     }
-    for h in &plan.missing {
+    for h in plan.missing.iter().filter(|h| !gone.contains(h)) {
         actions.push(action(h, "missing", "desired but not on this worker"));
     }
     for v in local {
-        if !explained.contains(&v.handle) {
+        if explained.contains(&v.handle) {
+            continue;
+        }
+        if v.missing {
+            actions.push(action(
+                &v.handle,
+                "missing",
+                "its data directory is gone: reported missing and kept while the central side wants it",
+            ));
+        } else {
             actions.push(action(&v.handle, "keep", "desired by the central side"));
         }
     }

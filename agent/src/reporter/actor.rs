@@ -81,11 +81,22 @@ impl ReporterActor {
         let metrics = self.metrics.clone();
         let dialect = self.dialect;
         let destroyed: Vec<Handle> = self.pending_destroyed.clone();
+        // A record whose data directory is gone is not a volume: it goes in `missing`.
+        let mut missing = self.missing.clone();
+        missing.extend(
+            self.volumes
+                .iter()
+                .filter(|v| v.missing)
+                .map(|v| v.handle.clone()),
+        );
+        missing.sort();
+        missing.dedup();
         let report = VolumeReport {
             revision_seen: self.revision,
             volumes: self
                 .volumes
                 .iter()
+                .filter(|v| !v.missing)
                 .map(|v| ReportedVolume {
                     handle: v.handle.clone(),
                     parent: v.parent.clone(),
@@ -96,11 +107,17 @@ impl ReporterActor {
             destroyed: destroyed.clone(),
             failed: self.failed.clone(),
             blocked: self.blocked.clone(),
-            missing: self.missing.clone(),
+            missing,
             disk: self.disk.clone(),
             refused: self.refused.clone(),
         };
-        let handles: Vec<Handle> = self.volumes.iter().map(|v| v.handle.clone()).collect();
+        // The ATC marks what a worker stops reporting missing by itself.
+        let handles: Vec<Handle> = self
+            .volumes
+            .iter()
+            .filter(|v| !v.missing)
+            .map(|v| v.handle.clone())
+            .collect();
         let fut = async move {
             let res = match dialect {
                 Dialect::Native => client.put_report(&report).await,

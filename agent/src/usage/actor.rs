@@ -45,7 +45,9 @@ impl AccountingActor {
         let usage = self.usage.clone();
         let root = self.root.clone();
         let work = move || {
-            let records = inventory.list().map_err(|e| e.to_string())?;
+            let mut records = inventory.list().map_err(|e| e.to_string())?;
+            // A missing volume has nothing to measure (and is not reported as a volume).
+            records.retain(|r| !r.missing);
             let present: HashSet<&protocol::Handle> = records.iter().map(|r| &r.handle).collect();
             usage.retain(&present);
             for r in usage.next_batch(&records, BATCH) {
