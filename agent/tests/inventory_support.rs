@@ -153,3 +153,22 @@ pub fn unmount_all(root: &Path) {
             .status();
     }
 }
+
+/// A local-API create request (as baggageclaim's client sends it).
+pub fn create_request(
+    handle: &str,
+    strategy: protocol::local::Strategy,
+    privileged: bool,
+) -> protocol::local::CreateVolumeRequest {
+    serde_json::from_value(serde_json::json!({
+        "handle": handle,
+        "strategy": strategy,
+        "privileged": privileged,
+    }))
+    .expect("create request")
+}
+
+/// Whether the test runs as root (owners can be set).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
