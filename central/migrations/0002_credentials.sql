@@ -8,7 +8,7 @@ CREATE TABLE credentials (
     worker_name  text NULL REFERENCES workers (name) ON DELETE CASCADE,
     token_sha256 bytea NOT NULL UNIQUE CHECK (octet_length(token_sha256) = 32),
     created_at   timestamptz NOT NULL DEFAULT now(),
-    -- Set when the credential was last seen by a replica (at most once per cache period).
+    -- When a replica last checked the credential against the database (to the minute).
     last_used_at timestamptz NULL,
     revoked_at   timestamptz NULL,
     CHECK ((kind = 'worker') = (worker_name IS NOT NULL))

@@ -241,14 +241,18 @@ enum Lookup {
 
 async fn lookup(db: &Db, hash: &[u8; 32]) -> Result<Lookup> {
     let client = db.client().await?;
-    // One statement: marks the credential used (at most once per cache period) and
-    // answers whether it is active.
+    // One statement: answers whether the credential is active, and marks it used at most
+    // once a minute (so `credential_cache = "0s"` does not turn every request into a write).
     let stmt = client
         .prepare_cached(
-            "UPDATE credentials
-                SET last_used_at = CASE WHEN revoked_at IS NULL THEN now() ELSE last_used_at END
-              WHERE token_sha256 = $1
-              RETURNING id, kind, worker_name, revoked_at",
+            "WITH c AS (
+                 SELECT id, kind, worker_name, revoked_at, last_used_at
+                   FROM credentials WHERE token_sha256 = $1),
+             used AS (
+                 UPDATE credentials SET last_used_at = now() FROM c
+                  WHERE credentials.id = c.id AND c.revoked_at IS NULL
+                    AND (c.last_used_at IS NULL OR c.last_used_at < now() - interval '1 minute'))
+             SELECT id, kind, worker_name, revoked_at FROM c",
         )
         .await?;
     let Some(row) = client.query_opt(&stmt, &[&hash.as_slice()]).await? else {

@@ -18,8 +18,13 @@
 //! let mut config = volume_central::Config::with_database_url(url);
 //! config.listen = "127.0.0.1:0".parse().unwrap();
 //! volume_central::migrate(&config).await.expect("migrate");
+//! // `start` refuses without a credential (or `config.auth = AuthMode::None`).
+//! let db = volume_central::Db::connect(&config.resolve_database_url().unwrap(), 1).unwrap();
+//! let scheduler = volume_central::auth::issue(&db, &volume_central::auth::Subject::Scheduler)
+//!     .await
+//!     .expect("issue");
 //! let server = volume_central::start(&config).await.expect("start");
-//! println!("volume-central at {}", server.url());
+//! println!("volume-central at {}, token {}", server.url(), scheduler.token);
 //! # }
 //! ```
 
