@@ -7,10 +7,12 @@
 //! not: directory entries (create, mkdir, rename, unlink go straight to the backing
 //! directory and always survive, so a missing fsync of a directory is not caught), and
 //! `syncfs(2)`/`sync(2)`, which never reach a FUSE file system (data made durable only by
-//! syncfs is lost here although a real file system keeps it). See `tests/lazyfs/README.md`.
+//! syncfs is lost here although a real file system keeps it).
 //!
-//! The binary is built from the vendored sources by `tests/lazyfs/build.sh`; tests find it
-//! through [`binary`].
+//! LazyFS is a third-party tool, not part of this tree: `.ci/steps/power-cut.sh` builds and
+//! installs it with the shared tools' `lazyfs/setup.sh` (offline, Debian build
+//! dependencies), and tests find it through [`binary`]. Where it is absent the tests print
+//! why and pass, unless `POWER_CUT_REQUIRE_LAZYFS=1` (set by CI) makes that a failure.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -19,8 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The LazyFS binary, or why power-cut tests cannot run on this machine: `LAZYFS_BIN`, else
-/// `lazyfs` on `PATH`, else what `tests/lazyfs/build.sh` built under the target directory.
-/// Also needs root (to mount) and `/dev/fuse`.
+/// `lazyfs` on `PATH` (where the shared tools' `lazyfs/setup.sh` installs it). Also needs
+/// root (to mount) and `/dev/fuse`.
 pub fn binary() -> Result<PathBuf, String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -45,20 +47,17 @@ pub fn binary() -> Result<PathBuf, String> {
                 .find(|p| p.is_file())
         })
         .unwrap_or_default();
-    if let Some(p) = on_path {
-        return Ok(p);
-    }
-    // target/<profile>/deps/<test> → target/lazyfs/lazyfs (build.sh's default).
-    let built = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.ancestors().nth(3).map(|t| t.join("lazyfs/lazyfs")));
-    match built {
-        Some(p) if p.is_file() => Ok(p),
-        _ => Err(
-            "no LazyFS binary: set LAZYFS_BIN, put `lazyfs` on PATH, or run tests/lazyfs/build.sh"
-                .into(),
-        ),
-    }
+    on_path.ok_or_else(|| {
+        "no LazyFS binary: set LAZYFS_BIN or put `lazyfs` on PATH (the shared tools' \
+         lazyfs/setup.sh builds and installs it offline; .ci/steps/power-cut.sh runs it)"
+            .into()
+    })
+}
+
+/// Whether a missing LazyFS (or FUSE, or root) must fail a power-cut test instead of
+/// skipping it: `POWER_CUT_REQUIRE_LAZYFS=1`, which CI sets.
+pub fn required() -> bool {
+    std::env::var_os("POWER_CUT_REQUIRE_LAZYFS").is_some_and(|v| v == "1")
 }
 
 /// A LazyFS mount on a fresh temporary directory; unmounted on drop.

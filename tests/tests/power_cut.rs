@@ -12,10 +12,11 @@
 //! does not see syncfs (the kernel never sends it to a FUSE file system), so under LazyFS
 //! those copies are lost although ext4 or xfs keeps them. The tests therefore check the
 //! copies for presence (names, which LazyFS keeps) and count, but do not assert, a copy
-//! whose bytes did not survive; see `tests/lazyfs/README.md`.
+//! whose bytes did not survive; see `tests/README.md`.
 //!
-//! Needs root, `/dev/fuse` and a LazyFS binary (`LAZYFS_BIN`, `lazyfs` on `PATH`, or
-//! `tests/lazyfs/build.sh`'s output); without them each test prints why and returns. They
+//! Needs root, `/dev/fuse` and a LazyFS binary (`LAZYFS_BIN` or `lazyfs` on `PATH`);
+//! without them each test prints why and returns (and fails with
+//! `POWER_CUT_REQUIRE_LAZYFS=1`, which CI sets). They
 //! are `#[ignore]`d so `cargo test` on a developer machine does not mount anything; CI runs
 //! them through `.ci/steps/power-cut.sh`.
 //!
@@ -106,6 +107,9 @@ struct Figures {
 fn lazyfs_or_skip(test: &str) -> Option<PathBuf> {
     match lazyfs::binary() {
         Ok(bin) => Some(bin),
+        Err(why) if lazyfs::required() => {
+            panic!("{test}: POWER_CUT_REQUIRE_LAZYFS=1 but the test cannot run: {why}")
+        }
         Err(why) => {
             eprintln!("SKIPPED {test}: {why}");
             None
