@@ -104,6 +104,9 @@ enum Remover {
     Agent,
     Rm,
     Rmz,
+    /// A bare parallel `unlinkat` loop written for this bench: no symlink, mount or
+    /// rescan checks, no error handling worth the name: the limit of this machine.
+    Bare,
 }
 
 impl Remover {
@@ -113,6 +116,7 @@ impl Remover {
             Remover::Agent => "agent destroy",
             Remover::Rm => "rm -rf",
             Remover::Rmz => "rmz",
+            Remover::Bare => "bare unlinkat",
         }
     }
 }
@@ -189,7 +193,7 @@ fn run(
 ) -> (Duration, Duration) {
     let tree = target.path();
     let who = match remover {
-        Remover::Ours | Remover::Agent => libc::RUSAGE_SELF,
+        Remover::Ours | Remover::Agent | Remover::Bare => libc::RUSAGE_SELF,
         _ => libc::RUSAGE_CHILDREN,
     };
     let cpu_before = cpu_time(who);
@@ -205,6 +209,7 @@ fn run(
             };
             inv.destroy(handle).expect("the agent destroys the volume");
         }
+        Remover::Bare => bare::remove(tree, bare_threads(opts)),
         Remover::Rm | Remover::Rmz => {
             let mut cmd = match (remover, rmz) {
                 (Remover::Rmz, Some(rmz)) => Command::new(rmz),
@@ -222,6 +227,131 @@ fn run(
     let cpu = cpu_time(who).saturating_sub(cpu_before);
     assert!(!tree.exists(), "{} left the tree behind", remover.name());
     (took, cpu)
+}
+
+/// Threads for the bare loop: the engine's default (two per core) unless set.
+fn bare_threads(opts: &RemoveOptions) -> usize {
+    match opts.threads {
+        0 => 2 * std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
+}
+
+mod bare {
+    //! Parallel `openat`/`getdents`/`unlinkat` with nothing else: files go while
+    //! directories are listed on all threads; directories go afterwards, deepest first.
+    use std::ffi::CString;
+    use std::mem::MaybeUninit;
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+    use std::sync::{Arc, Condvar, Mutex};
+
+    use rustix::fs::{openat, unlinkat, AtFlags, FileType, Mode, OFlags, RawDir, CWD};
+
+    type Task = (Arc<OwnedFd>, CString, usize);
+
+    struct Shared {
+        queue: Mutex<(Vec<Task>, usize)>,
+        wake: Condvar,
+        dirs: Mutex<Vec<Task>>,
+    }
+
+    pub fn remove(tree: &Path, threads: usize) {
+        let parent = tree.parent().expect("parent");
+        let top = Arc::new(
+            openat(
+                CWD,
+                parent,
+                OFlags::RDONLY | OFlags::DIRECTORY,
+                Mode::empty(),
+            )
+            .expect("open"),
+        );
+        let name = CString::new(tree.file_name().expect("name").as_encoded_bytes()).expect("name");
+        let shared = Shared {
+            queue: Mutex::new((vec![(top, name, 0)], 0)),
+            wake: Condvar::new(),
+            dirs: Mutex::new(Vec::new()),
+        };
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| scan(&shared));
+            }
+        });
+        let mut dirs = shared.dirs.into_inner().expect("dirs");
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.2));
+        let mut at = 0;
+        while at < dirs.len() {
+            let depth = dirs[at].2;
+            let end = dirs[at..]
+                .iter()
+                .position(|d| d.2 != depth)
+                .map_or(dirs.len(), |p| at + p);
+            let level = &dirs[at..end];
+            let chunk = level.len().div_ceil(threads.max(1));
+            std::thread::scope(|s| {
+                for part in level.chunks(chunk.max(1)) {
+                    s.spawn(move || {
+                        for (p, n, _) in part {
+                            let _ = unlinkat(&**p, n.as_c_str(), AtFlags::REMOVEDIR);
+                        }
+                    });
+                }
+            });
+            at = end;
+        }
+    }
+
+    fn scan(sh: &Shared) {
+        let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
+        loop {
+            let task = {
+                let mut q = sh.queue.lock().expect("queue");
+                loop {
+                    if let Some(t) = q.0.pop() {
+                        q.1 += 1;
+                        break Some(t);
+                    }
+                    if q.1 == 0 {
+                        sh.wake.notify_all();
+                        break None;
+                    }
+                    q = sh.wake.wait(q).expect("wait");
+                }
+            };
+            let Some((parent, name, depth)) = task else {
+                return;
+            };
+            let fd = Arc::new(
+                openat(
+                    &*parent,
+                    name.as_c_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY,
+                    Mode::empty(),
+                )
+                .expect("open dir"),
+            );
+            let mut subdirs = Vec::new();
+            let mut dir = RawDir::new(&*fd, &mut buf);
+            while let Some(e) = dir.next() {
+                let e = e.expect("getdents");
+                let n = e.file_name();
+                if matches!(n.to_bytes(), b"." | b"..") {
+                    continue;
+                }
+                if e.file_type() == FileType::Directory {
+                    subdirs.push((fd.clone(), n.to_owned(), depth + 1));
+                } else {
+                    let _ = unlinkat(&*fd, n, AtFlags::empty());
+                }
+            }
+            sh.dirs.lock().expect("dirs").push((parent, name, depth));
+            let mut q = sh.queue.lock().expect("queue");
+            q.0.extend(subdirs);
+            q.1 -= 1;
+            sh.wake.notify_all();
+        }
+    }
 }
 
 fn find_rmz() -> Option<PathBuf> {
@@ -320,6 +450,13 @@ fn bench_size(
     }
     for ours in [Remover::Ours, Remover::Agent] {
         let Some(rate) = med(ours) else { continue };
+        if let Some(bare) = med(Remover::Bare) {
+            println!(
+                "  ratio {:<13}/ bare unlinkat loop = {:.2}  (aim >= 0.85)",
+                ours.name(),
+                rate / bare
+            );
+        }
         if let Some(rm) = med(Remover::Rm) {
             println!(
                 "  ratio {:<13}/ rm -rf = {:.2}  (target >= 1.5)",
@@ -355,7 +492,7 @@ fn main() {
     }
     std::fs::create_dir_all(&base).expect("bench dir");
     let rmz = find_rmz();
-    let mut removers = vec![Remover::Ours, Remover::Agent, Remover::Rm];
+    let mut removers = vec![Remover::Ours, Remover::Agent, Remover::Rm, Remover::Bare];
     match &rmz {
         Some(p) => {
             println!("rmz: {}", p.display());

@@ -8,7 +8,9 @@
 //! with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)` relative to the
 //! import directory's handle, so neither `..`, an absolute target, a directory swapped for a
 //! link meanwhile, nor a mount can lead it outside; a link that would is refused with an
-//! error naming it (baggageclaim would copy whatever it points at on the host).
+//! error naming it (baggageclaim would copy whatever it points at on the host). Another
+//! file system mounted below the import directory stops the import with an error naming
+//! it, as it would stop any walk of a volume.
 
 use std::fs;
 use std::io::BufReader;
