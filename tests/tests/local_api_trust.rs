@@ -79,14 +79,28 @@ fn probe_as(
         Some(sock) => format!("unix:{}", sock.display()),
         None => agent.api.trim_start_matches("http://").to_string(),
     };
-    let mut cmd = Command::new(exe);
-    cmd.args([&target, method, path, "--body", body]);
-    for h in headers {
-        cmd.args(["--header", h]);
-    }
-    // As root, std drops the supplementary groups when it sets the uid.
-    cmd.uid(uid).gid(gid);
-    let out = cmd.output().expect("run api-probe");
+    let run = || {
+        let mut cmd = Command::new(&exe);
+        cmd.args([&target, method, path, "--body", body]);
+        for h in headers {
+            cmd.args(["--header", h]);
+        }
+        // As root, std drops the supplementary groups when it sets the uid.
+        cmd.uid(uid).gid(gid);
+        cmd.output()
+    };
+    // A test on another thread may fork while the copy is still open for writing; its child
+    // holds that descriptor until it execs, and exec of the copy fails with ETXTBSY meanwhile.
+    let mut tries = 0;
+    let out = loop {
+        match run() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other.expect("run api-probe"),
+        }
+    };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     match out.status.code() {
         Some(0) => {
