@@ -449,3 +449,37 @@ async fn async_create_futures_are_bounded_and_keep_short_messages() {
     }
     assert_eq!(last, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn a_privilege_change_cuts_a_running_stream_so_its_owner_map_is_never_stale() {
+    let (_s, _agent, local) = start_with("body_idle_timeout = \"5m\"\n").await;
+    let data = volume(&local, "flip", true).await;
+    let mut s = stalled_upload(&local, "flip").await;
+    for _ in 0..100 {
+        if data.join("partial").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = local
+        .http
+        .put(format!("{}/volumes/flip/privileged", local.base))
+        .json(&json!({ "value": false }))
+        .send()
+        .await
+        .expect("set privileged");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let got = answer(&mut s).await;
+    assert!(got.starts_with("HTTP/1.1 409"), "{got}");
+    assert!(
+        !data.join("partial").exists(),
+        "the cut stream removed what it wrote"
+    );
+    // A stream after the change maps owners as the volume now is (unprivileged).
+    let tar = tar_of(&[("f", tar::EntryType::Regular, None, b"x")]);
+    assert_eq!(
+        stream_in(&local, "flip", "raw", tar).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_ne!(std::fs::metadata(data.join("f")).expect("f").uid(), 0);
+}
