@@ -6,8 +6,16 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+/// One writer at a time: two writes of the same file (a poll asked for at once under disk
+/// pressure racing the timer's, each storing the applied revision) would share the
+/// temporary name, and one rename would find it gone.
+static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Replaces `path` with `contents` durably; the file is private to its owner (0600).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let _one_writer = WRITING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
@@ -95,5 +103,21 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn concurrent_stores_of_the_revision_all_succeed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let path = dir.path();
+                s.spawn(move || {
+                    for i in 0..200 {
+                        revision::store(path, t * 1000 + i).expect("store");
+                    }
+                });
+            }
+        });
+        assert!(revision::load(dir.path()).expect("load").is_some());
     }
 }
