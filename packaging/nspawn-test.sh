@@ -11,10 +11,11 @@
 #      file, its own writes stay out of the parent, and with the overlay driver the
 #      child's overlay mount is visible outside the service (no private mount
 #      namespace); `volume-agent volumes list` lists both; the driver is printed; an
-#      image tar with a setuid file and a device node streams into an unprivileged
-#      volume (root stored as the mapped top id, modes exact) and a privileged
-#      copy-on-write child of it gets the owners shifted back to 0 (chown, mknod and
-#      set-id bits allowed by the sandbox);
+#      image tar with a setuid file and a device node streams into a privileged volume
+#      (owners 0, modes exact: chown, mknod and set-id bits allowed by the sandbox) and
+#      is refused (400) by an unprivileged one (no device nodes there); without the
+#      device node it streams into the unprivileged volume (root stored as the mapped top
+#      id) and a privileged copy-on-write child of it gets the owners shifted back to 0;
 #   3. watchdog: WATCHDOG=1 keeps arriving; after `kill -STOP` of the main process
 #      systemd kills it for the watchdog (Result=watchdog) and restarts it;
 #   4. crash safety: after SIGKILL, Restart=on-failure restarts it (Result=signal) and
@@ -331,24 +332,18 @@ done
 ok "empty volume and copy-on-write child created; the CLI lists both"
 
 # An image as a root file system carries setuid files and device nodes, owned by root.
-# Streamed into an unprivileged volume, root is stored as the mapped top id (chown,
-# mknod, set-id bits kept: CAP_CHOWN, CAP_MKNOD, CAP_FSETID and no device policy);
-# a privileged copy-on-write child shifts the owners back to 0 and keeps the rest.
+# A privileged volume keeps both as they are (CAP_CHOWN, CAP_MKNOD, CAP_FSETID and no
+# device policy in the unit); an unprivileged one refuses device nodes (400), as
+# baggageclaim's user-namespaced tar fails on them, and stores root as the mapped top id;
+# a privileged copy-on-write child of it shifts the owners back to 0.
 phase "stream an image (setuid file, device node) in; privileged copy-on-write child of it"
 # shellcheck disable=SC2016 # expanded by the guest's shell
 in_guest sh -c 'set -e; d=$(mktemp -d); mkdir "$d/bin" "$d/dev"
 	printf "#!/bin/sh\n" >"$d/bin/su"; chmod 4755 "$d/bin/su"
+	tar -C "$d" --numeric-owner -cf /tmp/image-nodev.tar .
 	mknod "$d/dev/null" c 1 3; chmod 666 "$d/dev/null"
 	tar -C "$d" --numeric-owner -cf /tmp/image.tar .; rm -rf "$d"' ||
-	fail "cannot build the test image tar in the guest"
-image=$(api_call 201 POST /volumes '{"handle":"boot-image","strategy":{"type":"empty"}}')
-image_path=$(json_field path <<<"$image")
-api_call 204 PUT '/volumes/boot-image/stream-in?path=.' -H 'Content-Encoding: raw' \
-	--data-binary @/tmp/image.tar >/dev/null
-api_call 204 PUT /volumes/boot-image/state '{"state":"initialized"}' >/dev/null
-image_priv=$(api_call 201 POST /volumes \
-	'{"handle":"boot-image-priv","strategy":{"type":"cow","volume":"boot-image"},"privileged":true}')
-image_priv_path=$(json_field path <<<"$image_priv")
+	fail "cannot build the test image tars in the guest"
 # The agent's mapped root: the highest id of the guest's user namespace (as it reads it).
 top=0
 while read -r inside _ count; do
@@ -360,11 +355,26 @@ check_entry() {
 	got=$(in_guest stat -c '%u:%g %a %F %t,%T' "$1/$2" 2>&1) || fail "missing $1/$2: $got"
 	[[ $got == "$3" ]] || fail "$1/$2 is '$got', expected '$3'"
 }
+rootfs=$(api_call 201 POST /volumes '{"handle":"boot-rootfs","strategy":{"type":"empty"},"privileged":true}')
+rootfs_path=$(json_field path <<<"$rootfs")
+api_call 204 PUT '/volumes/boot-rootfs/stream-in?path=.' -H 'Content-Encoding: raw' \
+	--data-binary @/tmp/image.tar >/dev/null
+check_entry "$rootfs_path" bin/su "0:0 4755 regular file 0,0"
+check_entry "$rootfs_path" dev/null "0:0 666 character special file 1,3"
+image=$(api_call 201 POST /volumes '{"handle":"boot-image","strategy":{"type":"empty"}}')
+image_path=$(json_field path <<<"$image")
+api_call 400 PUT '/volumes/boot-image/stream-in?path=.' -H 'Content-Encoding: raw' \
+	--data-binary @/tmp/image.tar >/dev/null
+in_guest test ! -e "$image_path/dev/null" || fail "a refused device node was left in $image_path"
+api_call 204 PUT '/volumes/boot-image/stream-in?path=.' -H 'Content-Encoding: raw' \
+	--data-binary @/tmp/image-nodev.tar >/dev/null
+api_call 204 PUT /volumes/boot-image/state '{"state":"initialized"}' >/dev/null
+image_priv=$(api_call 201 POST /volumes \
+	'{"handle":"boot-image-priv","strategy":{"type":"cow","volume":"boot-image"},"privileged":true}')
+image_priv_path=$(json_field path <<<"$image_priv")
 check_entry "$image_path" bin/su "$top:$top 4755 regular file 0,0"
-check_entry "$image_path" dev/null "$top:$top 666 character special file 1,3"
 check_entry "$image_priv_path" bin/su "0:0 4755 regular file 0,0"
-check_entry "$image_priv_path" dev/null "0:0 666 character special file 1,3"
-ok "setuid file and device node streamed in (root stored as $top), shifted back to 0 in the privileged child"
+ok "setuid file and device node kept in a privileged volume; the device refused by an unprivileged one, root stored as $top there and shifted back to 0 in its privileged child"
 
 # --- 3. watchdog --------------------------------------------------------------------------
 phase "watchdog: SIGSTOP the main process (WatchdogSec=${watchdog_sec}s)"
@@ -393,7 +403,7 @@ wait_restart 2 "restart after SIGKILL" signal "$pid" $((restart_sec + 20))
 pid=$(prop MainPID)
 ok "restarted by Restart=on-failure (Result=signal) as PID $pid after ${restart_total}s"
 list=$(volumes_list) || fail "volume-agent volumes list failed after the restarts: $list"
-for h in boot-parent boot-child boot-image boot-image-priv; do
+for h in boot-parent boot-child boot-rootfs boot-image boot-image-priv; do
 	grep -q "$h" <<<"$list" || fail "after the restarts, volume-agent volumes list does not list $h: $list"
 done
 [[ $(in_guest cat "$child_path/hello" 2>&1) == from-parent && $(in_guest cat "$child_path/own" 2>&1) == from-child ]] ||
@@ -403,7 +413,7 @@ if [[ $driver == Overlay ]]; then
 	[[ $n == 1 ]] || fail "after the restarts the child $child_path has $n overlay mounts, expected 1"
 fi
 api_call 200 GET /volumes/boot-child >/dev/null
-ok "all four volumes survived the watchdog kill and SIGKILL, contents intact$([[ $driver == Overlay ]] && echo ', child mounted once')"
+ok "all five volumes survived the watchdog kill and SIGKILL, contents intact$([[ $driver == Overlay ]] && echo ', child mounted once')"
 
 # --- 6. (before stopping it) the security exposure ------------------------------------
 phase "systemd-analyze security $unit (in the guest)"
