@@ -386,18 +386,22 @@ async fn a_full_stream_pool_answers_503_with_retry_after_while_volumes_still_ans
     );
 }
 
-#[tokio::test]
-async fn destroying_a_volume_cuts_its_running_stream_and_leaves_nothing() {
-    let (_s, _agent, local) = start_with("body_idle_timeout = \"5m\"\n").await;
-    let data = volume(&local, "cut", true).await;
-    let mut s = stalled_upload(&local, "cut").await;
-    // Wait until the stream wrote into the volume.
+/// Waits (at most 5 s) until a stalled upload wrote its first entry, `partial`, into `data`.
+async fn wait_until_the_stream_wrote(data: &Path) {
     for _ in 0..100 {
         if data.join("partial").exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn destroying_a_volume_cuts_its_running_stream_and_leaves_nothing() {
+    let (_s, _agent, local) = start_with("body_idle_timeout = \"5m\"\n").await;
+    let data = volume(&local, "cut", true).await;
+    let mut s = stalled_upload(&local, "cut").await;
+    wait_until_the_stream_wrote(&data).await;
     let resp = local
         .http
         .delete(format!("{}/volumes/cut", local.base))
@@ -455,12 +459,7 @@ async fn a_privilege_change_cuts_a_running_stream_so_its_owner_map_is_never_stal
     let (_s, _agent, local) = start_with("body_idle_timeout = \"5m\"\n").await;
     let data = volume(&local, "flip", true).await;
     let mut s = stalled_upload(&local, "flip").await;
-    for _ in 0..100 {
-        if data.join("partial").exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_the_stream_wrote(&data).await;
     let resp = local
         .http
         .put(format!("{}/volumes/flip/privileged", local.base))
