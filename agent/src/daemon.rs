@@ -10,19 +10,20 @@ use actix_web::{App, HttpServer};
 use tracing::{error, info, warn};
 
 use crate::api::{self, ApiState};
-use crate::central::actor::{DesiredStateActor, StopPolling};
+use crate::central::actor::{DesiredStateActor, Heard, PollNow, StopPolling};
 use crate::central::{CentralClient, ClientError};
 use crate::config::{Config, DriverName, Listen};
 use crate::durable::revision;
-use crate::inventory::actor::InventoryActor;
+use crate::inventory::actor::{InventoryActor, InventoryHandle};
 use crate::inventory::drift::actor::DriftActor;
 use crate::inventory::{DriverChoice, Inventory, InventoryConfig, InventoryError, RecoveryReport};
 use crate::metrics::Metrics;
 use crate::notify;
+use crate::outlet::Outlet;
 use crate::planner::Policy;
-use crate::reconciler::actor::ReconcilerSettings;
-use crate::reconciler::messages::{Drain, Ping};
+use crate::reconciler::actor::{DesiredUpdate, Drain, Ping, Reconcile, ReconcilerSettings};
 use crate::reconciler::ReconcilerActor;
+use crate::reporter::actor::{DiskFigures, PassDone};
 use crate::reporter::ReporterActor;
 use crate::resource_types::actor::ResourceTypesActor;
 use crate::usage::actor::AccountingActor;
@@ -62,7 +63,7 @@ pub struct Daemon {
     pub api: Listen,
     pub metrics: Arc<Metrics>,
     pub recovery: RecoveryReport,
-    inventory: Inventory,
+    inventory: InventoryHandle,
     server: actix_web::dev::ServerHandle,
     desired: Addr<DesiredStateActor>,
     reconciler: Addr<ReconcilerActor>,
@@ -109,15 +110,20 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         })?;
 
     let client = CentralClient::from_config(config)?;
-    let threads = config.gc.max_in_flight + 1;
-    let inv_addr = InventoryActor::start(inventory.clone(), threads);
+    // The one bound on blocking inventory work: the destroys a pass runs at once, plus
+    // threads for the local API, accounting and drift scans.
+    let inv = InventoryActor::start(
+        inventory.clone(),
+        config.gc.max_in_flight + crate::inventory::actor::API_THREADS,
+    );
 
+    // The actors, and every one-way connection between them (an `Outlet` each).
     let usage = Usage::default();
     let reporter = ReporterActor::new(
         client.clone(),
         config.central.dialect,
         config.central.report_interval,
-        inv_addr.clone().recipient(),
+        inv.snapshot(),
         metrics.clone(),
         usage.clone(),
     )
@@ -134,18 +140,24 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(300),
         },
-        inv_addr.clone().recipient(),
-        inv_addr.clone().recipient(),
-        reporter.clone().recipient(),
+        inv.snapshot(),
+        inv.destroyer(),
+        {
+            let reporter = reporter.clone();
+            Outlet::new(move |pass| reporter.do_send(PassDone(pass)))
+        },
         metrics.clone(),
     )
-    .with_orphans(inv_addr.clone().recipient())
+    .with_orphans(inv.orphans())
     .start();
     DriftActor::new(
-        inventory.clone(),
+        inv.clone(),
         config.volumes.scan_interval,
         metrics.clone(),
-        reconciler.clone().recipient(),
+        {
+            let reconciler = reconciler.clone();
+            Outlet::new(move |()| reconciler.do_send(Reconcile))
+        },
     )
     .start();
     let desired = DesiredStateActor::new(
@@ -155,23 +167,34 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         config.central.max_backoff,
         config.state.dir.clone(),
         highest,
-        reconciler.clone().recipient(),
-        reconciler.clone().recipient(),
+        {
+            let reconciler = reconciler.clone();
+            Outlet::new(move |heard| match heard {
+                Heard::Answer { desired, revision } => {
+                    reconciler.do_send(DesiredUpdate { desired, revision })
+                }
+                Heard::Unchanged => reconciler.do_send(Reconcile),
+            })
+        },
         metrics.clone(),
     )
     .start();
-    AccountingActor {
-        inventory: inventory.clone(),
-        root: config.volumes.root.clone(),
-        min_free: config.gc.min_free,
-        interval: config.central.report_interval,
-        usage: usage.clone(),
-        reporter: reporter.clone().recipient(),
-        poll_now: desired.clone().recipient(),
-        metrics: metrics.clone(),
-        busy: false,
-        under_pressure: false,
-    }
+    AccountingActor::new(
+        inv.clone(),
+        config.volumes.root.clone(),
+        config.gc.min_free,
+        config.central.report_interval,
+        usage.clone(),
+        metrics.clone(),
+        {
+            let reporter = reporter.clone();
+            Outlet::new(move |disk| reporter.do_send(DiskFigures(disk)))
+        },
+        {
+            let desired = desired.clone();
+            Outlet::new(move |()| desired.do_send(PollNow))
+        },
+    )
     .start();
     ResourceTypesActor::new(
         config.resource_types.dir.clone(),
@@ -184,7 +207,8 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
 
     let ready = Arc::new(AtomicBool::new(false));
     let state = ApiState {
-        inventory: inventory.clone(),
+        inventory: inv.clone(),
+        streams_inventory: inventory.clone(),
         metrics: metrics.clone(),
         reconciler: Some(reconciler.clone()),
         desired: Some(desired.clone()),
@@ -266,7 +290,7 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         api: api_at,
         metrics,
         recovery,
-        inventory,
+        inventory: inv,
         server: handle,
         desired,
         reconciler,
@@ -330,8 +354,8 @@ impl Daemon {
                 warn!(path = %path.display(), error = %e, "cannot remove the API socket");
             }
         }
-        let inventory = self.inventory.clone();
-        tokio::task::spawn_blocking(move || inventory.flush())
+        self.inventory
+            .call(|inv| inv.flush())
             .await
             .map_err(|e| DaemonError::Task(e.to_string()))??;
         info!("stopped");

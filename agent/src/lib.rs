@@ -18,6 +18,7 @@ pub mod inventory;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod outlet;
 pub mod peercred;
 pub mod planner;
 pub mod reconciler;

@@ -8,14 +8,15 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
+use actix::Actor;
 use support::{assert_consistent, config, h, initialized_root, open};
+use volume_agent::inventory::actor::InventoryActor;
 use volume_agent::inventory::drift::actor::DriftActor;
 use volume_agent::inventory::{
     CreateSpec, DestroyOutcome, DriverChoice, Inventory, InventoryError,
 };
 use volume_agent::metrics::Metrics;
-use volume_agent::reconciler::messages::Reconcile;
+use volume_agent::outlet::Outlet;
 
 /// Waits (bounded, a guard against hangs, not a timing assertion) until `check` holds.
 async fn eventually(what: &str, check: impl Fn() -> bool) {
@@ -137,20 +138,6 @@ fn missing_parent_is_not_dropped_before_its_child() {
     assert!(inv.list().expect("list").is_empty());
 }
 
-/// Counts the reconcile passes the drift actor asks for.
-struct Passes(Arc<AtomicUsize>);
-
-impl Actor for Passes {
-    type Context = Context<Self>;
-}
-
-impl Handler<Reconcile> for Passes {
-    type Result = ();
-    fn handle(&mut self, _: Reconcile, _: &mut Context<Self>) {
-        self.0.fetch_add(1, Relaxed);
-    }
-}
-
 #[actix_rt::test]
 async fn finds_removed_directory_by_the_periodic_scan_and_sees_it_come_back() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -159,13 +146,17 @@ async fn finds_removed_directory_by_the_periodic_scan_and_sees_it_come_back() {
     initialized_root(&inv, "v", &[("f", "x")]);
     initialized_root(&inv, "other", &[]);
     let metrics = Arc::new(Metrics::new());
+    // Counts the reconcile passes the drift actor asks for.
     let passes = Arc::new(AtomicUsize::new(0));
-    let reconcile = Passes(passes.clone()).start().recipient();
+    let counter = passes.clone();
+    let changed = Outlet::new(move |()| {
+        counter.fetch_add(1, Relaxed);
+    });
     DriftActor::new(
-        inv.clone(),
+        InventoryActor::start(inv.clone(), 1),
         Duration::from_millis(50),
         metrics.clone(),
-        reconcile,
+        changed,
     )
     .start();
 

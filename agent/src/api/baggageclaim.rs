@@ -14,7 +14,7 @@ use actix_web::{web, HttpResponse, ResponseError};
 use protocol::local::{CreateVolumeRequest, ErrorBody, VolumeFuture, VolumeJson};
 use protocol::{Handle, VolumeState};
 
-use super::volumes::{handle, volume_json};
+use super::volumes::{blocking, handle, volume_json};
 use super::{ApiError, ApiState};
 use crate::inventory::VolumeRecord;
 
@@ -157,12 +157,10 @@ async fn create_async(
         let state = state.into_inner();
         let h = h.clone();
         actix_web::rt::spawn(async move {
-            let inv = state.inventory.clone();
-            let res =
-                match web::block(move || inv.create_volume(req, VolumeState::Initialized)).await {
-                    Ok(r) => r.map_err(ApiError::from),
-                    Err(e) => Err(e.into()),
-                };
+            let res = blocking(&state, move |inv| {
+                inv.create_volume(req, VolumeState::Initialized)
+            })
+            .await;
             finish(&state, &h, &canceled, res).await;
         });
     }
@@ -194,13 +192,10 @@ async fn finish(
     }
     if res.is_ok() {
         let h = h.clone();
-        let inv = state.inventory.clone();
-        let out = web::block(move || inv.destroy(&h).map(|_| h)).await;
-        match out {
-            Ok(Ok(h)) => {
+        match blocking(state, move |inv| inv.destroy(&h).map(|_| h)).await {
+            Ok(h) => {
                 tracing::info!(handle = %h, reason = "its async create was canceled", "destroyed volume")
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not destroy a canceled create"),
             Err(e) => tracing::warn!(error = %e, "could not destroy a canceled create"),
         }
     }

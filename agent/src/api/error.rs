@@ -86,6 +86,12 @@ impl From<InventoryError> for ApiError {
     }
 }
 
+impl From<crate::inventory::actor::InventoryGone> for ApiError {
+    fn from(e: crate::inventory::actor::InventoryGone) -> Self {
+        ApiError::Unavailable(format!("{e}; retry once the agent is back"))
+    }
+}
+
 impl From<actix_web::error::BlockingError> for ApiError {
     fn from(e: actix_web::error::BlockingError) -> Self {
         ApiError::Internal(format!("worker thread failed: {e}"))

@@ -1,6 +1,6 @@
 //! The worker-local HTTP API: volumes (baggageclaim's wire shape), health, readiness,
 //! metrics and the operator's `gc` routes. Handlers are thin: every change goes through
-//! the [`Inventory`] on a blocking thread (`web::block`).
+//! the inventory actor ([`InventoryHandle::call`]); streams run on the stream pool.
 
 pub mod baggageclaim;
 pub mod error;
@@ -16,6 +16,7 @@ use actix::Addr;
 use actix_web::web;
 
 use crate::central::actor::DesiredStateActor;
+use crate::inventory::actor::InventoryHandle;
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
 use crate::reconciler::ReconcilerActor;
@@ -25,7 +26,10 @@ pub use error::ApiError;
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct ApiState {
-    pub inventory: Inventory,
+    /// Every inventory call but a stream's.
+    pub inventory: InventoryHandle,
+    /// The inventory as the stream pool uses it (a stream's thread holds its volume).
+    pub streams_inventory: Inventory,
     pub metrics: Arc<Metrics>,
     pub reconciler: Option<Addr<ReconcilerActor>>,
     pub desired: Option<Addr<DesiredStateActor>>,

@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use actix_web::{web, HttpResponse};
 
 use super::{ApiError, ApiState};
-use crate::reconciler::messages::{GetPlan, ResetRevision};
+use crate::central::actor::ResetRevision;
+use crate::reconciler::actor::GetPlan;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))

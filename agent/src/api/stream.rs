@@ -255,7 +255,7 @@ async fn stream_in(
         let complete = complete.clone();
         spawn_stream(
             slot,
-            state.inventory.clone(),
+            state.streams_inventory.clone(),
             &path,
             move |inv, hold, ready| {
                 let _ = ready.send(Ok(()));
@@ -343,7 +343,7 @@ async fn stream_out(
     let idle = state.streams.idle;
     let ready = spawn_stream(
         slot,
-        state.inventory.clone(),
+        state.streams_inventory.clone(),
         &path,
         move |inv, hold, ready| {
             let source = match inv.open_stream_out(&hold, &sub) {

@@ -51,14 +51,13 @@ pub fn volume_json(r: &VolumeRecord) -> VolumeJson {
     }
 }
 
-/// Runs `f` on the inventory on a blocking thread.
+/// Runs `f` on one of the inventory actor's threads.
 pub async fn blocking<T, F>(state: &ApiState, f: F) -> Result<T, ApiError>
 where
     F: FnOnce(&Inventory) -> Result<T, InventoryError> + Send + 'static,
     T: Send + 'static,
 {
-    let inv = state.inventory.clone();
-    Ok(web::block(move || f(&inv)).await??)
+    Ok(state.inventory.call(f).await??)
 }
 
 async fn create(
@@ -71,9 +70,10 @@ async fn create(
             "the import strategy is served by POST /volumes-async".into(),
         ));
     }
-    let inv = state.inventory.clone();
-    let record =
-        web::block(move || inv.create_volume(req, protocol::VolumeState::Created)).await??;
+    let record = blocking(&state, move |inv| {
+        inv.create_volume(req, protocol::VolumeState::Created)
+    })
+    .await?;
     Ok(HttpResponse::Created().json(volume_json(&record)))
 }
 

@@ -16,8 +16,8 @@ use super::client::{CentralClient, ClientError, DesiredAnswer};
 use crate::config::Dialect;
 use crate::durable::revision;
 use crate::metrics::Metrics;
+use crate::outlet::Outlet;
 use crate::planner::Desired;
-use crate::reconciler::messages::{DesiredUpdate, Reconcile, ResetRevision, StoreFailure};
 
 /// Poll now instead of waiting for the timer (disk pressure, tests).
 #[derive(Message)]
@@ -29,14 +29,36 @@ pub struct PollNow;
 #[rtype(result = "()")]
 pub struct StopPolling;
 
+/// Forget the highest applied revision (the operator's `gc reset-revision`).
+#[derive(Message)]
+#[rtype(result = "Result<(), RevisionFailure>")]
+pub struct ResetRevision;
+
+/// The applied revision could not be changed on disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RevisionFailure(pub String);
+
+/// What a poll learned, sent to the [`Outlet`] `daemon.rs` connects (the reconciler).
+#[derive(Debug, Clone)]
+pub enum Heard {
+    /// A new answer, or `desired: None` when the central side does not know this worker
+    /// (then nothing is destroyed until it does).
+    Answer {
+        desired: Option<Desired>,
+        revision: Option<u64>,
+    },
+    /// The answer held is still current (a 304): time for a pass with it.
+    Unchanged,
+}
+
 pub struct DesiredStateActor {
     client: CentralClient,
     dialect: Dialect,
     interval: Duration,
     max_backoff: Duration,
     state_dir: PathBuf,
-    reconciler_update: Recipient<DesiredUpdate>,
-    reconciler_tick: Recipient<Reconcile>,
+    heard: Outlet<Heard>,
     metrics: Arc<Metrics>,
     etag: Option<String>,
     highest: Option<u64>,
@@ -57,8 +79,7 @@ impl DesiredStateActor {
         max_backoff: Duration,
         state_dir: PathBuf,
         highest: Option<u64>,
-        reconciler_update: Recipient<DesiredUpdate>,
-        reconciler_tick: Recipient<Reconcile>,
+        heard: Outlet<Heard>,
         metrics: Arc<Metrics>,
     ) -> Self {
         if let Some(r) = highest {
@@ -70,8 +91,7 @@ impl DesiredStateActor {
             interval,
             max_backoff,
             state_dir,
-            reconciler_update,
-            reconciler_tick,
+            heard,
             metrics,
             etag: None,
             highest,
@@ -148,7 +168,7 @@ impl DesiredStateActor {
                     match res {
                         Ok(destroying) => {
                             act.ok("destroying", "ok");
-                            act.reconciler_update.do_send(DesiredUpdate {
+                            act.heard.send(Heard::Answer {
                                 desired: Some(Desired::Concourse { destroying }),
                                 revision: None,
                             });
@@ -178,7 +198,7 @@ impl DesiredStateActor {
             Err(e) => self.failed("desired", &e),
             Ok(DesiredAnswer::NotModified) => {
                 self.ok("desired", "not_modified");
-                self.reconciler_tick.do_send(Reconcile);
+                self.heard.send(Heard::Unchanged);
             }
             Ok(DesiredAnswer::UnknownWorker) => {
                 self.ok("desired", "unknown_worker");
@@ -187,7 +207,7 @@ impl DesiredStateActor {
                     "the central API does not know this worker; destroying nothing"
                 );
                 self.etag = None;
-                self.reconciler_update.do_send(DesiredUpdate {
+                self.heard.send(Heard::Answer {
                     desired: None,
                     revision: None,
                 });
@@ -226,7 +246,7 @@ impl DesiredStateActor {
         let revision = set.revision;
         let newer = self.highest.is_none_or(|h| revision > h);
         let named = set.destroying.clone();
-        let update = DesiredUpdate {
+        let update = Heard::Answer {
             desired: Some(Desired::Native {
                 keep: set.volumes.into_iter().map(|v| v.handle).collect(),
                 destroying: set.destroying,
@@ -236,7 +256,7 @@ impl DesiredStateActor {
         };
         if !newer {
             self.etag = etag;
-            self.reconciler_update.do_send(update);
+            self.heard.send(update);
             return;
         }
         info!(revision, "new desired set");
@@ -252,7 +272,7 @@ impl DesiredStateActor {
                     act.highest = Some(revision);
                     act.etag = etag;
                     act.metrics.desired_revision.store(revision, Relaxed);
-                    act.reconciler_update.do_send(update);
+                    act.heard.send(update);
                     return;
                 }
                 Ok(Err(e)) => e.to_string(),
@@ -262,7 +282,7 @@ impl DesiredStateActor {
             // space, so that still happens; nothing goes by absence, and the whole answer
             // is asked for again on the next poll.
             warn!(revision, %error, "cannot record the applied revision; acting only on the volumes it names destroying");
-            act.reconciler_update.do_send(DesiredUpdate {
+            act.heard.send(Heard::Answer {
                 desired: Some(Desired::Concourse { destroying: named }),
                 revision: None,
             });
@@ -295,7 +315,7 @@ impl Handler<StopPolling> for DesiredStateActor {
 }
 
 impl Handler<ResetRevision> for DesiredStateActor {
-    type Result = ResponseActFuture<Self, Result<(), StoreFailure>>;
+    type Result = ResponseActFuture<Self, Result<(), RevisionFailure>>;
     fn handle(&mut self, _: ResetRevision, _: &mut Context<Self>) -> Self::Result {
         let dir = self.state_dir.clone();
         Box::pin(
@@ -309,8 +329,8 @@ impl Handler<ResetRevision> for DesiredStateActor {
                         act.metrics.desired_revision.store(0, Relaxed);
                         Ok(())
                     }
-                    Ok(Err(e)) => Err(StoreFailure(e.to_string())),
-                    Err(e) => Err(StoreFailure(e.to_string())),
+                    Ok(Err(e)) => Err(RevisionFailure(e.to_string())),
+                    Err(e) => Err(RevisionFailure(e.to_string())),
                 }),
         )
     }

@@ -1,5 +1,6 @@
 //! The reconciler actor: holds the latest answer, runs one pass at a time, remembers
-//! failures, and hands what happened to the reporter.
+//! failures, and hands what happened to its [`Outlet`] (the reporter, as `daemon.rs`
+//! connects it). It asks the inventory actor for snapshots and destroys.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
@@ -8,15 +9,70 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use protocol::local::{PlanView, PlannedAction};
-use protocol::native::BlockedVolume;
+use protocol::native::{BlockedVolume, FailedVolume};
 use protocol::Handle;
 use tracing::{info, warn};
 
 use super::backoff::Backoff;
 use super::execute::{self, lock, Busy, Outcome};
-use super::messages::*;
+use crate::inventory::actor::{DestroyDone, DestroyVolume, Orphans, Snapshot, StoreFailure};
 use crate::metrics::Metrics;
+use crate::outlet::Outlet;
 use crate::planner::{self, Desired, LocalVolume, Plan, Policy, Reason, WaitReason};
+
+/// A new answer from the central side, or `None` when it does not know this worker (then
+/// nothing is destroyed until it does).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct DesiredUpdate {
+    pub desired: Option<Desired>,
+    pub revision: Option<u64>,
+}
+
+/// Run a pass with the answer held (after a 304, on a timer, after drift).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Reconcile;
+
+/// Ask for the plan the next pass would run, destroying nothing.
+#[derive(Message)]
+#[rtype(result = "Result<protocol::local::PlanView, StoreFailure>")]
+pub struct GetPlan;
+
+/// Stop starting destroys and wait (bounded) for in-flight ones to finish.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// Liveness probe: answered at once by a healthy actor (feeds the systemd watchdog).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ping;
+
+/// What a pass did, for the reporter.
+#[derive(Debug, Clone, Default)]
+pub struct PassReport {
+    pub revision: Option<u64>,
+    /// Destroyed in this pass, or named but already gone.
+    pub destroyed: Vec<Handle>,
+    /// Every volume whose last destroy attempt failed.
+    pub failed: Vec<FailedVolume>,
+    /// Volumes the central side asked to destroy that still have live children.
+    pub blocked: Vec<BlockedVolume>,
+    /// Desired volumes this worker does not have.
+    pub missing: Vec<Handle>,
+    /// The mass-destroy guard's refusal, if it tripped.
+    pub refused: Option<String>,
+    /// The volumes left after the pass.
+    pub remaining: Vec<LocalVolume>,
+}
+
+impl PassReport {
+    /// Whether the pass changed anything the central side should hear about at once.
+    pub fn changed(&self) -> bool {
+        !self.destroyed.is_empty() || !self.failed.is_empty() || self.refused.is_some()
+    }
+}
 
 /// How the reconciler runs destroys.
 #[derive(Debug, Clone)]
@@ -28,20 +84,30 @@ pub struct ReconcilerSettings {
     pub backoff_cap: Duration,
 }
 
+/// Where the reconciler is between passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    /// A pass runs.
+    Running,
+    /// A pass runs and another was asked for meanwhile: it starts when this one ends.
+    RunningThenAgain,
+    /// Shutting down: no pass starts again.
+    Draining,
+}
+
 pub struct ReconcilerActor {
     settings: ReconcilerSettings,
     snapshot: Recipient<Snapshot>,
     destroyer: Recipient<DestroyVolume>,
-    reporter: Recipient<PassReport>,
+    passes: Outlet<PassReport>,
     orphans: Option<Recipient<Orphans>>,
     metrics: Arc<Metrics>,
     desired: Option<Desired>,
     revision: Option<u64>,
     backoff: Backoff,
     busy: Busy,
-    running: bool,
-    again: bool,
-    draining: bool,
+    phase: Phase,
 }
 
 impl ReconcilerActor {
@@ -49,7 +115,7 @@ impl ReconcilerActor {
         settings: ReconcilerSettings,
         snapshot: Recipient<Snapshot>,
         destroyer: Recipient<DestroyVolume>,
-        reporter: Recipient<PassReport>,
+        passes: Outlet<PassReport>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let backoff = Backoff::new(settings.backoff_base, settings.backoff_cap);
@@ -57,16 +123,14 @@ impl ReconcilerActor {
             settings,
             snapshot,
             destroyer,
-            reporter,
+            passes,
             orphans: None,
             metrics,
             desired: None,
             revision: None,
             backoff,
             busy: Busy::default(),
-            running: false,
-            again: false,
-            draining: false,
+            phase: Phase::Idle,
         }
     }
 
@@ -77,17 +141,18 @@ impl ReconcilerActor {
     }
 
     fn start_pass(&mut self, ctx: &mut Context<Self>) {
-        if self.draining {
-            return;
-        }
-        if self.running {
-            self.again = true;
-            return;
+        match self.phase {
+            Phase::Draining | Phase::RunningThenAgain => return,
+            Phase::Running => {
+                self.phase = Phase::RunningThenAgain;
+                return;
+            }
+            Phase::Idle => {}
         }
         let Some(desired) = self.desired.clone() else {
             return;
         };
-        self.running = true;
+        self.phase = Phase::Running;
         let now = Instant::now();
         let mut skip: HashSet<Handle> = lock(&self.busy).clone();
         let snapshot = self.snapshot.clone();
@@ -119,14 +184,17 @@ impl ReconcilerActor {
             Ok::<_, StoreFailure>((local, plan, results))
         };
         ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
-            act.running = false;
             match res {
                 Ok((local, plan, results)) => act.finish_pass(local, plan, results),
                 Err(e) => warn!(error = %e, "reconcile pass could not read the inventory"),
             }
-            if act.again {
-                act.again = false;
-                act.start_pass(ctx);
+            match act.phase {
+                Phase::Draining => {}
+                Phase::RunningThenAgain => {
+                    act.phase = Phase::Idle;
+                    act.start_pass(ctx);
+                }
+                Phase::Running | Phase::Idle => act.phase = Phase::Idle,
             }
         }));
     }
@@ -203,7 +271,7 @@ impl ReconcilerActor {
             .filter(|h| !gone.contains(h))
             .cloned()
             .collect();
-        self.reporter.do_send(PassReport {
+        self.passes.send(PassReport {
             revision: self.revision,
             destroyed,
             failed: self.backoff.report(),
@@ -287,7 +355,7 @@ impl Handler<Ping> for ReconcilerActor {
 impl Handler<Drain> for ReconcilerActor {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        self.draining = true;
+        self.phase = Phase::Draining;
         let busy = self.busy.clone();
         let limit = self.settings.destroy_timeout;
         Box::pin(async move {

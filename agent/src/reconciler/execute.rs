@@ -9,7 +9,7 @@ use actix::Recipient;
 use futures::stream::{FuturesUnordered, StreamExt};
 use protocol::Handle;
 
-use super::messages::{DestroyDone, DestroyVolume, StoreFailure};
+use crate::inventory::actor::{DestroyDone, DestroyVolume, StoreFailure};
 use crate::planner::{Destroy, Reason};
 
 /// Volumes whose destroy is still running on a worker thread (possibly past its timeout).

@@ -5,6 +5,5 @@
 pub mod actor;
 pub mod backoff;
 pub mod execute;
-pub mod messages;
 
-pub use actor::ReconcilerActor;
+pub use actor::{PassReport, ReconcilerActor};

@@ -12,15 +12,31 @@ use tracing::{debug, warn};
 
 use crate::central::CentralClient;
 use crate::config::Dialect;
+use crate::inventory::actor::Snapshot;
 use crate::metrics::Metrics;
 use crate::planner::LocalVolume;
-use crate::reconciler::messages::{PassReport, Snapshot};
+use crate::reconciler::PassReport;
 use crate::usage::Usage;
 
 /// Disk figures to add to the next report (from the accounting actor).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct DiskFigures(pub DiskReport);
+
+/// A reconcile pass finished: what it did goes into the next report, at once when it
+/// changed something.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct PassDone(pub PassReport);
+
+/// Whether a report is on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Sending,
+    /// Sending, and something changed meanwhile: another report follows this one.
+    SendingThenAgain,
+}
 
 pub struct ReporterActor {
     client: CentralClient,
@@ -38,8 +54,7 @@ pub struct ReporterActor {
     blocked: Vec<BlockedVolume>,
     missing: Vec<Handle>,
     disk: Option<DiskReport>,
-    sending: bool,
-    again: bool,
+    phase: Phase,
 }
 
 impl ReporterActor {
@@ -66,17 +81,16 @@ impl ReporterActor {
             blocked: Vec::new(),
             missing: Vec::new(),
             disk: None,
-            sending: false,
-            again: false,
+            phase: Phase::Idle,
         }
     }
 
     fn send_report(&mut self, ctx: &mut Context<Self>) {
-        if self.sending {
-            self.again = true;
+        if self.phase != Phase::Idle {
+            self.phase = Phase::SendingThenAgain;
             return;
         }
-        self.sending = true;
+        self.phase = Phase::Sending;
         let client = self.client.clone();
         let metrics = self.metrics.clone();
         let dialect = self.dialect;
@@ -130,7 +144,8 @@ impl ReporterActor {
             res
         };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-            act.sending = false;
+            let again = act.phase == Phase::SendingThenAgain;
+            act.phase = Phase::Idle;
             match res {
                 Ok(()) => {
                     debug!(destroyed = destroyed.len(), "report accepted");
@@ -138,8 +153,7 @@ impl ReporterActor {
                 }
                 Err(e) => warn!(error = %e, "report failed; it is sent again with the next one"),
             }
-            if act.again {
-                act.again = false;
+            if again {
                 act.send_report(ctx);
             }
         }));
@@ -169,9 +183,9 @@ impl Actor for ReporterActor {
     }
 }
 
-impl Handler<PassReport> for ReporterActor {
+impl Handler<PassDone> for ReporterActor {
     type Result = ();
-    fn handle(&mut self, msg: PassReport, ctx: &mut Context<Self>) {
+    fn handle(&mut self, PassDone(msg): PassDone, ctx: &mut Context<Self>) {
         let changed = msg.changed() || msg.blocked != self.blocked || msg.missing != self.missing;
         self.revision = msg.revision.or(self.revision);
         for h in msg.destroyed {

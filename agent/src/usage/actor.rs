@@ -1,6 +1,7 @@
 //! The accounting actor: every interval, measures a bounded batch of volumes and the
-//! volumes filesystem on a blocking thread, publishes bytes and disk figures, and under
+//! volumes filesystem on an inventory thread, publishes bytes and disk figures, and under
 //! disk pressure asks for a poll at once (it never destroys a desired volume on its own).
+//! Both go to [`Outlet`]s that `daemon.rs` connects (the reporter, the poller).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -13,38 +14,72 @@ use protocol::native::DiskReport;
 use tracing::{debug, warn};
 
 use super::{disk, measure, own_data, Usage};
-use crate::central::actor::PollNow;
 use crate::config::MinFree;
-use crate::inventory::Inventory;
+use crate::inventory::actor::InventoryHandle;
 use crate::metrics::Metrics;
-use crate::reporter::actor::DiskFigures;
+use crate::outlet::Outlet;
 
 /// Volumes measured per round, at most.
 pub const BATCH: usize = 64;
 
+/// Where the accounting actor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    /// A round runs on an inventory thread; a tick meanwhile is skipped.
+    Measuring,
+}
+
 pub struct AccountingActor {
-    pub inventory: Inventory,
-    pub root: PathBuf,
-    pub min_free: MinFree,
-    pub interval: Duration,
-    pub usage: Usage,
-    pub reporter: Recipient<DiskFigures>,
-    pub poll_now: Recipient<PollNow>,
-    pub metrics: Arc<Metrics>,
-    pub busy: bool,
-    pub under_pressure: bool,
+    inventory: InventoryHandle,
+    root: PathBuf,
+    min_free: MinFree,
+    interval: Duration,
+    usage: Usage,
+    metrics: Arc<Metrics>,
+    /// Each round's disk figures (the reporter).
+    figures: Outlet<DiskReport>,
+    /// Told once when pressure begins (the poller: poll now).
+    pressure_began: Outlet<()>,
+    phase: Phase,
+    under_pressure: bool,
 }
 
 impl AccountingActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        inventory: InventoryHandle,
+        root: PathBuf,
+        min_free: MinFree,
+        interval: Duration,
+        usage: Usage,
+        metrics: Arc<Metrics>,
+        figures: Outlet<DiskReport>,
+        pressure_began: Outlet<()>,
+    ) -> Self {
+        AccountingActor {
+            inventory,
+            root,
+            min_free,
+            interval,
+            usage,
+            metrics,
+            figures,
+            pressure_began,
+            phase: Phase::Idle,
+            under_pressure: false,
+        }
+    }
+
     fn round(&mut self, ctx: &mut Context<Self>) {
-        if self.busy {
+        if self.phase == Phase::Measuring {
             return;
         }
-        self.busy = true;
+        self.phase = Phase::Measuring;
         let inventory = self.inventory.clone();
         let usage = self.usage.clone();
         let root = self.root.clone();
-        let work = move || {
+        let work = move |inventory: &crate::inventory::Inventory| {
             let mut records = inventory.list().map_err(|e| e.to_string())?;
             // A missing volume has nothing to measure (and is not reported as a volume).
             records.retain(|r| !r.missing);
@@ -58,13 +93,13 @@ impl AccountingActor {
             }
             disk(&root).map_err(|e| format!("statvfs {}: {e}", root.display()))
         };
-        let fut = async move { tokio::task::spawn_blocking(work).await };
+        let fut = async move { inventory.call(work).await };
         ctx.spawn(fut.into_actor(self).map(|res, act, _| {
-            act.busy = false;
+            act.phase = Phase::Idle;
             let figures = match res {
                 Ok(Ok(f)) => f,
                 Ok(Err(e)) => return warn!(error = %e, "disk accounting failed"),
-                Err(e) => return warn!(error = %e, "disk accounting task failed"),
+                Err(e) => return debug!(error = %e, "disk accounting skipped"),
             };
             act.metrics
                 .set_volume_bytes(act.usage.all().into_iter().map(|(h, b)| (h.to_string(), b)).collect());
@@ -77,17 +112,17 @@ impl AccountingActor {
                 // Polling on every round would hammer a central API that is failing.
                 warn!(free_bytes = figures.free_bytes, total_bytes = figures.total_bytes,
                     "the volumes disk is below gc.min_free: polling the central API now (desired volumes are never destroyed for space)");
-                act.poll_now.do_send(PollNow);
+                act.pressure_began.send(());
             } else if !pressure && act.under_pressure {
                 warn!(free_bytes = figures.free_bytes, "the volumes disk is above gc.min_free again");
             }
             act.under_pressure = pressure;
-            act.reporter.do_send(DiskFigures(DiskReport {
+            act.figures.send(DiskReport {
                 total_bytes: figures.total_bytes,
                 free_bytes: figures.free_bytes,
                 free_inodes: figures.free_inodes,
                 pressure,
-            }));
+            });
         }));
     }
 }

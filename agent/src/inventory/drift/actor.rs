@@ -1,6 +1,7 @@
-//! The drift actor: every `volumes.scan_interval`, runs the inventory's drift scan on a
-//! blocking thread, publishes the number of missing volumes, and asks for a reconcile pass
-//! when the missing set changed (so the report and the plan follow at once). The scan at
+//! The drift actor: every `volumes.scan_interval`, runs the inventory's drift scan on an
+//! inventory thread, publishes the number of missing volumes, and tells its [`Outlet`]
+//! (a reconcile pass, as `daemon.rs` connects it) when the missing set changed, so the
+//! report and the plan follow at once. The scan at
 //! start runs inside `Inventory::open`; this actor runs the ones after it.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -11,38 +12,38 @@ use actix::prelude::*;
 use tracing::{debug, warn};
 
 use super::DriftScan;
-use crate::inventory::Inventory;
+use crate::inventory::actor::InventoryHandle;
 use crate::metrics::Metrics;
-use crate::reconciler::messages::Reconcile;
+use crate::outlet::Outlet;
 
 /// The drift actor's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Idle,
-    /// A scan runs on a blocking thread; a tick meanwhile is skipped.
+    /// A scan runs on an inventory thread; a tick meanwhile is skipped.
     Scanning,
 }
 
 pub struct DriftActor {
-    inventory: Inventory,
+    inventory: InventoryHandle,
     interval: Duration,
     metrics: Arc<Metrics>,
-    reconcile: Recipient<Reconcile>,
+    changed: Outlet<()>,
     phase: Phase,
 }
 
 impl DriftActor {
     pub fn new(
-        inventory: Inventory,
+        inventory: InventoryHandle,
         interval: Duration,
         metrics: Arc<Metrics>,
-        reconcile: Recipient<Reconcile>,
+        changed: Outlet<()>,
     ) -> Self {
         DriftActor {
             inventory,
             interval,
             metrics,
-            reconcile,
+            changed,
             phase: Phase::Idle,
         }
     }
@@ -53,7 +54,7 @@ impl DriftActor {
         }
         self.phase = Phase::Scanning;
         let inventory = self.inventory.clone();
-        let work = async move { tokio::task::spawn_blocking(move || inventory.scan_drift()).await };
+        let work = async move { inventory.call(|inv| inv.scan_drift()).await };
         ctx.spawn(work.into_actor(self).map(|res, act, _| {
             act.phase = Phase::Idle;
             match res {
@@ -61,7 +62,7 @@ impl DriftActor {
                 Ok(Err(e)) => {
                     warn!(error = %e, "drift scan failed; the missing volumes stay as last found")
                 }
-                Err(e) => warn!(error = %e, "drift scan task failed"),
+                Err(e) => debug!(error = %e, "drift scan skipped"),
             }
         }));
     }
@@ -76,7 +77,7 @@ impl DriftActor {
             .missing_volumes
             .store(scan.missing.len() as u64, Relaxed);
         if scan.changed() {
-            self.reconcile.do_send(Reconcile);
+            self.changed.send(());
         }
     }
 }
