@@ -11,6 +11,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "credentials",
         include_str!("../migrations/0002_credentials.sql"),
     ),
+    (
+        3,
+        "revision_without_join",
+        include_str!("../migrations/0003_revision_without_join.sql"),
+    ),
 ];
 
 /// The highest migration version this build knows.

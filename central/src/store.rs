@@ -342,8 +342,10 @@ pub async fn apply_report(db: &Db, worker: &str, report: &VolumeReport) -> Resul
 }
 
 /// [`apply_report`] on a report already reduced to [`ReportSets`]: a fixed number of
-/// statements, each joining the handle arrays (`unnest`) with the worker's rows, so the
-/// time is linear in the report's size whatever its shape.
+/// statements, each matching a handle array with the worker's rows (`= ANY`: hashed in a
+/// scan or probed in the handle index, never a nested loop over the array), so the time is linear in the report's size whatever its
+/// shape, and the present handles, most of a report, are matched in memory against the
+/// few rows they can change.
 pub async fn apply_report_sets(db: &Db, worker: &str, sets: &ReportSets) -> Result<ReportOutcome> {
     let mut attempt = 0;
     loop {
@@ -367,31 +369,65 @@ async fn try_apply_report(db: &Db, worker: &str, sets: &ReportSets) -> Result<Re
     require_worker(&tx, worker).await?;
     let mut out = ReportOutcome::default();
     if !sets.present.is_empty() {
-        out.confirmed = tx
-            .execute(
-                "UPDATE volumes v SET state = 'created'
-                   FROM unnest($2::text[]) AS r(handle)
-                  WHERE v.handle = r.handle AND v.worker_name = $1 AND v.state = 'creating'",
-                &[&worker, &sets.present],
+        // The rows a present handle can change are few (new creates to confirm, rows
+        // marked missing), and two partial indexes find them, so only those cross the
+        // wire again, not every handle the worker has. A row that turns `creating` after
+        // this read is confirmed by the next report.
+        let candidates = tx
+            .query(
+                "SELECT handle, state = 'creating', missing_since IS NOT NULL FROM volumes
+                  WHERE worker_name = $1 AND (state = 'creating' OR missing_since IS NOT NULL)",
+                &[&worker],
             )
             .await?;
-        out.cleared_missing = tx
-            .execute(
-                "UPDATE volumes v SET missing_since = NULL
-                   FROM unnest($2::text[]) AS r(handle)
-                  WHERE v.handle = r.handle AND v.worker_name = $1
-                    AND v.missing_since IS NOT NULL",
-                &[&worker, &sets.present],
-            )
-            .await?;
+        if !candidates.is_empty() {
+            let mut creating = HashSet::new();
+            let mut missing = HashSet::new();
+            for row in &candidates {
+                let handle: &str = row.get(0);
+                if row.get::<_, bool>(1) {
+                    creating.insert(handle);
+                }
+                if row.get::<_, bool>(2) {
+                    missing.insert(handle);
+                }
+            }
+            let (mut confirm, mut clear) = (Vec::new(), Vec::new());
+            for h in &sets.present {
+                if creating.contains(h.as_str()) {
+                    confirm.push(h.as_str());
+                }
+                if missing.contains(h.as_str()) {
+                    clear.push(h.as_str());
+                }
+            }
+            if !confirm.is_empty() {
+                out.confirmed = tx
+                    .execute(
+                        "UPDATE volumes SET state = 'created'
+                          WHERE worker_name = $1 AND handle = ANY($2) AND state = 'creating'",
+                        &[&worker, &confirm],
+                    )
+                    .await?;
+            }
+            if !clear.is_empty() {
+                out.cleared_missing = tx
+                    .execute(
+                        "UPDATE volumes SET missing_since = NULL
+                          WHERE worker_name = $1 AND handle = ANY($2)
+                            AND missing_since IS NOT NULL",
+                        &[&worker, &clear],
+                    )
+                    .await?;
+            }
+        }
     }
     if !sets.missing.is_empty() {
         out.marked_missing = tx
             .execute(
-                "UPDATE volumes v SET missing_since = now()
-                   FROM unnest($2::text[]) AS r(handle)
-                  WHERE v.handle = r.handle AND v.worker_name = $1 AND v.missing_since IS NULL
-                    AND v.state NOT IN ('creating', 'destroying')",
+                "UPDATE volumes SET missing_since = now()
+                  WHERE handle = ANY($2) AND worker_name = $1 AND missing_since IS NULL
+                    AND state NOT IN ('creating', 'destroying')",
                 &[&worker, &sets.missing],
             )
             .await?;
@@ -399,35 +435,29 @@ async fn try_apply_report(db: &Db, worker: &str, sets: &ReportSets) -> Result<Re
     if !sets.destroyed.is_empty() {
         // One statement, deepest rows included: a reported row is deleted when no row
         // below it is kept. Kept are the rows not reported, and every reported ancestor
-        // of one (found by walking up from each kept row's parent).
+        // of one (found by walking up from each kept row's parent). It answers how many
+        // reported rows it deleted and how many it kept (they still have children).
         let stmt = "WITH RECURSIVE
                  r AS MATERIALIZED (
                      SELECT v.id, v.parent_id FROM volumes v
-                       JOIN unnest($2::text[]) AS h(handle) ON v.handle = h.handle
-                      WHERE v.worker_name = $1),
+                      WHERE v.handle = ANY($2) AND v.worker_name = $1),
                  held (id) AS (
                      SELECT c.parent_id FROM r JOIN volumes c ON c.parent_id = r.id
                       WHERE NOT EXISTS (SELECT 1 FROM r AS o WHERE o.id = c.id)
                      UNION
                      SELECT r.parent_id FROM r JOIN held ON r.id = held.id
-                      WHERE r.parent_id IS NOT NULL)
-             DELETE FROM volumes v USING r
-              WHERE v.id = r.id AND NOT EXISTS (SELECT 1 FROM held WHERE held.id = r.id)";
-        out.deleted = tx
-            .execute(stmt, &[&worker, &sets.destroyed])
+                      WHERE r.parent_id IS NOT NULL),
+                 gone AS (
+                     DELETE FROM volumes v USING r
+                      WHERE v.id = r.id AND NOT EXISTS (SELECT 1 FROM held WHERE held.id = r.id)
+                     RETURNING 1)
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM r) - (SELECT count(*) FROM gone)";
+        let row = tx
+            .query_one(stmt, &[&worker, &sets.destroyed])
             .await
             .map_err(|err| restrict_to_conflict(err, "a reported volume got a new child"))?;
-        out.kept_with_children = tx
-            .query_one(
-                "SELECT count(*) FROM volumes v JOIN unnest($2::text[]) AS r(handle)
-                     ON v.handle = r.handle
-                  WHERE v.worker_name = $1",
-                &[&worker, &sets.destroyed],
-            )
-            .await?
-            .get::<_, i64>(0)
-            .try_into()
-            .unwrap_or(0);
+        out.deleted = row.get::<_, i64>(0).try_into().unwrap_or(0);
+        out.kept_with_children = row.get::<_, i64>(1).try_into().unwrap_or(0);
     }
     tx.commit()
         .await

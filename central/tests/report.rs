@@ -23,6 +23,7 @@ async fn report_confirms_creating_rows_as_created() {
     container(&db, "w1", "c").await;
     volume(&db, "w1", "a", None, Some("c")).await.expect("a");
     volume(&db, "w1", "b", None, Some("c")).await.expect("b");
+    let rev = revision(&db, "w1").await;
     let report = VolumeReport {
         volumes: vec![reported("a", VolumeState::Created)],
         ..Default::default()
@@ -33,6 +34,62 @@ async fn report_confirms_creating_rows_as_created() {
     assert_eq!(out.confirmed, 1);
     assert_eq!(state_of(&db, "a").await.as_deref(), Some("created"));
     assert_eq!(state_of(&db, "b").await.as_deref(), Some("creating"));
+    assert!(
+        revision(&db, "w1").await > rev,
+        "a confirmed create changes the desired set's revision"
+    );
+}
+
+/// The update trigger once joined its transition tables, which have no statistics; a
+/// nested-loop plan made a report confirming 100,000 creates run for minutes (the figure
+/// is the benchmark's, `cargo bench -p volume-central -- report`). Its rewrite (migration
+/// 3) must keep what the join did: the worker whose rows changed, and only it, gets a new
+/// revision, and an update that changes nothing bumps none.
+#[tokio::test]
+async fn confirming_thousands_of_creates_bumps_only_that_workers_revision() {
+    let (_c, db) = fresh_db().await;
+    register(&db, "w1", "1.0").await;
+    register(&db, "w2", "1.0").await;
+    container(&db, "w1", "c").await;
+    container(&db, "w2", "c2").await;
+    volume(&db, "w2", "other", None, Some("c2"))
+        .await
+        .expect("other");
+    const N: usize = 5_000;
+    db.client()
+        .await
+        .expect("client")
+        .batch_execute(&format!(
+            "INSERT INTO volumes (handle, worker_name, state, container_id)
+             SELECT 'v-' || i, 'w1', 'creating', (SELECT id FROM containers WHERE handle = 'c')
+               FROM generate_series(1, {N}) i"
+        ))
+        .await
+        .expect("seed");
+    let (rev1, rev2) = (revision(&db, "w1").await, revision(&db, "w2").await);
+    let report = VolumeReport {
+        volumes: (1..=N)
+            .map(|i| reported(&format!("v-{i}"), VolumeState::Created))
+            .collect(),
+        ..Default::default()
+    };
+    let out = store::apply_report(&db, "w1", &report)
+        .await
+        .expect("report");
+    assert_eq!(out.confirmed, N as u64);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM volumes WHERE state = 'created'").await,
+        N as i64
+    );
+    assert!(revision(&db, "w1").await > rev1, "w1's rows changed");
+    assert_eq!(revision(&db, "w2").await, rev2, "w2's rows did not change");
+    // The same report again changes nothing, so the revision stays.
+    let rev1 = revision(&db, "w1").await;
+    let out = store::apply_report(&db, "w1", &report)
+        .await
+        .expect("again");
+    assert_eq!(out.confirmed, 0);
+    assert_eq!(revision(&db, "w1").await, rev1);
 }
 
 #[tokio::test]
