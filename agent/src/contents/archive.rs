@@ -1,8 +1,9 @@
 //! Tar streams into and out of a volume, never touching anything outside it.
 //!
-//! Blocking functions. Every path is walked one component at a time from an open
-//! directory with `O_NOFOLLOW`, so a symlink (made by the stream itself or already in the
-//! volume) is never followed while writing or reading. Entries named absolutely or with
+//! Blocking functions, on [`crate::fsx`] (no file-system calls of their own). Every path
+//! is walked one component at a time from an open directory with `O_NOFOLLOW` (never onto
+//! another mount), so a symlink (made by the stream itself or already in the volume) is
+//! never followed while writing or reading. Entries named absolutely or with
 //! `..`, hard links to such names, and relative symlinks that climb out of the volume are
 //! refused. Absolute symlink targets are stored as they are: they name paths inside the
 //! container that mounts the volume, and are never followed here.
