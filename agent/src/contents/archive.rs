@@ -330,6 +330,9 @@ const COPY_BUF: usize = 256 * 1024;
 const HOLE_BLOCK: usize = 4096;
 /// Most symlinks followed while checking one relative symlink (the kernel's own limit).
 const MAX_LINK_HOPS: usize = 40;
+/// Most times an entry is made again after its name was taken between the clear and the
+/// make (see [`Extractor::replace`]).
+const MAKE_TRIES: usize = 8;
 
 /// Extracts the uncompressed tar `input` into the directory `dest` (components under the
 /// volume's data directory `root`, made when missing), as `opts` says.
@@ -547,8 +550,7 @@ impl Extractor<'_> {
                         if st.is_dir() {
                             false
                         } else {
-                            self.clear(parent, name, raw)?;
-                            parent.mkdir(name, 0o700).map_err(ferr)?;
+                            self.replace(parent, name, raw, || parent.mkdir(name, 0o700))?;
                             true
                         }
                     }
@@ -561,8 +563,7 @@ impl Extractor<'_> {
                 chown_mode(d.as_fd(), uid, gid, mode).map_err(err)?;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.clear(parent, name, raw)?;
-                let file = parent.create_file(name, 0o600).map_err(ferr)?;
+                let file = self.replace(parent, name, raw, || parent.create_file(name, 0o600))?;
                 self.made(full, false);
                 self.copy_data(entry, &file, raw)?;
                 chown_mode(file.as_fd(), uid, gid, mode).map_err(|e| self.io_err(raw, e))?;
@@ -582,10 +583,9 @@ impl Extractor<'_> {
                         .map_err(|why| unsafe_entry(raw, why))?;
                 }
                 no_nul(&target).map_err(err)?;
-                self.clear(parent, name, raw)?;
-                parent
-                    .symlink(name, OsStr::from_bytes(&target))
-                    .map_err(ferr)?;
+                self.replace(parent, name, raw, || {
+                    parent.symlink(name, OsStr::from_bytes(&target))
+                })?;
                 self.made(full, false);
                 parent.chown(name, uid, gid).map_err(ferr)?;
             }
@@ -635,10 +635,10 @@ impl Extractor<'_> {
                     // A link to itself: it is already there.
                     return Ok(());
                 }
-                self.clear(parent, name, raw)?;
                 // `linkat` without `AT_SYMLINK_FOLLOW`: a symlink is linked, never followed.
-                tdir.hard_link(tname.as_name(), parent, name)
-                    .map_err(ferr)?;
+                self.replace(parent, name, raw, || {
+                    tdir.hard_link(tname.as_name(), parent, name)
+                })?;
                 self.made(full, false);
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
@@ -655,10 +655,9 @@ impl Extractor<'_> {
                 let header = entry.header();
                 let major = header.device_major().ok().flatten().unwrap_or(0);
                 let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                self.clear(parent, name, raw)?;
-                parent
-                    .mknod(name, node, mode, rustix::fs::makedev(major, minor))
-                    .map_err(ferr)?;
+                self.replace(parent, name, raw, || {
+                    parent.mknod(name, node, mode, rustix::fs::makedev(major, minor))
+                })?;
                 self.made(full, false);
                 parent.chown(name, uid, gid).map_err(ferr)?;
                 // After the chown, which clears set-id bits.
@@ -668,6 +667,27 @@ impl Extractor<'_> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Makes room for the new entry `name` ([`Extractor::clear`]) and makes it with `make`.
+    /// When the name was taken again in between (`EEXIST`: another stream into the same
+    /// volume writing the same name at the same moment), clears and makes it again, at most
+    /// [`MAKE_TRIES`] times, so the last writer wins as it does without the race.
+    fn replace<T>(
+        &self,
+        dir: &Dir,
+        name: Name<'_>,
+        raw: &[u8],
+        mut make: impl FnMut() -> fsx::Result<T>,
+    ) -> Result<T, ArchiveError> {
+        let mut tries = 1;
+        loop {
+            self.clear(dir, name, raw)?;
+            match make() {
+                Err(e) if e.is(Errno::EXIST) && tries < MAKE_TRIES => tries += 1,
+                made => return made.map_err(|e| self.io_err(raw, src(e))),
+            }
+        }
     }
 
     /// Makes room for a new entry `name`: removes a non-directory or an empty directory
@@ -683,6 +703,8 @@ impl Extractor<'_> {
             dir.unlink(name)
         };
         match removed {
+            // Removed meanwhile (by another stream into the same volume): room is made.
+            Err(e) if e.is_not_found() => Ok(()),
             Ok(()) => Ok(()),
             Err(e) if e.is(Errno::NOTEMPTY) || e.is(Errno::EXIST) => {
                 Err(invalid_entry(

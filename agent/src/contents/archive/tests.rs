@@ -815,3 +815,33 @@ fn stream_out_racing_a_symlink_swapper_never_reads_outside() {
     let swaps = t.join().expect("swapper");
     println!("stream-out swapper race: {n} attempts, {swaps} swaps");
 }
+
+#[test]
+fn two_streams_writing_the_same_files_at_once_both_succeed() {
+    let (dir, fd) = sandbox();
+    let tar = tar_of(&[
+        E::File("f".into(), b"payload".to_vec()),
+        E::Dir("d".into()),
+        E::File("d/g".into(), b"payload".to_vec()),
+    ]);
+    let n = env_count("SWAPPER_ATTEMPTS", 200);
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..n {
+                        ex(&fd, &tar[..], IdMap::IDENTITY)?;
+                    }
+                    Ok::<(), ArchiveError>(())
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join()
+                .expect("thread")
+                .expect("a stream failed on the other's entries");
+        }
+    });
+    assert_eq!(fs::read(dir.path().join("vol/f")).expect("f"), b"payload");
+    assert_nothing_outside(dir.path());
+}
