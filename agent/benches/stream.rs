@@ -119,7 +119,7 @@ fn main() {
         fs::create_dir(&ours_dest).expect("dest");
         fs::create_dir(&tar_dest).expect("dest");
         let t_ours = time(|| {
-            let dest = archive::open_dir(&ours_dest).expect("dest");
+            let dest = volume_agent::fsx::Dir::open_root(&ours_dest).expect("dest");
             let input = BufReader::new(fs::File::open(&tar_out).expect("archive"));
             let opts = ExtractOptions::for_volume(true);
             archive::extract_compressed(&dest, &[], input, enc, &opts).expect("extract");

@@ -1,23 +1,25 @@
 //! Tar streams into and out of a volume, never touching anything outside it.
 //!
-//! Blocking functions. Every path is walked one component at a time from an open
-//! directory with `O_NOFOLLOW`, so a symlink (made by the stream itself or already in the
-//! volume) is never followed while writing or reading. Entries named absolutely or with
+//! Blocking functions, on [`crate::fsx`] (no file-system calls of their own). Every path
+//! is walked one component at a time from an open directory with `O_NOFOLLOW` (never onto
+//! another mount), so a symlink (made by the stream itself or already in the volume) is
+//! never followed while writing or reading. Entries named absolutely or with
 //! `..`, hard links to such names, and relative symlinks that climb out of the volume are
 //! refused. Absolute symlink targets are stored as they are: they name paths inside the
 //! container that mounts the volume, and are never followed here.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, CString};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use tar::{EntryType, Header};
 
 use crate::contents::IdMap;
+use crate::fsx::{self, Dir, Errno, FsxError, Kind, Meta, Name, NameBuf, Timestamp};
 
 /// How a tar stream is compressed (`Content-Encoding` / `Accept-Encoding`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,62 +172,28 @@ fn invalid_entry(name: &[u8], why: impl Into<String>) -> ArchiveError {
     }
 }
 
-fn cstr(s: &[u8]) -> io::Result<CString> {
-    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a name"))
+/// The I/O error an [`FsxError`] carries: the entry's name comes from the tar, not from
+/// the walk, so only the system's reason is kept.
+fn src(e: FsxError) -> io::Error {
+    e.source
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
+/// One path component as an entry name; `components` has already refused every component
+/// that is not one (`..`, NUL), so this fails only on a caller's own mistake.
+fn name_of(c: &[u8]) -> io::Result<NameBuf> {
+    NameBuf::new(c)
+}
+
+/// Refuses a NUL byte in a symlink target (what a C string cannot hold).
+fn no_nul(s: &[u8]) -> io::Result<()> {
+    if s.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "NUL byte in a name",
+        ));
     }
+    Ok(())
 }
-
-fn open_at(dir: RawFd, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated; the returned fd is owned by us alone.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir,
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-            libc::c_uint::from(mode),
-        )
-    })?;
-    // SAFETY: `fd` was just opened and is not owned elsewhere.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn open_dir_at(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
-    open_at(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
-}
-
-/// Opens the directory `path` (the volume's data dir, ours to trust).
-pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = cstr(path.as_os_str().as_bytes())?;
-    // SAFETY: `c` is NUL-terminated; the fd is owned by us alone.
-    let fd = cvt(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: just opened.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn lstat_at(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
-    // SAFETY: zeroed `stat` is a valid out-parameter.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd, NUL-terminated name, valid out pointer.
-    cvt(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
-    Ok(st)
-}
-
-fn is_dir(st: &libc::stat) -> bool {
-    st.st_mode & libc::S_IFMT == libc::S_IFDIR
-}
-
 /// Longest name of one path component on Linux file systems.
 const NAME_MAX: usize = 255;
 const TOO_LONG: &str =
@@ -250,43 +218,40 @@ pub fn components(raw: &[u8], allow_absolute: bool) -> Result<Vec<&[u8]>, &'stat
     Ok(out)
 }
 
-/// Walks `comps` from `root` without following symlinks; creates missing directories when
-/// `create` is set, calling `made(i)` when component `i` was made. A component that is a
-/// symlink or not a directory is refused.
+/// Walks `comps` from `root` without following symlinks (each directory opened with
+/// `O_NOFOLLOW` relative to its parent, never on another mount); creates missing
+/// directories when `create` is set, calling `made(i)` when component `i` was made. A
+/// component that is a symlink or not a directory is refused.
 fn walk(
-    root: RawFd,
+    root: &Dir,
     comps: &[&[u8]],
     create: bool,
     ids: IdMap,
     mut made: impl FnMut(usize),
-) -> io::Result<OwnedFd> {
-    // SAFETY: dup of a valid fd gives an fd we own.
-    let mut cur =
-        unsafe { OwnedFd::from_raw_fd(cvt(libc::fcntl(root, libc::F_DUPFD_CLOEXEC, 0))?) };
+) -> io::Result<Dir> {
+    let mut cur = root.try_clone().map_err(src)?;
     for (i, c) in comps.iter().enumerate() {
-        let name = cstr(c)?;
-        let next = match open_dir_at(cur.as_raw_fd(), &name) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
-                // SAFETY: valid fd and NUL-terminated name.
-                let fresh =
-                    match cvt(unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) }) {
-                        Ok(_) => true,
-                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => false,
-                        Err(e) => return Err(e),
-                    };
-                let fd = open_dir_at(cur.as_raw_fd(), &name)?;
+        let name = name_of(c)?;
+        let name = name.as_name();
+        let next = match cur.open_dir(name) {
+            Err(e) if e.is_not_found() && create => {
+                let fresh = match cur.mkdir(name, 0o755) {
+                    Ok(()) => true,
+                    Err(e) if e.is(Errno::EXIST) => false,
+                    Err(e) => return Err(src(e)),
+                };
+                let dir = cur.open_dir(name).map_err(src)?;
                 if fresh {
                     made(i);
                     // A folder made here belongs to the volume's root, as the volume's own
                     // root does (mapped in an unprivileged volume).
                     if let Some((uid, gid)) = ids.mapped_root() {
-                        // SAFETY: valid fd.
-                        cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })?;
+                        dir.chown_self(uid, gid).map_err(src)?;
                     }
                 }
-                fd
+                dir
             }
-            other => other?,
+            other => other.map_err(src)?,
         };
         cur = next;
     }
@@ -294,54 +259,38 @@ fn walk(
 }
 
 fn is_escape(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR))
-}
-
-fn chown_at(dir: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: valid fd and NUL-terminated name.
-    cvt(unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
-        .map(drop)
+    let errno = e.raw_os_error();
+    errno == Some(Errno::LOOP.raw_os_error()) || errno == Some(Errno::NOTDIR.raw_os_error())
 }
 
 /// Sets the exact mode of the special file (device node or fifo) `name` in `dir`, never
 /// following a symlink: `mknodat` applies the process umask (0022 under systemd), so a
-/// `crw-rw-rw-` /dev/null in an image would land as `crw-r--r--`. `fchmodat` cannot refuse
-/// symlinks on every libc, and `fchmod` refuses `O_PATH` descriptors, so the node is pinned
-/// with an `O_PATH | O_NOFOLLOW` descriptor, checked, and changed through /proc/self/fd.
-fn chmod_special_at(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
-    let fd = open_at(dir, name, libc::O_PATH, 0)?;
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: valid fd; `st` is written by fstat before it is read.
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: fstat succeeded, so `st` is initialized.
-    let kind = unsafe { st.assume_init() }.st_mode & libc::S_IFMT;
-    if !matches!(kind, libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO) {
+/// `crw-rw-rw-` /dev/null in an image would land as `crw-r--r--`. The node is pinned with
+/// an `O_PATH | O_NOFOLLOW` handle ([`Dir::open_node`]), checked, and changed through it.
+fn chmod_special(dir: &Dir, name: Name<'_>, mode: u32) -> io::Result<()> {
+    let node = dir.open_node(name).map_err(src)?;
+    let kind = node.meta().kind;
+    if !(kind.is_device() || kind == Kind::Fifo) {
         // Replaced (by a symlink, say) since it was made: leave it alone.
-        return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        return Err(Errno::LOOP.into());
     }
-    let path = cstr(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
-    // SAFETY: NUL-terminated path.
-    cvt(unsafe { libc::chmod(path.as_ptr(), (mode & 0o7777) as libc::mode_t) }).map(drop)
+    node.chmod(mode).map_err(src)
 }
 
-fn fchown_mode(fd: RawFd, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
-    // SAFETY: valid fd.
-    cvt(unsafe { libc::fchown(fd, uid, gid) })?;
-    // chown clears set-id bits; put the exact mode back.
-    // SAFETY: valid fd.
-    cvt(unsafe { libc::fchmod(fd, (mode & 0o7777) as libc::mode_t) }).map(drop)
+/// Sets the owner, then the exact mode (the `chown` cleared the set-id bits), of an open
+/// file or directory.
+fn chown_mode(fd: BorrowedFd<'_>, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    fsx::chown_fd(fd, uid, gid)?;
+    fsx::chmod_fd(fd, mode)
 }
 
-fn set_mtime(fd: RawFd, mtime: u64) -> io::Result<()> {
-    let t = libc::timespec {
-        tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX) as libc::time_t,
-        tv_nsec: 0,
+fn set_mtime(fd: BorrowedFd<'_>, mtime: u64) -> io::Result<()> {
+    let t = Timestamp {
+        secs: i64::try_from(mtime).unwrap_or(i64::MAX),
+        nanos: 0,
     };
-    let times = [t, t];
-    // SAFETY: valid fd, a two-element array.
-    cvt(unsafe { libc::futimens(fd, times.as_ptr()) }).map(drop)
+    fsx::set_times_fd(fd, t, t)
 }
-
 /// What an extraction wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Extracted {
@@ -381,6 +330,9 @@ const COPY_BUF: usize = 256 * 1024;
 const HOLE_BLOCK: usize = 4096;
 /// Most symlinks followed while checking one relative symlink (the kernel's own limit).
 const MAX_LINK_HOPS: usize = 40;
+/// Most times an entry is made again after its name was taken between the clear and the
+/// make (see [`Extractor::replace`]).
+const MAKE_TRIES: usize = 8;
 
 /// Extracts the uncompressed tar `input` into the directory `dest` (components under the
 /// volume's data directory `root`, made when missing), as `opts` says.
@@ -388,13 +340,13 @@ const MAX_LINK_HOPS: usize = 40;
 /// On any failure, everything the extraction made is removed again (entries it replaced
 /// are gone: a stream that overwrites files and then fails leaves those files removed).
 pub fn extract(
-    root: &OwnedFd,
+    root: &Dir,
     dest: &[&[u8]],
     input: impl Read,
     opts: &ExtractOptions,
 ) -> Result<Extracted, ArchiveError> {
     let mut x = Extractor {
-        root: root.as_raw_fd(),
+        root,
         dest: dest.iter().map(|c| c.to_vec()).collect(),
         opts: *opts,
         made_dirs: HashSet::new(),
@@ -411,7 +363,7 @@ pub fn extract(
 
 /// Decompresses `input` and extracts it (see [`extract`]).
 pub fn extract_compressed(
-    root: &OwnedFd,
+    root: &Dir,
     dest: &[&[u8]],
     input: impl Read,
     encoding: Encoding,
@@ -427,8 +379,8 @@ pub fn extract_compressed(
     }
 }
 
-struct Extractor {
-    root: RawFd,
+struct Extractor<'a> {
+    root: &'a Dir,
     dest: Vec<Vec<u8>>,
     opts: ExtractOptions,
     /// Directories this extraction made (paths from the root, `/`-joined).
@@ -443,7 +395,7 @@ fn join(comps: &[&[u8]]) -> Vec<u8> {
     comps.join(&b'/')
 }
 
-impl Extractor {
+impl Extractor<'_> {
     /// Notes that the entry at `path` (components from the root) was made by this stream.
     fn made(&mut self, path: &[&[u8]], dir: bool) {
         let Some((_, parent)) = path.split_last() else {
@@ -462,7 +414,7 @@ impl Extractor {
         let dest_owned = self.dest.clone();
         let dest: Vec<&[u8]> = dest_owned.iter().map(Vec::as_slice).collect();
         let mut fresh = Vec::new();
-        let dest_fd =
+        let dest_dir =
             walk(self.root, &dest, true, self.opts.ids, |i| fresh.push(i)).map_err(|source| {
                 if is_escape(&source) {
                     ArchiveError::BadPath(String::from_utf8_lossy(&join(&dest)).into_owned())
@@ -478,7 +430,7 @@ impl Extractor {
         }
         let mut archive = tar::Archive::new(input);
         // The parent directory of the previous entry, reused while entries share it.
-        let mut cached: Option<(Vec<u8>, OwnedFd)> = None;
+        let mut cached: Option<(Vec<u8>, Dir)> = None;
         for entry in archive.entries().map_err(read_failed)? {
             let mut entry = entry.map_err(read_failed)?;
             self.done.entries += 1;
@@ -503,29 +455,27 @@ impl Extractor {
                 // The destination itself (`./`): take its mode and owner.
                 if entry.header().entry_type() == EntryType::Directory {
                     let (uid, gid, mode) = self.owner_mode(&entry, &raw)?;
-                    fchown_mode(dest_fd.as_raw_fd(), uid, gid, mode)
+                    chown_mode(dest_dir.as_fd(), uid, gid, mode)
                         .map_err(|e| self.io_err(&raw, e))?;
                 }
                 continue;
             };
             let parent_key = join(parents);
             let parent = match cached.take() {
-                Some((k, fd)) if k == parent_key => fd,
+                Some((k, dir)) if k == parent_key => dir,
                 _ => {
                     let mut fresh = Vec::new();
-                    let fd = walk(dest_fd.as_raw_fd(), parents, true, self.opts.ids, |i| {
-                        fresh.push(i)
-                    })
-                    .map_err(|e| self.io_err(&raw, e))?;
+                    let dir = walk(&dest_dir, parents, true, self.opts.ids, |i| fresh.push(i))
+                        .map_err(|e| self.io_err(&raw, e))?;
                     for i in fresh {
                         let path: Vec<&[u8]> = dest.iter().chain(&parents[..=i]).copied().collect();
                         self.made(&path, true);
                     }
-                    fd
+                    dir
                 }
             };
             let full: Vec<&[u8]> = dest.iter().chain(comps.iter()).copied().collect();
-            self.entry(&mut entry, &raw, &dest_fd, &parent, last, &full)?;
+            self.entry(&mut entry, &raw, &dest_dir, &parent, last, &full)?;
             cached = Some((parent_key, parent));
         }
         Ok(self.done)
@@ -557,11 +507,11 @@ impl Extractor {
 
 /// A failed system call on entry `raw`: the caller's mistakes are 400s naming it.
 fn entry_io(raw: &[u8], source: io::Error) -> ArchiveError {
-    match source.raw_os_error() {
-        Some(libc::ELOOP) | Some(libc::ENOTDIR) => {
+    match source.raw_os_error().map(Errno::from_raw_os_error) {
+        Some(Errno::LOOP) | Some(Errno::NOTDIR) => {
             unsafe_entry(raw, "goes through a symlink or a non-directory")
         }
-        Some(libc::ENAMETOOLONG) => {
+        Some(Errno::NAMETOOLONG) => {
             invalid_entry(raw, "has a name too long for the file system; shorten it")
         }
         None if source.kind() == io::ErrorKind::InvalidInput => {
@@ -574,62 +524,51 @@ fn entry_io(raw: &[u8], source: io::Error) -> ArchiveError {
     }
 }
 
-impl Extractor {
+impl Extractor<'_> {
     /// Writes one entry named `last` into `parent`; `full` is its path from the root.
     fn entry<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
         raw: &[u8],
-        dest: &OwnedFd,
-        parent: &OwnedFd,
+        dest: &Dir,
+        parent: &Dir,
         last: &[u8],
         full: &[&[u8]],
     ) -> Result<(), ArchiveError> {
         let kind = entry.header().entry_type();
         let (uid, gid, mode) = self.owner_mode(entry, raw)?;
-        let pfd = parent.as_raw_fd();
-        let name = cstr(last).map_err(|e| self.io_err(raw, e))?;
+        let name = name_of(last).map_err(|e| self.io_err(raw, e))?;
+        let name = name.as_name();
         let err = |e: io::Error| entry_io(raw, e);
+        let ferr = |e: FsxError| entry_io(raw, src(e));
         match kind {
             EntryType::Directory => {
-                // SAFETY: valid fd and NUL-terminated name.
-                let fresh = match cvt(unsafe { libc::mkdirat(pfd, name.as_ptr(), 0o700) }) {
-                    Ok(_) => true,
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        let st = lstat_at(pfd, &name).map_err(err)?;
-                        if is_dir(&st) {
+                let fresh = match parent.mkdir(name, 0o700) {
+                    Ok(()) => true,
+                    Err(e) if e.is(Errno::EXIST) => {
+                        let st = parent.stat(name).map_err(ferr)?;
+                        if st.is_dir() {
                             false
                         } else {
-                            self.clear(pfd, &name, raw)?;
-                            // SAFETY: as above.
-                            cvt(unsafe { libc::mkdirat(pfd, name.as_ptr(), 0o700) })
-                                .map_err(err)?;
+                            self.replace(parent, name, raw, || parent.mkdir(name, 0o700))?;
                             true
                         }
                     }
-                    Err(e) => return Err(err(e)),
+                    Err(e) => return Err(ferr(e)),
                 };
                 if fresh {
                     self.made(full, true);
                 }
-                let d = open_dir_at(pfd, &name).map_err(err)?;
-                fchown_mode(d.as_raw_fd(), uid, gid, mode).map_err(err)?;
+                let d = parent.open_dir(name).map_err(ferr)?;
+                chown_mode(d.as_fd(), uid, gid, mode).map_err(err)?;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.clear(pfd, &name, raw)?;
-                let fd = open_at(
-                    pfd,
-                    &name,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                    0o600,
-                )
-                .map_err(err)?;
+                let file = self.replace(parent, name, raw, || parent.create_file(name, 0o600))?;
                 self.made(full, false);
-                let file = File::from(fd);
                 self.copy_data(entry, &file, raw)?;
-                fchown_mode(file.as_raw_fd(), uid, gid, mode).map_err(|e| self.io_err(raw, e))?;
+                chown_mode(file.as_fd(), uid, gid, mode).map_err(|e| self.io_err(raw, e))?;
                 if let Ok(m) = entry.header().mtime() {
-                    set_mtime(file.as_raw_fd(), m).map_err(|e| self.io_err(raw, e))?;
+                    set_mtime(file.as_fd(), m).map_err(|e| self.io_err(raw, e))?;
                 }
             }
             EntryType::Symlink => {
@@ -643,12 +582,12 @@ impl Extractor {
                     self.check_symlink(link_dir, &target)
                         .map_err(|why| unsafe_entry(raw, why))?;
                 }
-                let t = cstr(&target).map_err(err)?;
-                self.clear(pfd, &name, raw)?;
-                // SAFETY: NUL-terminated strings and a valid fd.
-                cvt(unsafe { libc::symlinkat(t.as_ptr(), pfd, name.as_ptr()) }).map_err(err)?;
+                no_nul(&target).map_err(err)?;
+                self.replace(parent, name, raw, || {
+                    parent.symlink(name, OsStr::from_bytes(&target))
+                })?;
                 self.made(full, false);
-                chown_at(pfd, &name, uid, gid).map_err(err)?;
+                parent.chown(name, uid, gid).map_err(ferr)?;
             }
             EntryType::Link => {
                 let target = entry
@@ -670,23 +609,24 @@ impl Extractor {
                         format!("is a hard link to {shown:?}, which is neither earlier in the tar nor in the volume; list the target before its links"),
                     )
                 };
-                let tdir = match walk(dest.as_raw_fd(), tparents, false, self.opts.ids, |_| {}) {
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(missing()),
+                let tdir = match walk(dest, tparents, false, self.opts.ids, |_| {}) {
+                    Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => {
+                        return Err(missing())
+                    }
                     other => other.map_err(err)?,
                 };
-                let tname = cstr(tlast).map_err(err)?;
-                let st = match lstat_at(tdir.as_raw_fd(), &tname) {
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(missing()),
-                    other => other.map_err(err)?,
+                let tname = name_of(tlast).map_err(err)?;
+                let st = match tdir.stat(tname.as_name()) {
+                    Err(e) if e.is_not_found() => return Err(missing()),
+                    other => other.map_err(ferr)?,
                 };
-                let fmt = st.st_mode & libc::S_IFMT;
-                if fmt == libc::S_IFDIR {
+                if st.is_dir() {
                     return Err(invalid_entry(
                         raw,
                         format!("is a hard link to the directory {shown:?}; hard links to directories are not possible"),
                     ));
                 }
-                if !self.opts.devices && matches!(fmt, libc::S_IFCHR | libc::S_IFBLK) {
+                if !self.opts.devices && st.kind.is_device() {
                     return Err(ArchiveError::Device {
                         name: String::from_utf8_lossy(raw).into_owned(),
                     });
@@ -695,14 +635,11 @@ impl Extractor {
                     // A link to itself: it is already there.
                     return Ok(());
                 }
-                self.clear(pfd, &name, raw)?;
-                // SAFETY: valid fds and NUL-terminated names; no AT_SYMLINK_FOLLOW.
-                match cvt(unsafe {
-                    libc::linkat(tdir.as_raw_fd(), tname.as_ptr(), pfd, name.as_ptr(), 0)
-                }) {
-                    Ok(_) => self.made(full, false),
-                    Err(e) => return Err(err(e)),
-                }
+                // `linkat` without `AT_SYMLINK_FOLLOW`: a symlink is linked, never followed.
+                self.replace(parent, name, raw, || {
+                    tdir.hard_link(tname.as_name(), parent, name)
+                })?;
+                self.made(full, false);
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 if kind != EntryType::Fifo && !self.opts.devices {
@@ -710,29 +647,21 @@ impl Extractor {
                         name: String::from_utf8_lossy(raw).into_owned(),
                     });
                 }
-                let ft = match kind {
-                    EntryType::Char => libc::S_IFCHR,
-                    EntryType::Block => libc::S_IFBLK,
-                    _ => libc::S_IFIFO,
+                let node = match kind {
+                    EntryType::Char => Kind::CharDevice,
+                    EntryType::Block => Kind::BlockDevice,
+                    _ => Kind::Fifo,
                 };
                 let header = entry.header();
                 let major = header.device_major().ok().flatten().unwrap_or(0);
                 let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                self.clear(pfd, &name, raw)?;
-                // SAFETY: valid fd and NUL-terminated name.
-                cvt(unsafe {
-                    libc::mknodat(
-                        pfd,
-                        name.as_ptr(),
-                        ft | (mode & 0o7777) as libc::mode_t,
-                        libc::makedev(major, minor),
-                    )
-                })
-                .map_err(err)?;
+                self.replace(parent, name, raw, || {
+                    parent.mknod(name, node, mode, rustix::fs::makedev(major, minor))
+                })?;
                 self.made(full, false);
-                chown_at(pfd, &name, uid, gid).map_err(err)?;
+                parent.chown(name, uid, gid).map_err(ferr)?;
                 // After the chown, which clears set-id bits.
-                chmod_special_at(pfd, &name, mode).map_err(err)?;
+                chmod_special(parent, name, mode).map_err(err)?;
             }
             // Metadata entries the reader already applied, and types we do not store.
             _ => {}
@@ -740,24 +669,50 @@ impl Extractor {
         Ok(())
     }
 
+    /// Makes room for the new entry `name` ([`Extractor::clear`]) and makes it with `make`.
+    /// When the name was taken again in between (`EEXIST`: another stream into the same
+    /// volume writing the same name at the same moment), clears and makes it again, at most
+    /// [`MAKE_TRIES`] times, so the last writer wins as it does without the race.
+    fn replace<T>(
+        &self,
+        dir: &Dir,
+        name: Name<'_>,
+        raw: &[u8],
+        mut make: impl FnMut() -> fsx::Result<T>,
+    ) -> Result<T, ArchiveError> {
+        let mut tries = 1;
+        loop {
+            self.clear(dir, name, raw)?;
+            match make() {
+                Err(e) if e.is(Errno::EXIST) && tries < MAKE_TRIES => tries += 1,
+                made => return made.map_err(|e| self.io_err(raw, src(e))),
+            }
+        }
+    }
+
     /// Makes room for a new entry `name`: removes a non-directory or an empty directory
     /// (a symlink is removed, never followed); a non-empty directory is the caller's mistake.
-    fn clear(&self, dir: RawFd, name: &CStr, raw: &[u8]) -> Result<(), ArchiveError> {
-        let st = match lstat_at(dir, name) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            other => other.map_err(|e| self.io_err(raw, e))?,
+    fn clear(&self, dir: &Dir, name: Name<'_>, raw: &[u8]) -> Result<(), ArchiveError> {
+        let st = match dir.stat(name) {
+            Err(e) if e.is_not_found() => return Ok(()),
+            other => other.map_err(|e| self.io_err(raw, src(e)))?,
         };
-        let flags = if is_dir(&st) { libc::AT_REMOVEDIR } else { 0 };
-        // SAFETY: valid fd and NUL-terminated name.
-        match cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }) {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
+        let removed = if st.is_dir() {
+            dir.rmdir(name)
+        } else {
+            dir.unlink(name)
+        };
+        match removed {
+            // Removed meanwhile (by another stream into the same volume): room is made.
+            Err(e) if e.is_not_found() => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if e.is(Errno::NOTEMPTY) || e.is(Errno::EXIST) => {
                 Err(invalid_entry(
                     raw,
                     "is not a directory, but the volume has a non-empty directory of that name; remove the directory first or rename the entry",
                 ))
             }
-            Err(e) => Err(self.io_err(raw, e)),
+            Err(e) => Err(self.io_err(raw, src(e))),
         }
     }
 
@@ -865,24 +820,19 @@ impl Extractor {
             })
         }
         struct Frame {
-            fd: OwnedFd,
+            dir: Dir,
             via_link: bool,
         }
-        let dup = |fd: RawFd| -> Result<OwnedFd, &'static str> {
-            // SAFETY: dup of a valid fd gives an fd we own.
-            let n = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) }).map_err(|_| GONE)?;
-            // SAFETY: just made.
-            Ok(unsafe { OwnedFd::from_raw_fd(n) })
-        };
         let mut frames = vec![Frame {
-            fd: dup(self.root)?,
+            dir: self.root.try_clone().map_err(|_| GONE)?,
             via_link: false,
         }];
         for c in link_dir {
-            let top = frames.last().map(|f| f.fd.as_raw_fd()).ok_or(GONE)?;
-            let fd = open_dir_at(top, &cstr(c).map_err(|_| GONE)?).map_err(|_| GONE)?;
+            let top = &frames.last().ok_or(GONE)?.dir;
+            let name = name_of(c).map_err(|_| GONE)?;
+            let dir = top.open_dir(name.as_name()).map_err(|_| GONE)?;
             frames.push(Frame {
-                fd,
+                dir,
                 via_link: false,
             });
         }
@@ -897,30 +847,33 @@ impl Extractor {
                         virtual_depth += 1;
                         continue;
                     }
-                    let top = frames.last().map(|f| f.fd.as_raw_fd()).ok_or(GONE)?;
-                    let name = cstr(&n).map_err(|_| "is a symlink whose target has a NUL byte")?;
-                    let st = match lstat_at(top, &name) {
+                    let top = &frames.last().ok_or(GONE)?.dir;
+                    // Only a NUL byte can make a name of `items` invalid.
+                    let name =
+                        name_of(&n).map_err(|_| "is a symlink whose target has a NUL byte")?;
+                    let name = name.as_name();
+                    let st = match top.stat(name) {
                         Ok(st) => st,
-                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        Err(e) if e.is_not_found() => {
                             virtual_depth = 1;
                             continue;
                         }
                         Err(_) => return Err("is a symlink whose target cannot be checked"),
                     };
-                    match st.st_mode & libc::S_IFMT {
-                        libc::S_IFDIR => {
-                            let fd = open_dir_at(top, &name).map_err(|_| GONE)?;
+                    match st.kind {
+                        Kind::Dir => {
+                            let dir = top.open_dir(name).map_err(|_| GONE)?;
                             frames.push(Frame {
-                                fd,
+                                dir,
                                 via_link: false,
                             });
                         }
-                        libc::S_IFLNK => {
+                        Kind::Symlink => {
                             hops += 1;
                             if hops > MAX_LINK_HOPS {
                                 return Err("is a symlink through more than 40 symlinks");
                             }
-                            let link = readlink_at(top, &name).map_err(|_| GONE)?;
+                            let link = top.readlink(name).map_err(|_| GONE)?.into_vec();
                             if link.first() == Some(&b'/') {
                                 // An absolute target names a path of the container; it is
                                 // never followed here, and neither is what comes after it.
@@ -985,87 +938,48 @@ fn is_zero(block: &[u8]) -> bool {
     pre.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && post.iter().all(|b| *b == 0)
 }
 
-fn readlink_at(dir: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: valid fd, NUL-terminated name, buffer of the given length.
-    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
-}
-
-/// Names in the open directory `fd` (without `.` and `..`).
-fn names_in(fd: RawFd) -> io::Result<Vec<Vec<u8>>> {
-    let listing = Path::new("/proc/self/fd").join(fd.to_string());
-    std::fs::read_dir(&listing)?
-        .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
-        .collect()
-}
-
-fn dev_of(fd: RawFd) -> io::Result<libc::dev_t> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: valid fd; `st` is written by fstat before it is read.
-    cvt(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
-    // SAFETY: fstat succeeded.
-    Ok(unsafe { st.assume_init() }.st_dev)
-}
-
 /// Removes `name` in `dir` and everything below it, relative to open directories, never
-/// following a symlink or crossing into another file system; iterative (no recursion).
-fn remove_all_at(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
-    let cname = cstr(name)?;
-    let st = match lstat_at(dir.as_raw_fd(), &cname) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-        other => other?,
+/// following a symlink or crossing into another file system ([`Dir::open_dir`] refuses a
+/// mount); iterative (no recursion).
+fn remove_all_at(dir: &Dir, name: &[u8]) -> io::Result<()> {
+    let name = name_of(name)?;
+    let st = match dir.stat(name.as_name()) {
+        Err(e) if e.is_not_found() => return Ok(()),
+        other => other.map_err(src)?,
     };
-    if !is_dir(&st) {
-        // SAFETY: valid fd and NUL-terminated name.
-        return cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), cname.as_ptr(), 0) }).map(drop);
+    if !st.is_dir() {
+        return dir.unlink(name.as_name()).map_err(src);
     }
-    let dev = dev_of(dir.as_raw_fd())?;
     // Each frame: an open directory and its name in the frame below (the first: in `dir`).
-    let mut stack: Vec<(OwnedFd, CString)> = vec![(open_dir_at(dir.as_raw_fd(), &cname)?, cname)];
-    while let Some(fd) = stack.last().map(|(fd, _)| fd.as_raw_fd()) {
-        if dev_of(fd)? != dev {
-            return Err(io::Error::other(
-                "another file system is mounted inside; unmount it first",
-            ));
-        }
-        let mut descended = false;
-        for n in names_in(fd)? {
-            let c = cstr(&n)?;
-            let st = match lstat_at(fd, &c) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                other => other?,
+    let mut stack: Vec<(Dir, NameBuf)> = vec![(dir.open_dir(name.as_name()).map_err(src)?, name)];
+    while let Some((top, _)) = stack.last() {
+        let mut descend = None;
+        for entry in top.entries().map_err(src)? {
+            let n = entry.name.as_name();
+            let st = match top.stat(n) {
+                Err(e) if e.is_not_found() => continue,
+                other => other.map_err(src)?,
             };
-            if is_dir(&st) {
-                let sub = open_dir_at(fd, &c)?;
-                stack.push((sub, c));
-                descended = true;
+            if st.is_dir() {
+                descend = Some((top.open_dir(n).map_err(src)?, entry.name.clone()));
                 break;
             }
-            // SAFETY: valid fd and NUL-terminated name.
-            match cvt(unsafe { libc::unlinkat(fd, c.as_ptr(), 0) }) {
-                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+            match top.unlink(n) {
+                Err(e) if !e.is_not_found() => return Err(src(e)),
                 _ => {}
             }
         }
-        if descended {
+        if let Some(frame) = descend {
+            stack.push(frame);
             continue;
         }
         let Some((done, done_name)) = stack.pop() else {
             break;
         };
         drop(done);
-        let parent = stack
-            .last()
-            .map(|(fd, _)| fd.as_raw_fd())
-            .unwrap_or(dir.as_raw_fd());
-        // SAFETY: valid fd and NUL-terminated name.
-        match cvt(unsafe { libc::unlinkat(parent, done_name.as_ptr(), libc::AT_REMOVEDIR) }) {
-            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+        let parent = stack.last().map(|(d, _)| d).unwrap_or(dir);
+        match parent.rmdir(done_name.as_name()) {
+            Err(e) if !e.is_not_found() => return Err(src(e)),
             _ => {}
         }
     }
@@ -1075,9 +989,9 @@ fn remove_all_at(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
 /// What `path` names inside a volume, opened for streaming out.
 pub enum Source {
     /// A directory: streamed as `./...` entries.
-    Dir(OwnedFd),
+    Dir(Dir),
     /// Anything else: one entry named by its base name, read from `parent`.
-    Single { parent: OwnedFd, name: Vec<u8> },
+    Single { parent: Dir, name: NameBuf },
 }
 
 /// Opens `path` (relative to the volume's data dir `root`) for streaming out, never
@@ -1085,31 +999,28 @@ pub enum Source {
 pub fn open_source(root: &Path, path: &str) -> Result<Source, ArchiveError> {
     let comps =
         components(path.as_bytes(), true).map_err(|_| ArchiveError::BadPath(path.to_owned()))?;
-    let io_err = |source: io::Error| match source.raw_os_error() {
-        Some(libc::ENOENT) => ArchiveError::NotFound,
-        Some(libc::ELOOP) | Some(libc::ENOTDIR) => ArchiveError::BadPath(path.to_owned()),
+    let io_err = |source: io::Error| match source.raw_os_error().map(Errno::from_raw_os_error) {
+        Some(Errno::NOENT) => ArchiveError::NotFound,
+        Some(Errno::LOOP) | Some(Errno::NOTDIR) => ArchiveError::BadPath(path.to_owned()),
         _ => ArchiveError::Io {
             path: root.join(path),
             source,
         },
     };
-    let rootfd = open_dir(root).map_err(io_err)?;
+    let fsx_err = |e: FsxError| io_err(src(e));
+    let root_dir = Dir::open_root(root).map_err(fsx_err)?;
     let Some((last, parents)) = comps.split_last() else {
-        return Ok(Source::Dir(rootfd));
+        return Ok(Source::Dir(root_dir));
     };
-    let parent =
-        walk(rootfd.as_raw_fd(), parents, false, IdMap::IDENTITY, |_| {}).map_err(io_err)?;
-    let name = cstr(last).map_err(io_err)?;
-    let st = lstat_at(parent.as_raw_fd(), &name).map_err(io_err)?;
-    if is_dir(&st) {
+    let parent = walk(&root_dir, parents, false, IdMap::IDENTITY, |_| {}).map_err(io_err)?;
+    let name = name_of(last).map_err(io_err)?;
+    let st = parent.stat(name.as_name()).map_err(fsx_err)?;
+    if st.is_dir() {
         return Ok(Source::Dir(
-            open_dir_at(parent.as_raw_fd(), &name).map_err(io_err)?,
+            parent.open_dir(name.as_name()).map_err(fsx_err)?,
         ));
     }
-    Ok(Source::Single {
-        parent,
-        name: last.to_vec(),
-    })
+    Ok(Source::Single { parent, name })
 }
 
 /// Writes raw `name` (and `link`) into `header`, with GNU long-name entries when longer
@@ -1162,18 +1073,24 @@ struct Packer<'a, W: Write> {
 
 impl<W: Write> Packer<'_, W> {
     fn err(&self, name: &[u8]) -> impl Fn(io::Error) -> ArchiveError + '_ {
-        let path = self.root.join(std::ffi::OsStr::from_bytes(name));
+        let path = self.root.join(OsStr::from_bytes(name));
         move |source| write_failed(&path, source)
     }
 
-    fn header(&self, st: &libc::stat, kind: EntryType) -> Header {
+    /// Like [`Packer::err`], for a failed [`fsx`] call.
+    fn fsx_err(&self, name: &[u8]) -> impl Fn(FsxError) -> ArchiveError + '_ {
+        let err = self.err(name);
+        move |e| err(src(e))
+    }
+
+    fn header(&self, st: &Meta, kind: EntryType) -> Header {
         let mut h = Header::new_gnu();
         h.set_entry_type(kind);
-        h.set_mode(st.st_mode & 0o7777);
-        let (u, g) = self.ids.from_disk(st.st_uid, st.st_gid);
+        h.set_mode(st.mode & 0o7777);
+        let (u, g) = self.ids.from_disk(st.uid, st.gid);
         h.set_uid(u64::from(u));
         h.set_gid(u64::from(g));
-        h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+        h.set_mtime(u64::try_from(st.mtime.secs).unwrap_or(0));
         h.set_size(0);
         h
     }
@@ -1182,14 +1099,13 @@ impl<W: Write> Packer<'_, W> {
     /// is returned open, with the prefix of its children, for the caller to walk.
     fn entry(
         &mut self,
-        dir: RawFd,
-        base: &CStr,
+        dir: &Dir,
+        base: Name<'_>,
         name: Vec<u8>,
-        st: &libc::stat,
-    ) -> Result<Option<(OwnedFd, Vec<u8>)>, ArchiveError> {
-        let fmt = st.st_mode & libc::S_IFMT;
-        if fmt != libc::S_IFDIR && st.st_nlink > 1 {
-            let key = (st.st_dev, st.st_ino);
+        st: &Meta,
+    ) -> Result<Option<(Dir, Vec<u8>)>, ArchiveError> {
+        if !st.is_dir() && st.nlink > 1 {
+            let key = (st.dev, st.ino);
             if let Some(first) = self.links.get(&key).cloned() {
                 let mut h = self.header(st, EntryType::Link);
                 return append(&mut self.b, &mut h, &name, Some(&first), io::empty())
@@ -1198,51 +1114,44 @@ impl<W: Write> Packer<'_, W> {
             }
             self.links.insert(key, name.clone());
         }
-        let done: Result<(), ArchiveError> = match fmt {
-            libc::S_IFDIR => {
+        let done: Result<(), ArchiveError> = match st.kind {
+            Kind::Dir => {
                 let mut h = self.header(st, EntryType::Directory);
                 let mut dname = name.clone();
                 if dname.last() != Some(&b'/') {
                     dname.push(b'/');
                 }
                 append(&mut self.b, &mut h, &dname, None, io::empty()).map_err(self.err(&name))?;
-                let fd = open_dir_at(dir, base).map_err(self.err(&name))?;
-                return Ok(Some((fd, dname)));
+                let sub = dir.open_dir(base).map_err(self.fsx_err(&name))?;
+                return Ok(Some((sub, dname)));
             }
-            libc::S_IFREG => {
-                let fd = open_at(dir, base, libc::O_RDONLY, 0).map_err(self.err(&name))?;
-                let file = File::from(fd);
+            Kind::File => {
+                // Refused when no longer a regular file: a fifo swapped in is never waited on.
+                let (file, _) = dir.open_file(base).map_err(self.fsx_err(&name))?;
                 let mut h = self.header(st, EntryType::Regular);
-                let size = u64::try_from(st.st_size).unwrap_or(0);
+                let size = st.size;
                 h.set_size(size);
                 // A file that shrinks while read would corrupt the stream: pad with zeros.
                 let data = file.take(size).chain(io::repeat(0)).take(size);
                 append(&mut self.b, &mut h, &name, None, data).map_err(self.err(&name))
             }
-            libc::S_IFLNK => {
-                let mut buf = vec![0u8; 4096];
-                // SAFETY: valid fd, NUL-terminated name, buffer of the given length.
-                let n = unsafe {
-                    libc::readlinkat(dir, base.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-                };
-                if n < 0 {
-                    return Err(self.err(&name)(io::Error::last_os_error()));
-                }
-                buf.truncate(n as usize);
+            Kind::Symlink => {
+                let target = dir.readlink(base).map_err(self.fsx_err(&name))?.into_vec();
                 let mut h = self.header(st, EntryType::Symlink);
-                append(&mut self.b, &mut h, &name, Some(&buf), io::empty()).map_err(self.err(&name))
+                append(&mut self.b, &mut h, &name, Some(&target), io::empty())
+                    .map_err(self.err(&name))
             }
-            libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO => {
-                let kind = match fmt {
-                    libc::S_IFCHR => EntryType::Char,
-                    libc::S_IFBLK => EntryType::Block,
+            Kind::CharDevice | Kind::BlockDevice | Kind::Fifo => {
+                let kind = match st.kind {
+                    Kind::CharDevice => EntryType::Char,
+                    Kind::BlockDevice => EntryType::Block,
                     _ => EntryType::Fifo,
                 };
                 let mut h = self.header(st, kind);
-                if fmt != libc::S_IFIFO {
-                    h.set_device_major(libc::major(st.st_rdev))
+                if st.kind.is_device() {
+                    h.set_device_major(rustix::fs::major(st.rdev))
                         .map_err(self.err(&name))?;
-                    h.set_device_minor(libc::minor(st.st_rdev))
+                    h.set_device_minor(rustix::fs::minor(st.rdev))
                         .map_err(self.err(&name))?;
                 }
                 append(&mut self.b, &mut h, &name, None, io::empty()).map_err(self.err(&name))
@@ -1255,20 +1164,25 @@ impl<W: Write> Packer<'_, W> {
 
     /// Appends everything below the open directory `top`, named under `prefix` (ends in
     /// `/`), depth first in name order; iterative, one open directory per level.
-    fn tree(&mut self, top: OwnedFd, prefix: Vec<u8>) -> Result<(), ArchiveError> {
+    fn tree(&mut self, top: Dir, prefix: Vec<u8>) -> Result<(), ArchiveError> {
         struct Frame {
-            fd: OwnedFd,
+            dir: Dir,
             prefix: Vec<u8>,
-            names: std::vec::IntoIter<Vec<u8>>,
+            names: std::vec::IntoIter<NameBuf>,
         }
-        let list = |p: &Self, fd: &OwnedFd, prefix: &[u8]| -> Result<_, ArchiveError> {
-            let mut names = names_in(fd.as_raw_fd()).map_err(p.err(prefix))?;
-            names.sort();
+        let list = |p: &Self, dir: &Dir, prefix: &[u8]| -> Result<_, ArchiveError> {
+            let mut names: Vec<NameBuf> = dir
+                .entries()
+                .map_err(p.fsx_err(prefix))?
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
+            names.sort_unstable_by(|a, b| a.as_name().as_bytes().cmp(b.as_name().as_bytes()));
             Ok(names.into_iter())
         };
         let names = list(self, &top, &prefix)?;
         let mut stack = vec![Frame {
-            fd: top,
+            dir: top,
             prefix,
             names,
         }];
@@ -1277,19 +1191,18 @@ impl<W: Write> Packer<'_, W> {
                 stack.pop();
                 continue;
             };
-            let dir = frame.fd.as_raw_fd();
-            let base = cstr(&n).map_err(self.err(&n))?;
+            let base = n.as_name();
             let mut name = frame.prefix.clone();
-            name.extend_from_slice(&n);
-            let st = match lstat_at(dir, &base) {
+            name.extend_from_slice(base.as_bytes());
+            let st = match frame.dir.stat(base) {
                 Ok(st) => st,
                 // Removed while we listed: skip, as GNU tar warns and goes on.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                Err(e) => return Err(self.err(&name)(e)),
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(self.fsx_err(&name)(e)),
             };
-            if let Some((fd, prefix)) = self.entry(dir, &base, name, &st)? {
-                let names = list(self, &fd, &prefix)?;
-                stack.push(Frame { fd, prefix, names });
+            if let Some((dir, prefix)) = self.entry(&frame.dir, base, name, &st)? {
+                let names = list(self, &dir, &prefix)?;
+                stack.push(Frame { dir, prefix, names });
             }
         }
         Ok(())
@@ -1306,25 +1219,26 @@ pub fn pack<W: Write>(source: &Source, out: W, ids: IdMap, root: &Path) -> Resul
         root,
     };
     match source {
-        Source::Dir(fd) => {
-            // SAFETY: zeroed `stat` is a valid out-parameter; valid fd.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }).map_err(p.err(b"."))?;
+        Source::Dir(dir) => {
+            let st = dir.meta().map_err(p.fsx_err(b"."))?;
             let mut h = p.header(&st, EntryType::Directory);
             append(&mut p.b, &mut h, b"./", None, io::empty()).map_err(p.err(b"."))?;
-            let top = open_dir_at(fd.as_raw_fd(), c".").map_err(p.err(b"."))?;
+            let top = dir.try_clone().map_err(p.fsx_err(b"."))?;
             p.tree(top, b"./".to_vec())?;
         }
         Source::Single { parent, name } => {
-            let base = cstr(name).map_err(p.err(name))?;
-            let st = lstat_at(parent.as_raw_fd(), &base).map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOENT) => ArchiveError::NotFound,
-                _ => p.err(name)(e),
+            let base = name.as_name();
+            let st = parent.stat(base).map_err(|e| {
+                if e.is_not_found() {
+                    ArchiveError::NotFound
+                } else {
+                    p.fsx_err(base.as_bytes())(e)
+                }
             })?;
-            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            if st.is_dir() {
                 return Err(ArchiveError::NotFound);
             }
-            p.entry(parent.as_raw_fd(), &base, name.clone(), &st)?;
+            p.entry(parent, base, base.as_bytes().to_vec(), &st)?;
         }
     }
     let Packer { b, .. } = p;

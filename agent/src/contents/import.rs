@@ -87,7 +87,6 @@ pub fn import(
                 reason,
             };
             let file = fs::File::open(p).map_err(|e| archive_err(e.to_string()))?;
-            let root = super::archive::open_dir(data).map_err(|e| archive_err(e.to_string()))?;
             // The worker's own file (not a caller's stream): device nodes are kept as
             // before, whatever the volume's privilege, and no stream limit applies.
             let opts = super::archive::ExtractOptions {
@@ -97,7 +96,7 @@ pub fn import(
                 max_entries: None,
             };
             super::archive::extract_compressed(
-                &root,
+                &dest,
                 &[],
                 BufReader::new(file),
                 super::archive::Encoding::Gzip,

@@ -664,6 +664,19 @@ impl Dir {
     pub fn try_clone_fd(&self) -> Result<OwnedFd> {
         self.fd.try_clone().map_err(self.err(Op::Open, None))
     }
+
+    /// A second [`Dir`] on this directory (`dup`: the same open directory, so listings
+    /// through either share one position; [`Dir::entries`] rewinds first), for a walk that
+    /// starts here while the caller keeps its own handle.
+    pub fn try_clone(&self) -> Result<Dir> {
+        let fd = self.try_clone_fd()?;
+        Ok(Dir {
+            fd,
+            place: self.place,
+            rel: self.rel.clone(),
+            path_only: self.path_only,
+        })
+    }
 }
 
 impl AsFd for Dir {
@@ -682,7 +695,7 @@ pub enum Beneath {
 }
 
 /// `fchown` of an open file.
-pub(super) fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+pub fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     retry(|| {
         rfs::fchown(
             fd,
@@ -690,6 +703,13 @@ pub(super) fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()>
             Some(rfs::Gid::from_raw(gid)),
         )
     })
+}
+
+/// `fchmod` of an open file or directory (`mode & 0o7777`, set-id and sticky bits
+/// included; not for an `O_PATH` handle, see [`Node::chmod`]). After [`chown_fd`], which
+/// clears the set-id bits.
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    retry(|| rfs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777)))
 }
 
 /// Flushes an open file or directory to stable storage.

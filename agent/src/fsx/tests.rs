@@ -1,6 +1,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom as StdSeek, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -228,4 +229,56 @@ fn errors_name_the_entry_and_the_operation() {
     assert_eq!(e.to_string(), format!("making directory a/f: {}", e.source));
     let e = e.under(Path::new("/vol"));
     assert_eq!(e.path, Path::new("/vol/a/f"));
+}
+
+#[test]
+fn try_clone_is_the_same_directory_with_its_place_and_path() {
+    let t = tree();
+    let root = Dir::open_root(t.path()).expect("open");
+    let a = root.open_dir(n("a").as_name()).expect("a");
+    let b = a.try_clone().expect("clone");
+    drop(a);
+    assert_eq!(b.rel(), Path::new("a"));
+    assert_eq!(b.placement(), root.placement());
+    let names: BTreeSet<_> = b
+        .entries()
+        .expect("list")
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([n("b"), n("etc-link"), n("f")]),
+        "the clone lists the directory it was made from"
+    );
+    // Still refuses what the original refuses, with paths from the same root.
+    let e = b.open_dir(n("etc-link").as_name()).expect_err("followed");
+    assert!(e.is_wrong_kind(), "{e}");
+    assert_eq!(e.path, Path::new("a/etc-link"));
+}
+
+#[test]
+fn chmod_fd_sets_set_id_bits_that_chown_fd_cleared() {
+    let t = tree();
+    let root = Dir::open_root(t.path()).expect("open");
+    let f = root.create_file(n("s").as_name(), 0o600).expect("create");
+    chmod_fd(f.as_fd(), 0o104755).expect("chmod");
+    let mode = || fs::metadata(t.path().join("s")).expect("stat").mode();
+    // Only the permission, set-id and sticky bits are taken.
+    assert_eq!(mode() & 0o7777, 0o4755);
+    if rustix::process::geteuid().is_root() {
+        chown_fd(f.as_fd(), 1234, 4321).expect("chown");
+        let m = fs::metadata(t.path().join("s")).expect("stat");
+        assert_eq!((m.uid(), m.gid()), (1234, 4321));
+        assert_eq!(m.mode() & 0o4000, 0, "chown keeps the set-uid bit");
+        chmod_fd(f.as_fd(), 0o4755).expect("chmod again");
+        assert_eq!(mode() & 0o7777, 0o4755);
+    }
+    // On a directory handle too.
+    let a = root.open_dir(n("a").as_name()).expect("a");
+    chmod_fd(a.as_fd(), 0o1750).expect("chmod dir");
+    assert_eq!(
+        fs::metadata(t.path().join("a")).expect("stat").mode() & 0o7777,
+        0o1750
+    );
 }

@@ -84,12 +84,6 @@ impl Layout {
         self.live(h).join(DATA_DIR)
     }
 
-    /// [`Self::data`] relative to the volumes root (`live/<h>/volume`), for `*at` calls on
-    /// the root's directory fd.
-    pub(crate) fn data_in_root(h: &Handle) -> PathBuf {
-        Path::new(LIVE_DIR).join(h.as_str()).join(DATA_DIR)
-    }
-
     /// Makes the four top-level directories.
     pub(crate) fn ensure(&self) -> io::Result<()> {
         for d in [

@@ -17,8 +17,6 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -28,6 +26,7 @@ use super::{Handle, Inventory, InventoryError, VolumeRecord, VolumeState};
 use crate::contents::archive::{
     self, ArchiveError, Encoding, ExtractOptions, Extracted, Source, Stopped,
 };
+use crate::fsx::Dir;
 
 /// Longest a destroy or a privilege change waits for the streams it cut to stop.
 pub const CUT_WAIT: Duration = Duration::from_secs(30);
@@ -164,27 +163,11 @@ impl<W: Write> Write for CutWriter<'_, W> {
 }
 
 /// Opens a live volume's data directory (the agent's own path, not the volume's content).
-fn open_data(rec: &VolumeRecord) -> Result<OwnedFd, ArchiveError> {
-    let path =
-        std::ffi::CString::new(rec.path.as_os_str().as_bytes()).map_err(|_| ArchiveError::Io {
-            path: rec.path.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a path"),
-        })?;
-    // SAFETY: NUL-terminated path; the fd is owned by us alone.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(ArchiveError::Io {
-            path: rec.path.clone(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: just opened.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn open_data(rec: &VolumeRecord) -> Result<Dir, ArchiveError> {
+    Dir::open_root(&rec.path).map_err(|e| ArchiveError::Io {
+        path: rec.path.clone(),
+        source: e.source,
+    })
 }
 
 impl Inventory {

@@ -29,7 +29,7 @@ fn opts(ids: IdMap) -> ExtractOptions {
 }
 
 /// Extracts into the root `fd` itself.
-fn ex(fd: &OwnedFd, input: impl Read, ids: IdMap) -> Result<Extracted, ArchiveError> {
+fn ex(fd: &Dir, input: impl Read, ids: IdMap) -> Result<Extracted, ArchiveError> {
     extract(fd, &[], input, &opts(ids))
 }
 
@@ -79,11 +79,11 @@ fn tar_of(entries: &[E]) -> Vec<u8> {
 }
 
 /// A temp dir holding `vol/` (the extraction root) and `outside/` (must stay empty).
-fn sandbox() -> (tempfile::TempDir, OwnedFd) {
+fn sandbox() -> (tempfile::TempDir, Dir) {
     let dir = tempfile::tempdir().expect("tempdir");
     fs::create_dir(dir.path().join("vol")).expect("vol");
     fs::create_dir(dir.path().join("outside")).expect("outside");
-    let fd = open_dir(&dir.path().join("vol")).expect("open vol");
+    let fd = Dir::open_root(&dir.path().join("vol")).expect("open vol");
     (dir, fd)
 }
 
@@ -483,8 +483,7 @@ fn refuses_device_nodes_in_an_unprivileged_volume_naming_the_entry() {
 
 #[test]
 fn makes_device_nodes_in_a_privileged_volume() {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
+    if !rustix::process::getuid().is_root() {
         eprintln!("skipped: making device nodes needs root");
         return;
     }
@@ -737,24 +736,11 @@ fn swapper(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
-        let d = open_dir(&dir).expect("dir");
-        let (ca, cb) = (
-            cstr(a.as_bytes()).expect("a"),
-            cstr(b.as_bytes()).expect("b"),
-        );
+        let d = Dir::open_root(&dir).expect("dir");
         let mut swaps = 0;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            // SAFETY: valid fd and NUL-terminated names.
-            let r = unsafe {
-                libc::renameat2(
-                    d.as_raw_fd(),
-                    ca.as_ptr(),
-                    d.as_raw_fd(),
-                    cb.as_ptr(),
-                    libc::RENAME_EXCHANGE,
-                )
-            };
-            if r == 0 {
+            let r = rustix::fs::renameat_with(&d, a, &d, b, rustix::fs::RenameFlags::EXCHANGE);
+            if r.is_ok() {
                 swaps += 1;
             }
         }
@@ -828,4 +814,34 @@ fn stream_out_racing_a_symlink_swapper_never_reads_outside() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let swaps = t.join().expect("swapper");
     println!("stream-out swapper race: {n} attempts, {swaps} swaps");
+}
+
+#[test]
+fn two_streams_writing_the_same_files_at_once_both_succeed() {
+    let (dir, fd) = sandbox();
+    let tar = tar_of(&[
+        E::File("f".into(), b"payload".to_vec()),
+        E::Dir("d".into()),
+        E::File("d/g".into(), b"payload".to_vec()),
+    ]);
+    let n = env_count("SWAPPER_ATTEMPTS", 200);
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..n {
+                        ex(&fd, &tar[..], IdMap::IDENTITY)?;
+                    }
+                    Ok::<(), ArchiveError>(())
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join()
+                .expect("thread")
+                .expect("a stream failed on the other's entries");
+        }
+    });
+    assert_eq!(fs::read(dir.path().join("vol/f")).expect("f"), b"payload");
+    assert_nothing_outside(dir.path());
 }

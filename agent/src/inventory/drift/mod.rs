@@ -15,8 +15,10 @@
 //!
 //! What is checked, for each record in a settled state (`created`, `initializing`,
 //! `initialized`; a `creating` or `destroying` record is mid-move by design):
-//! * one `fstatat(root_fd, "live/<h>/volume", AT_SYMLINK_NOFOLLOW)` relative to the volumes
-//!   root opened once per scan, never a path walk: gone, or not a directory, is missing;
+//! * `live/<h>` opened (`O_PATH|O_NOFOLLOW`) relative to `live/`, opened once per scan,
+//!   and `volume` looked at (`statx`, never followed) relative to that, through `fsx`:
+//!   never a path walk, no symlink followed on the way; gone, or not a directory, is
+//!   missing;
 //! * an overlay child's data directory must be a mount (another device than `live/`): after
 //!   a restart whose re-mount failed it is an empty directory with none of the data;
 //! * an overlay child stacked on a missing volume (its parent, or the parent's parent
@@ -35,16 +37,14 @@ pub mod actor;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use protocol::{Handle, VolumeState};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags};
-use rustix::io::Errno;
 
-use super::layout::{Layout, LIVE_DIR};
+use super::layout::{DATA_DIR, LIVE_DIR};
 use super::store;
 use super::{io_err, Inventory, InventoryError};
+use crate::fsx::{Dir, Errno, FsxError, Kind, NameBuf};
 
 /// What one scan found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,41 +100,52 @@ fn settled(state: VolumeState) -> bool {
     )
 }
 
-/// The volumes root opened once per scan; every look-up is relative to its fd.
+/// The volumes root's `live/` opened once per scan; every look-up is relative to it.
 pub(crate) struct RootDir {
-    fd: OwnedFd,
+    live: Dir,
     /// The device of `live/`: an overlay mount below it has another one.
     live_dev: u64,
+    /// `volume`, the data directory's name in `live/<h>/`.
+    data: NameBuf,
 }
 
 impl RootDir {
     pub(crate) fn open(root: &Path) -> io::Result<RootDir> {
-        let fd = rustix::fs::open(
-            root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::empty(),
-        )?;
-        let live = rustix::fs::statat(&fd, LIVE_DIR, AtFlags::SYMLINK_NOFOLLOW)?;
-        if !FileType::from_raw_mode(live.st_mode).is_dir() {
-            return Err(Errno::NOTDIR.into());
-        }
+        // `live/` is the agent's own directory: a symlink in its place is refused
+        // (`O_NOFOLLOW`), and so is anything but a directory.
+        let live = Dir::open_root(&root.join(LIVE_DIR)).map_err(|e| e.source)?;
+        let live_dev = live.meta().map_err(|e| e.source)?.dev;
         Ok(RootDir {
-            fd,
-            live_dev: live.st_dev,
+            live,
+            live_dev,
+            data: NameBuf::new(DATA_DIR)?,
         })
     }
 
-    /// One `fstatat` of `live/<h>/volume` relative to the root's fd, not following a
-    /// symlink in its place. `None`: the data directory is there (and, when `mount` is
-    /// set, is a mount).
+    /// `live/<h>` opened relative to `live/` (never through a symlink), then `volume` looked
+    /// at relative to it, not following a symlink in its place. `None`: the data directory
+    /// is there (and, when `mount` is set, is a mount).
     pub(crate) fn check(&self, h: &Handle, mount: bool) -> io::Result<Option<Gone>> {
-        match rustix::fs::statat(&self.fd, Layout::data_in_root(h), AtFlags::SYMLINK_NOFOLLOW) {
-            Err(e) if e == Errno::NOENT || e == Errno::NOTDIR => Ok(Some(Gone::Absent)),
-            Err(e) => Err(e.into()),
-            Ok(st) if !FileType::from_raw_mode(st.st_mode).is_dir() => {
-                Ok(Some(Gone::NotADirectory))
+        let name = NameBuf::new(h.as_str())?;
+        let gone = |e: &FsxError| {
+            if e.is(Errno::NOENT) || e.is(Errno::NOTDIR) {
+                Some(Gone::Absent)
+            } else if e.is(Errno::LOOP) {
+                // A symlink took `live/<h>`'s name: never followed.
+                Some(Gone::NotADirectory)
+            } else {
+                None
             }
-            Ok(st) if mount && st.st_dev == self.live_dev => Ok(Some(Gone::NotMounted)),
+        };
+        let vol = match self.live.open_dir_path(name.as_name()) {
+            Ok(d) => d,
+            Err(e) => return gone(&e).map(Some).ok_or(e.source),
+        };
+        match vol.stat(self.data.as_name()) {
+            Err(e) if e.is(Errno::NOENT) || e.is(Errno::NOTDIR) => Ok(Some(Gone::Absent)),
+            Err(e) => Err(e.source),
+            Ok(st) if st.kind != Kind::Dir => Ok(Some(Gone::NotADirectory)),
+            Ok(st) if mount && st.dev == self.live_dev => Ok(Some(Gone::NotMounted)),
             Ok(_) => Ok(None),
         }
     }
