@@ -11,7 +11,7 @@
 # mount. Anything else that goes wrong (a package, the build, a test) fails it.
 #
 # POWER_CUT_ROUNDS (power cuts per test, default 12 here: about 30 s of tests) and
-# POWER_CUT_SEED are passed to the tests. VOLUME_AGENT_SHARED_TOOLS names the shared tools
+# POWER_CUT_SEED are passed to the tests. SHARED_TOOLS_DIR names the shared tools
 # folder (default: `shared/tools` beside this repository's folder).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,9 +38,9 @@ bash .ci/install.sh g++ make cmake pkg-config fuse3 libfuse3-dev libtoml11-dev l
 step "LazyFS (the shared tools' setup.sh, built once)"
 t=$SECONDS
 if ! LAZYFS_BIN=$(command -v lazyfs); then
-	tools=${VOLUME_AGENT_SHARED_TOOLS:-$(pwd)/../shared/tools}
+	tools=${SHARED_TOOLS_DIR:-$(pwd)/../shared/tools}
 	[[ -f $tools/lazyfs/setup.sh ]] || {
-		echo "power-cut.sh: FAILED: no $tools/lazyfs/setup.sh (set VOLUME_AGENT_SHARED_TOOLS to the shared tools folder)" >&2
+		echo "power-cut.sh: FAILED: no $tools/lazyfs/setup.sh (set SHARED_TOOLS_DIR to the shared tools folder)" >&2
 		exit 1
 	}
 	# -O1: the template-heavy files (toml11, spdlog) build in about 60 % of the -O2 time, and
