@@ -39,6 +39,53 @@ pub struct Trust {
 /// Headers only web browsers send; their presence refuses a request.
 const BROWSER_HEADERS: [&str; 2] = ["origin", "sec-fetch-site"];
 
+/// Refusals logged per minute at most: a local user looping on the API must not flood
+/// the journal. Those left out are counted in the next line logged.
+const REFUSALS_LOGGED_PER_MINUTE: u32 = 20;
+
+/// A budget of log lines per window; what it holds back is counted, not lost.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_window: u32,
+    window: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>,
+}
+
+impl LogBudget {
+    pub const fn new(per_window: u32, window: std::time::Duration) -> Self {
+        LogBudget {
+            per_window,
+            window,
+            state: std::sync::Mutex::new((None, 0, 0)),
+        }
+    }
+
+    /// `Some(n)` when a line may be logged now, `n` the lines held back before it;
+    /// `None` when this one is held back.
+    pub fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (start, used, held) = &mut *st;
+        if start.is_none_or(|s| now.duration_since(s) >= self.window) {
+            *start = Some(now);
+            *used = 0;
+        }
+        if *used >= self.per_window {
+            *held += 1;
+            return None;
+        }
+        *used += 1;
+        Some(std::mem::take(held))
+    }
+}
+
+static REFUSAL_LOG: LogBudget = LogBudget::new(
+    REFUSALS_LOGGED_PER_MINUTE,
+    std::time::Duration::from_secs(60),
+);
+
 /// `HttpServer::on_connect`: records the peer of a new connection, as the kernel reports
 /// it, in the connection's data.
 pub fn on_connect(conn: &dyn Any, data: &mut Extensions) {
@@ -77,14 +124,18 @@ pub async fn guard(
         });
     let (method, path) = (req.method().clone(), req.path().to_string());
     if let Err(refusal) = admit(&trust, &cred).await {
-        warn!(peer = ?cred, %method, %path, "refused a local API caller: {refusal}");
+        if let Some(held_back) = REFUSAL_LOG.admit(std::time::Instant::now()) {
+            warn!(peer = ?cred, %method, %path, held_back, "refused a local API caller: {refusal}");
+        }
         return Err(refusal.into());
     }
     if let Some(h) = BROWSER_HEADERS
         .iter()
         .find(|h| req.headers().contains_key(**h))
     {
-        warn!(%method, %path, header = h, "refused a request sent by a web browser");
+        if let Some(held_back) = REFUSAL_LOG.admit(std::time::Instant::now()) {
+            warn!(%method, %path, header = h, held_back, "refused a request sent by a web browser");
+        }
         return Err(ApiError::Forbidden(format!(
             "requests carrying a {h} header come from a web browser and are refused; \
              the volume-agent API is for the worker's container runtime"
@@ -297,6 +348,19 @@ fn resolve_existing_prefix(path: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_log_holds_back_a_flood_and_counts_it_in_the_next_line() {
+        use std::time::{Duration, Instant};
+        let budget = LogBudget::new(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let first: Vec<_> = (0..10).map(|_| budget.admit(t0)).collect();
+        assert_eq!(&first[..3], &[Some(0), Some(0), Some(0)]);
+        assert!(first[3..].iter().all(Option::is_none), "{first:?}");
+        // The next window logs again, saying how many lines it held back.
+        assert_eq!(budget.admit(t0 + Duration::from_secs(60)), Some(7));
+        assert_eq!(budget.admit(t0 + Duration::from_secs(61)), Some(0));
+    }
 
     #[test]
     fn import_is_confined_to_the_roots_by_whole_components() {
