@@ -456,7 +456,7 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("environment variable {var}: {message}")]
+    #[error("environment variable {var}: {message} (correct or unset the variable)")]
     Env { var: String, message: String },
 }
 
@@ -486,11 +486,22 @@ impl Config {
         let mut table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| invalid(e.message().to_string()))?;
-        apply_env(&mut table, env)?;
+        let from_env = apply_env(&mut table, env)?;
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
                 let message = e.into_inner().message().to_string();
+                // An error in a key an environment variable set is that variable's.
+                if let Some(var) = env_var_for(&from_env, &key, &message) {
+                    return ConfigError::Env {
+                        var: var.to_string(),
+                        message: if key == "." {
+                            message
+                        } else {
+                            format!("key `{key}`: {message}")
+                        },
+                    };
+                }
                 if key == "." {
                     invalid(message)
                 } else {
@@ -580,10 +591,33 @@ impl Config {
     }
 }
 
+/// The environment variable that set the key an error names: the key itself (`gc.min_free`
+/// for a bad value), or the unknown key the error's message names inside it (`gc.nope`,
+/// reported at `gc`).
+fn env_var_for<'a>(from_env: &'a [(String, String)], key: &str, message: &str) -> Option<&'a str> {
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split_once('`'))
+        .map(|(field, _)| {
+            if key == "." {
+                field.to_string()
+            } else {
+                format!("{key}.{field}")
+            }
+        });
+    from_env
+        .iter()
+        .find(|(k, _)| k == key || unknown.as_deref() == Some(k.as_str()))
+        .map(|(_, var)| var.as_str())
+}
+
+/// Applies `VOLUME_AGENT_*` overrides to `table`; answers which key each variable set
+/// (`section.key` or `key`), so errors in those keys name the variable, not the file.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut set = Vec::new();
     for (var, raw) in env {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -605,7 +639,7 @@ fn apply_env(
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or(toml::Value::String(raw));
-        let target = match section {
+        let target = match &section {
             None => &mut *table,
             Some(s) => match table
                 .entry(s.clone())
@@ -620,9 +654,14 @@ fn apply_env(
                 }
             },
         };
+        let path = match &section {
+            Some(s) => format!("{s}.{key}"),
+            None => key.clone(),
+        };
         target.insert(key, value);
+        set.push((path, var));
     }
-    Ok(())
+    Ok(set)
 }
 
 #[cfg(test)]
@@ -738,9 +777,37 @@ min_free = "10%"
         assert_eq!(c.worker_name, "w9");
         assert_eq!(c.central.poll_interval, Duration::from_secs(10));
         assert_eq!(c.gc.max_in_flight, 8);
+    }
+
+    #[test]
+    fn an_error_in_an_environment_override_names_the_variable_not_the_file() {
         let env = vec![("VOLUME_AGENT_GC__NOPE".to_string(), "1".to_string())];
-        let err = Config::parse(MINIMAL, Path::new("t"), env).expect_err("unknown override");
-        assert!(err.to_string().contains("nope"), "{err}");
+        let err = Config::parse(MINIMAL, Path::new("t.toml"), env).expect_err("unknown key");
+        let text = err.to_string();
+        assert!(
+            matches!(&err, ConfigError::Env { var, .. } if var == "VOLUME_AGENT_GC__NOPE"),
+            "{text}"
+        );
+        assert!(text.contains("nope") && !text.contains("t.toml"), "{text}");
+        let env = vec![(
+            "VOLUME_AGENT_GC__MAX_IN_FLIGHT".to_string(),
+            "many".to_string(),
+        )];
+        let err = Config::parse(MINIMAL, Path::new("t.toml"), env).expect_err("bad value");
+        assert!(
+            matches!(&err, ConfigError::Env { var, .. } if var == "VOLUME_AGENT_GC__MAX_IN_FLIGHT"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("gc.max_in_flight"), "{err}");
+        let env = vec![("VOLUME_AGENT_NOPE".to_string(), "1".to_string())];
+        let err = Config::parse(MINIMAL, Path::new("t.toml"), env).expect_err("top level");
+        assert!(
+            matches!(&err, ConfigError::Env { var, .. } if var == "VOLUME_AGENT_NOPE"),
+            "{err}"
+        );
+        // A mistake in the file itself is still the file's.
+        let err = parse(&format!("{MINIMAL}[gc]\nnope = 1\n")).expect_err("file");
+        assert!(matches!(&err, ConfigError::Invalid { .. }), "{err}");
     }
 
     #[test]
