@@ -495,12 +495,10 @@ func (d *driver) run() {
 	treeDir := filepath.Join(d.importDir, "tree")
 	tgz := filepath.Join(d.importDir, "image.tgz")
 
-	d.check("create-volume-import-directory", func() error {
-		if err := writeTree(treeDir, importTree); err != nil {
-			return err
-		}
-		v, err := d.create("import-dir", baggageclaim.VolumeSpec{
-			Strategy:   baggageclaim.ImportStrategy{Path: treeDir},
+	// Imports `path` as volume `name` and checks it holds importTree.
+	importsTheTree := func(name, path string) error {
+		v, err := d.create(name, baggageclaim.VolumeSpec{
+			Strategy:   baggageclaim.ImportStrategy{Path: path},
 			Properties: d.props("kind", "import"),
 		})
 		if err != nil {
@@ -511,6 +509,13 @@ func (d *driver) run() {
 			return err
 		}
 		return wantTree(files, "", importTree)
+	}
+
+	d.check("create-volume-import-directory", func() error {
+		if err := writeTree(treeDir, importTree); err != nil {
+			return err
+		}
+		return importsTheTree("import-dir", treeDir)
 	})
 
 	d.check("create-volume-import-directory-following-symlinks", func() error {
@@ -536,18 +541,7 @@ func (d *driver) run() {
 		if err := os.WriteFile(tgz, gz(makeTar(importTree)), 0o644); err != nil {
 			return err
 		}
-		v, err := d.create("import-tgz", baggageclaim.VolumeSpec{
-			Strategy:   baggageclaim.ImportStrategy{Path: tgz},
-			Properties: d.props("kind", "import"),
-		})
-		if err != nil {
-			return err
-		}
-		files, err := streamOut(ctx, v, ".", baggageclaim.GzipEncoding)
-		if err != nil {
-			return err
-		}
-		return wantTree(files, "", importTree)
+		return importsTheTree("import-tgz", tgz)
 	})
 
 	d.check("create-volume-import-of-a-missing-path-fails", func() error {
