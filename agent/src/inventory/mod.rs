@@ -1,7 +1,7 @@
 //! The local volume inventory: the only code that changes volumes.
 //!
 //! A plain, blocking, thread-safe library: [`Inventory`] is `Clone + Send + Sync` (an `Arc`
-//! inside); async callers run it on `spawn_blocking`. Records live in sled (see `store`),
+//! inside); async callers reach it through the inventory actor ([`actor::InventoryHandle`]). Records live in sled (see `store`),
 //! data under the volumes root (see `layout`), made by a driver (see `driver`).
 //!
 //! Crash safety: every create and destroy writes its intent to sled and makes it durable

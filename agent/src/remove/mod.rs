@@ -7,7 +7,8 @@
 //! touched. Removal writes nothing, so it works on a full disk. An optional [`RateLimit`]
 //! keeps a removal (or several sharing the limit) from starving other work on the disk.
 //!
-//! These are blocking functions: async callers run them in `spawn_blocking`.
+//! These are blocking functions; in the daemon they run on the inventory actor's threads
+//! (inside a destroy), never on an event loop.
 
 mod engine;
 mod rate;
