@@ -10,6 +10,7 @@ use protocol::native::{BlockedVolume, DiskReport, FailedVolume, ReportedVolume, 
 use protocol::Handle;
 use tracing::{debug, warn};
 
+use super::pending::Pending;
 use crate::central::CentralClient;
 use crate::config::Dialect;
 use crate::inventory::actor::Snapshot;
@@ -48,7 +49,7 @@ pub struct ReporterActor {
     revision: Option<u64>,
     volumes: Vec<LocalVolume>,
     /// In the order they were destroyed (children first), without repeats.
-    pending_destroyed: Vec<Handle>,
+    pending_destroyed: Pending,
     refused: Option<String>,
     failed: Vec<FailedVolume>,
     blocked: Vec<BlockedVolume>,
@@ -75,7 +76,7 @@ impl ReporterActor {
             usage,
             revision: None,
             volumes: Vec::new(),
-            pending_destroyed: Vec::new(),
+            pending_destroyed: Pending::default(),
             refused: None,
             failed: Vec::new(),
             blocked: Vec::new(),
@@ -94,7 +95,7 @@ impl ReporterActor {
         let client = self.client.clone();
         let metrics = self.metrics.clone();
         let dialect = self.dialect;
-        let destroyed: Vec<Handle> = self.pending_destroyed.clone();
+        let destroyed: Vec<Handle> = self.pending_destroyed.to_vec();
         // A record whose data directory is gone is not a volume: it goes in `missing`.
         let mut missing = self.missing.clone();
         missing.extend(
@@ -149,7 +150,7 @@ impl ReporterActor {
             match res {
                 Ok(()) => {
                     debug!(destroyed = destroyed.len(), "report accepted");
-                    act.pending_destroyed.retain(|h| !destroyed.contains(h));
+                    act.pending_destroyed.acknowledge(&destroyed);
                 }
                 Err(e) => warn!(error = %e, "report failed; it is sent again with the next one"),
             }
@@ -189,9 +190,7 @@ impl Handler<PassDone> for ReporterActor {
         let changed = msg.changed() || msg.blocked != self.blocked || msg.missing != self.missing;
         self.revision = msg.revision.or(self.revision);
         for h in msg.destroyed {
-            if !self.pending_destroyed.contains(&h) {
-                self.pending_destroyed.push(h);
-            }
+            self.pending_destroyed.add(h);
         }
         self.refused = msg.refused.clone();
         self.failed = msg.failed;
