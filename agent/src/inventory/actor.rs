@@ -5,9 +5,10 @@
 //! reporter send the messages below; the local API, the accounting and drift actors run a
 //! closure with [`InventoryHandle::call`]. Its thread count is the one bound on blocking
 //! inventory work (`gc.max_in_flight` destroys plus [`API_THREADS`] for everything else);
-//! a call waits in the actor's mailbox while every thread is busy. Stream data moves on
-//! the stream pool (`api.max_streams`), holding the volume it writes; only taking and
-//! releasing that hold goes through the inventory.
+//! a call waits in the actor's mailbox while every thread is busy. Streams are the one
+//! exception: each runs on a thread of the stream pool (`api.max_streams`) and calls the
+//! `Inventory` there directly (`hold_for_stream`, `stream_in`, `open_stream_out`), so a
+//! long upload never takes one of these threads.
 
 use actix::dev::MessageResponse;
 use actix::prelude::*;
