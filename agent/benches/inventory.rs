@@ -100,6 +100,7 @@ fn make_store(dir: &Path, n: usize) -> Duration {
     let (root_meta, child_meta) = {
         let inv = Inventory::open(&cfg).expect("open").0;
         inv.create(CreateSpec {
+            open_to_peers: false,
             initial_state: VolumeState::Initialized,
             ..CreateSpec::empty(handle("tmpl-root".into()))
         })
@@ -170,6 +171,7 @@ fn destroy_throughput(dir: &Path, trees: usize) {
     let handles: Vec<Handle> = (0..trees).map(|i| handle(format!("tree-{i}"))).collect();
     for h in &handles {
         inv.create(CreateSpec {
+            open_to_peers: false,
             populate: Some(Box::new(|d: &Path| {
                 write_tree(d);
                 Ok(())

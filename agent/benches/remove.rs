@@ -173,6 +173,7 @@ fn prepare(
     let handle = Handle::new(name.to_owned()).expect("handle");
     let record = inv
         .create(CreateSpec {
+            open_to_peers: false,
             populate: Some(Box::new(move |data: &Path| {
                 fill_tree(data, entries);
                 Ok(())

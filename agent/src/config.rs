@@ -31,6 +31,8 @@ pub struct Config {
     #[serde(default)]
     pub api: ApiConfig,
     #[serde(default)]
+    pub p2p: P2pConfig,
+    #[serde(default)]
     pub resource_types: ResourceTypesConfig,
     #[serde(default)]
     pub gc: GcConfig,
@@ -246,6 +248,54 @@ fn default_max_streams() -> usize {
 
 fn d60s() -> Duration {
     Duration::from_secs(60)
+}
+
+/// `[p2p]`: worker-to-worker streaming, as Concourse uses it when P2P volume streaming is
+/// on. Off while `listen` is empty. The listener is separate from the local API and serves
+/// only `PUT /volumes/{handle}/stream-in`, to peers in `allowed_networks`, into volumes
+/// that nothing has read yet (see `api::p2p`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct P2pConfig {
+    /// `IP:PORT` of the peer listener, e.g. `0.0.0.0:7789`; empty = off.
+    #[serde(default)]
+    pub listen: P2pListen,
+    /// The host other workers reach this one at (an IP address or a DNS name), as
+    /// `GET /p2p-url` answers it. Empty = `interface`, or the listen IP when specific.
+    #[serde(default)]
+    pub address: String,
+    /// A network interface whose first address (IPv4 preferred) is the host `GET
+    /// /p2p-url` answers, looked up on each call as baggageclaim does.
+    #[serde(default)]
+    pub interface: String,
+    /// Peers allowed to stream in (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7/32`); empty =
+    /// every peer refused.
+    #[serde(default)]
+    pub allowed_networks: Vec<ipnet::IpNet>,
+}
+
+/// `p2p.listen`: an address, or off when empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
+pub struct P2pListen(pub Option<SocketAddr>);
+
+impl TryFrom<String> for P2pListen {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let t = s.trim();
+        if t.is_empty() {
+            return Ok(P2pListen(None));
+        }
+        t.parse().map(|a| P2pListen(Some(a))).map_err(|_| {
+            format!("{s:?} is not an IP:PORT address (e.g. \"0.0.0.0:7789\"); leave it empty to turn P2P streaming off")
+        })
+    }
+}
+
+impl From<P2pListen> for String {
+    fn from(l: P2pListen) -> String {
+        l.0.map(|a| a.to_string()).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -545,7 +595,44 @@ impl Config {
         if self.volumes.scan_interval.is_zero() {
             return Err("volumes.scan_interval must be above 0s (it is how often records are compared with their directories)".into());
         }
-        self.validate_api_trust()
+        self.validate_api_trust()?;
+        self.validate_p2p()
+    }
+
+    /// With `p2p.listen` set, `GET /p2p-url` must have a host to answer: `address`,
+    /// `interface` (not both), or a listen IP that is not a wildcard.
+    fn validate_p2p(&self) -> Result<(), String> {
+        let p2p = &self.p2p;
+        let Some(listen) = p2p.listen.0 else {
+            return Ok(());
+        };
+        let address = p2p.address.trim();
+        let interface = p2p.interface.trim();
+        if !address.is_empty() && !interface.is_empty() {
+            return Err(
+                "p2p.address and p2p.interface are both set; set one of them (the host other workers reach this one at)".into(),
+            );
+        }
+        if address.is_empty() && interface.is_empty() && listen.ip().is_unspecified() {
+            return Err(format!(
+                "p2p.listen {listen} is a wildcard address, so other workers cannot be told where to reach \
+                 this one; set p2p.address (e.g. this worker's IP) or p2p.interface (e.g. \"eth0\")"
+            ));
+        }
+        let host_ok = address.parse::<std::net::IpAddr>().is_ok()
+            || (!address.is_empty()
+                && address.len() <= 253
+                && address.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                }));
+        if !address.is_empty() && !host_ok {
+            return Err(format!(
+                "p2p.address {address:?} is not an IP address or a DNS name; give the host only (no scheme, port or path)"
+            ));
+        }
+        Ok(())
     }
 
     /// The local API's listen address is loopback or a unix socket unless
@@ -709,6 +796,10 @@ scan_interval = "1m"
 dir = "/var/lib/volume-agent/state"
 [api]
 listen = "127.0.0.1:7788"
+[p2p]
+listen = ""
+address = ""
+allowed_networks = []
 [resource_types]
 dir = "/usr/share/volume-agent/resource-types"
 [gc]
@@ -883,5 +974,43 @@ min_free = "10%"
         assert!(MinFree::try_from("lots".to_string()).is_err());
         assert!(MinFree::Percent(10.0).is_below(5, 100));
         assert!(!MinFree::Percent(10.0).is_below(50, 100));
+    }
+
+    #[test]
+    fn p2p_is_off_unless_listen_is_set() {
+        let c = parse(MINIMAL).expect("minimal");
+        assert_eq!(c.p2p.listen, P2pListen(None));
+        let c = parse(&format!(
+            "{MINIMAL}[p2p]\nlisten = \"0.0.0.0:7789\"\naddress = \"10.1.2.3\"\nallowed_networks = [\"10.0.0.0/8\", \"fd00::/8\"]\n"
+        ))
+        .expect("p2p");
+        assert_eq!(c.p2p.listen.0, Some("0.0.0.0:7789".parse().expect("addr")));
+        assert_eq!(c.p2p.allowed_networks.len(), 2);
+    }
+
+    #[test]
+    fn p2p_needs_a_host_to_announce_and_names_the_keys() {
+        let err = parse(&format!("{MINIMAL}[p2p]\nlisten = \"0.0.0.0:7789\"\n"))
+            .expect_err("wildcard without address");
+        assert!(err.to_string().contains("p2p.address"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}[p2p]\nlisten = \"10.0.0.1:7789\"\naddress = \"a\"\ninterface = \"eth0\"\n"
+        ))
+        .expect_err("both");
+        assert!(err.to_string().contains("p2p.interface"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}[p2p]\nlisten = \"10.0.0.1:7789\"\naddress = \"http://w1:7789\"\n"
+        ))
+        .expect_err("a URL is not a host");
+        assert!(err.to_string().contains("host only"), "{err}");
+        let err = parse(&format!("{MINIMAL}[p2p]\nlisten = \"eth0\"\n")).expect_err("bad listen");
+        assert!(err.to_string().contains("p2p.listen"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}[p2p]\nlisten = \"10.0.0.1:7789\"\nallowed_networks = [\"10.0.0.0/33\"]\n"
+        ))
+        .expect_err("bad network");
+        assert!(err.to_string().contains("p2p.allowed_networks"), "{err}");
+        // A specific listen IP is the host announced.
+        parse(&format!("{MINIMAL}[p2p]\nlisten = \"127.0.0.2:0\"\n")).expect("specific ip");
     }
 }

@@ -103,7 +103,7 @@ impl Ctl {
     }
 
     pub async fn list(&self) -> Result<Vec<VolumeJson>, CtlError> {
-        self.get_json("/volumes").await
+        self.get_json("/inventory").await
     }
 
     /// Bytes per volume; empty when the daemon has not measured yet.
@@ -112,7 +112,7 @@ impl Ctl {
     }
 
     pub async fn inspect(&self, handle: &str) -> Result<VolumeJson, CtlError> {
-        self.get_json(&format!("/volumes/{handle}")).await
+        self.get_json(&format!("/inventory/{handle}")).await
     }
 
     pub async fn plan(&self) -> Result<PlanView, CtlError> {

@@ -41,6 +41,14 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} (p2p.listen): {source}; pick a free address or leave p2p.listen empty")]
+    P2pBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make the HTTP client for P2P streams: {0}")]
+    P2pClient(String),
     #[error("API socket {path}: cannot set its mode 0660 and group (api.group): {source}")]
     Socket {
         path: std::path::PathBuf,
@@ -65,6 +73,10 @@ pub struct Daemon {
     pub recovery: RecoveryReport,
     inventory: InventoryHandle,
     server: actix_web::dev::ServerHandle,
+    /// The P2P listener, when `p2p.listen` is set.
+    p2p_server: Option<actix_web::dev::ServerHandle>,
+    /// Where the P2P listener is bound.
+    pub p2p: Option<std::net::SocketAddr>,
     desired: Addr<DesiredStateActor>,
     reconciler: Addr<ReconcilerActor>,
 }
@@ -205,6 +217,21 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
     )
     .start();
 
+    // Bound before the API state is made: `GET /p2p-url` announces the bound port.
+    let p2p_listener = match config.p2p.listen.0 {
+        None => None,
+        Some(addr) => {
+            let bind_error = |source| DaemonError::P2pBind { addr, source };
+            let l = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+            let bound = l.local_addr().map_err(bind_error)?;
+            if config.p2p.allowed_networks.is_empty() {
+                warn!(listen = %bound, "p2p.allowed_networks is empty: every peer's stream-in is refused; list the workers' networks there");
+            }
+            Some((l, bound))
+        }
+    };
+    let p2p_client = api::p2p::client(config.p2p.listen.0.map(|a| a.ip()))
+        .map_err(|e| DaemonError::P2pClient(e.to_string()))?;
     let ready = Arc::new(AtomicBool::new(false));
     let state = ApiState {
         inventory: inv.clone(),
@@ -225,6 +252,34 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
                 max_entries: config.api.stream_in_max_entries,
             },
         ),
+        p2p: p2p_listener
+            .as_ref()
+            .map(|(_, bound)| Arc::new(api::p2p::P2p::new(&config.p2p, *bound))),
+        p2p_client,
+    };
+    let p2p_server = match p2p_listener {
+        None => None,
+        Some((listener, bound)) => {
+            let peer_state = state.clone();
+            let server = HttpServer::new(move || {
+                App::new()
+                    .wrap(actix_web::middleware::from_fn(api::p2p::admit))
+                    .configure(api::configure_peer(peer_state.clone()))
+            })
+            .workers(1)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .listen(listener)
+            .map_err(|source| DaemonError::P2pBind {
+                addr: bound,
+                source,
+            })?
+            .run();
+            let handle = server.handle();
+            actix_rt::spawn(server);
+            info!(listen = %bound, "P2P listener serving stream-in to peers");
+            Some((handle, bound))
+        }
     };
     let trust = api::guard::Trust {
         allowed_uids: config.api.allowed_uids.clone(),
@@ -292,6 +347,8 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         recovery,
         inventory: inv,
         server: handle,
+        p2p: p2p_server.as_ref().map(|(_, b)| *b),
+        p2p_server: p2p_server.map(|(h, _)| h),
         desired,
         reconciler,
     })
@@ -348,6 +405,9 @@ impl Daemon {
         info!("stopping: no new polls; waiting for in-flight destroys");
         let _ = self.desired.send(StopPolling).await;
         let _ = self.reconciler.send(Drain).await;
+        if let Some(p2p) = &self.p2p_server {
+            p2p.stop(true).await;
+        }
         self.server.stop(true).await;
         if let Listen::Unix(path) = &self.api {
             if let Err(e) = std::fs::remove_file(path) {

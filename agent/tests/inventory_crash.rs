@@ -64,6 +64,7 @@ fn child_role(role: &str) {
             })));
             if step_name.starts_with("Create") {
                 let _ = inv.create(CreateSpec {
+                    open_to_peers: false,
                     populate: Some(Box::new(|d: &Path| std::fs::write(d.join("own"), b"c"))),
                     ..CreateSpec::child(h("c"), h("p"))
                 });

@@ -174,6 +174,7 @@ fn naive_child_is_a_full_copy_preserving_symlinks_permissions_and_owners() {
     let (_dir, inv) = naive();
     let p = inv
         .create(CreateSpec {
+            open_to_peers: false,
             initial_state: VolumeState::Initialized,
             populate: Some(Box::new(|d: &Path| {
                 std::fs::create_dir(d.join("sub"))?;
@@ -272,6 +273,7 @@ fn create_paused(
     let inv2 = inv.clone();
     let creator = std::thread::spawn(move || {
         inv2.create(CreateSpec {
+            open_to_peers: false,
             populate: Some(Box::new(move |_d: &Path| {
                 entered_tx.send(()).expect("signal");
                 release_rx.recv().expect("wait");
@@ -331,6 +333,7 @@ fn a_failed_populate_leaves_nothing_behind() {
     let (_dir, inv) = naive();
     let err = inv
         .create(CreateSpec {
+            open_to_peers: false,
             populate: Some(Box::new(|d: &Path| {
                 std::fs::write(d.join("partial"), b"x")?;
                 Err(std::io::Error::other("import failed"))

@@ -32,6 +32,7 @@ pub fn initialized_root(inv: &Inventory, name: &str, files: &[(&str, &str)]) -> 
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
     inv.create(CreateSpec {
+        open_to_peers: false,
         initial_state: VolumeState::Initialized,
         populate: Some(Box::new(move |dir: &Path| {
             for (name, body) in files {

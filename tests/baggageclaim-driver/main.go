@@ -7,14 +7,15 @@
 // shared tools' baggageclaim-client/build.sh (the client and its modules are vendored
 // there, not here).
 //
-//	driver -url http://127.0.0.1:7788 -import-dir DIR
+//	driver -url http://127.0.0.1:7788 -import-dir DIR [-peer-url http://127.0.0.1:7790]
 //
 // -import-dir is an empty directory beneath one of the agent's api.import_roots: the
 // driver writes its import sources (a directory tree and a .tgz) there.
 //
-// Not checked: the peer-to-peer routes (Volume.GetStreamInP2pUrl and
-// Volume.StreamP2pOut, i.e. GET /p2p-url and PUT /volumes/:handle/stream-p2p-out): the
-// agent does not serve them yet.
+// -peer-url is the local API of a second agent whose P2P listener admits the first
+// agent's P2P address: the peer-to-peer checks (Volume.GetStreamInP2pUrl on the second,
+// Volume.StreamP2pOut on the first) stream between the two. Without it they are skipped,
+// and the summary says so.
 //
 // The client has no CreateVolumeAsync method of its own: Client.CreateVolume is the
 // async create (POST /volumes-async, polls GET /volumes-async/:handle while it answers
@@ -51,6 +52,7 @@ import (
 func main() {
 	url := flag.String("url", "", "the agent's local API base URL, e.g. http://127.0.0.1:7788")
 	importDir := flag.String("import-dir", "", "an empty directory beneath one of the agent's api.import_roots")
+	peerURL := flag.String("peer-url", "", "a second agent's local API base URL, for the peer-to-peer checks")
 	flag.Parse()
 	if *url == "" || *importDir == "" {
 		fmt.Fprintln(os.Stderr, "usage: baggageclaim-driver -url URL -import-dir DIR")
@@ -66,10 +68,14 @@ func main() {
 		bc:        client.NewWithHTTPClient(*url, &http.Client{Timeout: 2 * time.Minute}),
 		url:       *url,
 		importDir: *importDir,
+		peerURL:   *peerURL,
 		// A prefix of this run's own, so the driver may run again against the same agent.
 		prefix: fmt.Sprintf("bcd-%d-", time.Now().UnixNano()),
 	}
 	d.run()
+	if d.peerURL == "" {
+		fmt.Println("skipped: the peer-to-peer checks (no -peer-url)")
+	}
 	fmt.Printf("%d passed, %d failed\n", d.passed, d.failed)
 	if d.failed > 0 {
 		os.Exit(1)
@@ -81,6 +87,7 @@ type driver struct {
 	bc        client.Client
 	url       string
 	importDir string
+	peerURL   string
 	prefix    string
 
 	passed, failed int
@@ -386,6 +393,10 @@ func (d *driver) run() {
 		}
 		return wantTree(files, "", tree)
 	})
+
+	if d.peerURL != "" {
+		d.peerToPeer(ctx)
+	}
 
 	d.check("stream-in-to-a-sub-path-makes-its-folders", func() error {
 		tree := []entry{{name: "x.txt", body: "deep\n", mode: 0o644}}
@@ -916,4 +927,68 @@ func wantTree(files map[string]file, prefix string, want []entry) error {
 		return errors.New(strings.Join(problems, "; "))
 	}
 	return nil
+}
+
+// peerToPeer streams the source volume to a volume on the second agent the way the ATC
+// does with P2P streaming on: GetStreamInP2pUrl on the destination, StreamP2pOut on the
+// source.
+func (d *driver) peerToPeer(ctx context.Context) {
+	peer := client.NewWithHTTPClient(d.peerURL, &http.Client{Timeout: 2 * time.Minute})
+	var dest baggageclaim.Volume
+	var streamInURL string
+
+	d.check("p2p-get-stream-in-url", func() error {
+		v, err := peer.CreateVolume(d.log, d.h("p2p-dest"), baggageclaim.VolumeSpec{
+			Strategy: baggageclaim.EmptyStrategy{}, Properties: d.props("kind", "p2p-dest"),
+		})
+		if err != nil {
+			return fmt.Errorf("CreateVolume on the peer: %w", err)
+		}
+		dest = v
+		u, err := v.GetStreamInP2pUrl(ctx, "copied")
+		if err != nil {
+			return fmt.Errorf("GetStreamInP2pUrl: %w", err)
+		}
+		want := "/volumes/" + v.Handle() + "/stream-in?path=copied"
+		if !strings.HasPrefix(u, "http://") || !strings.HasSuffix(u, want) {
+			return fmt.Errorf("GetStreamInP2pUrl = %q, want http://HOST:PORT%s", u, want)
+		}
+		if strings.Contains(u, strings.TrimPrefix(d.peerURL, "http://")) {
+			return fmt.Errorf("GetStreamInP2pUrl = %q points at the peer's local API, not its P2P listener", u)
+		}
+		streamInURL = u
+		return nil
+	})
+
+	d.check("p2p-stream-out-to-the-peer", func() error {
+		if err := d.src.StreamP2pOut(ctx, "dir", streamInURL, baggageclaim.GzipEncoding); err != nil {
+			return fmt.Errorf("StreamP2pOut: %w", err)
+		}
+		files, err := streamOut(ctx, dest, "copied", baggageclaim.GzipEncoding)
+		if err != nil {
+			return fmt.Errorf("reading back from the peer: %w", err)
+		}
+		return wantTree(files, "dir/", srcTree)
+	})
+
+	d.check("p2p-stream-out-of-a-missing-path-is-file-not-found", func() error {
+		err := d.src.StreamP2pOut(ctx, "no-such-path", streamInURL, baggageclaim.GzipEncoding)
+		if !errors.Is(err, baggageclaim.ErrFileNotFound) {
+			return fmt.Errorf("StreamP2pOut(no-such-path) = %v, want ErrFileNotFound", err)
+		}
+		return nil
+	})
+
+	d.known("p2p-stream-into-a-volume-already-read-is-refused",
+		"baggageclaim lets any peer write into any volume; the agent's P2P listener takes only volumes nothing has read yet", func() error {
+			// dest was streamed out above (read back), so it is closed to peers now.
+			err := d.src.StreamP2pOut(ctx, "dir", streamInURL, baggageclaim.GzipEncoding)
+			if err == nil {
+				return errors.New("a peer wrote into a volume that had already been streamed out")
+			}
+			if !strings.Contains(err.Error(), "nothing has read yet") {
+				return fmt.Errorf("StreamP2pOut error %q does not say why", err)
+			}
+			return nil
+		})
 }

@@ -402,10 +402,11 @@ impl Local {
         v
     }
 
-    /// `GET /volumes`.
+    /// `GET /inventory`: every record, whatever its state (baggageclaim's `GET /volumes`
+    /// hides volumes being created or destroyed).
     pub async fn list(&self) -> Vec<VolumeJson> {
         self.http
-            .get(format!("{}/volumes", self.base))
+            .get(format!("{}/inventory", self.base))
             .send()
             .await
             .expect("list")
@@ -601,4 +602,71 @@ pub async fn destroyed(server: &wiremock::MockServer) -> Vec<String> {
 /// JSON of a request body.
 pub fn body_json(r: &Request) -> Value {
     serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+}
+
+// ---- baggageclaim's async creates (`POST /volumes-async`), as its client drives them ----
+
+pub fn content_type(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `POST /volumes-async`, asserting the 201 `{"handle"}` answer.
+pub async fn create_async(local: &Local, body: Value) {
+    let resp = local
+        .http
+        .post(format!("{}/volumes-async", local.base))
+        .json(&body)
+        .send()
+        .await
+        .expect("create-async");
+    assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+    assert_eq!(content_type(&resp), "application/json");
+    let v: Value = resp.json().await.expect("future json");
+    assert_eq!(v, serde_json::json!({"handle": body["handle"]}));
+}
+
+/// Polls `GET /volumes-async/H` while it answers 204; returns the final status and body.
+pub async fn poll(local: &Local, h: &str) -> (reqwest::StatusCode, String, Value) {
+    loop {
+        let resp = local
+            .http
+            .get(format!("{}/volumes-async/{h}", local.base))
+            .send()
+            .await
+            .expect("poll");
+        if resp.status() != reqwest::StatusCode::NO_CONTENT {
+            let status = resp.status();
+            let ct = content_type(&resp);
+            let body = resp.json().await.unwrap_or(Value::Null);
+            return (status, ct, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn cancel(local: &Local, h: &str) -> reqwest::StatusCode {
+    local
+        .http
+        .delete(format!("{}/volumes-async/{h}", local.base))
+        .send()
+        .await
+        .expect("cancel")
+        .status()
+}
+
+/// Creates `h` the baggageclaim way and returns the volume JSON.
+pub async fn make_async(local: &Local, h: &str, strategy: Value, privileged: bool) -> Value {
+    let mut body = serde_json::json!({"handle": h, "strategy": strategy, "properties": null});
+    if privileged {
+        body["privileged"] = serde_json::json!(true);
+    }
+    create_async(local, body).await;
+    let (status, _, v) = poll(local, h).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "create {h}: {v}");
+    assert_eq!(cancel(local, h).await, reqwest::StatusCode::NO_CONTENT);
+    v
 }

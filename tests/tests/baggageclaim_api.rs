@@ -18,48 +18,6 @@ async fn start() -> (MockServer, Agent, Local) {
     (server, agent, local)
 }
 
-fn content_type(resp: &reqwest::Response) -> String {
-    resp.headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
-}
-
-/// `POST /volumes-async`, asserting the 201 `{"handle"}` answer.
-async fn create_async(local: &Local, body: Value) {
-    let resp = local
-        .http
-        .post(format!("{}/volumes-async", local.base))
-        .json(&body)
-        .send()
-        .await
-        .expect("create-async");
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    assert_eq!(content_type(&resp), "application/json");
-    let v: Value = resp.json().await.expect("future json");
-    assert_eq!(v, json!({"handle": body["handle"]}));
-}
-
-/// Polls `GET /volumes-async/H` while it answers 204; returns the final status and body.
-async fn poll(local: &Local, h: &str) -> (StatusCode, String, Value) {
-    loop {
-        let resp = local
-            .http
-            .get(format!("{}/volumes-async/{h}", local.base))
-            .send()
-            .await
-            .expect("poll");
-        if resp.status() != StatusCode::NO_CONTENT {
-            let status = resp.status();
-            let ct = content_type(&resp);
-            let body = resp.json().await.unwrap_or(Value::Null);
-            return (status, ct, body);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// Starts a create that must fail; returns the poll's status and error body.
 async fn failed_create(local: &Local, body: Value) -> (StatusCode, Value) {
     let h = body["handle"].as_str().expect("handle").to_string();
@@ -67,29 +25,6 @@ async fn failed_create(local: &Local, body: Value) -> (StatusCode, Value) {
     let (status, _, err) = poll(local, &h).await;
     assert!(err["error"].is_string(), "{err}");
     (status, err)
-}
-
-async fn cancel(local: &Local, h: &str) -> StatusCode {
-    local
-        .http
-        .delete(format!("{}/volumes-async/{h}", local.base))
-        .send()
-        .await
-        .expect("cancel")
-        .status()
-}
-
-/// Creates `h` the baggageclaim way and returns the volume JSON.
-async fn make_async(local: &Local, h: &str, strategy: Value, privileged: bool) -> Value {
-    let mut body = json!({"handle": h, "strategy": strategy, "properties": null});
-    if privileged {
-        body["privileged"] = json!(true);
-    }
-    create_async(local, body).await;
-    let (status, _, v) = poll(local, h).await;
-    assert_eq!(status, StatusCode::OK, "create {h}: {v}");
-    assert_eq!(cancel(local, h).await, StatusCode::NO_CONTENT);
-    v
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {

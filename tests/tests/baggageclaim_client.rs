@@ -1,6 +1,7 @@
 //! Concourse's own baggageclaim Go client against the real agent: the driver in
 //! `tests/baggageclaim-driver/` is built with the shared tools' `baggageclaim-client/build.sh`
-//! (the client vendored there) and runs its checks against the agent's local API.
+//! (the client vendored there) and runs its checks against the agent's local API, the
+//! peer-to-peer ones between two agents.
 //!
 //! Without Go or the shared tools folder the test prints why it is SKIPPED and passes,
 //! unless `BAGGAGECLAIM_CLIENT_REQUIRED=1` (as in CI), when it fails.
@@ -128,11 +129,21 @@ async fn concourse_go_client_drives_every_volume_call() {
     let Some(driver) = driver() else { return };
     // A central API that knows nothing (404 everywhere): the agent destroys nothing.
     let server = MockServer::start().await;
-    let agent = Agent::start(&server.uri(), &AgentSettings::default());
+    // Two workers for the peer-to-peer checks: P2P listeners on two loopback addresses,
+    // the second admitting the first.
+    let with_p2p = |worker: &str, ip: &str| AgentSettings {
+        worker: worker.into(),
+        extra: format!("\n[p2p]\nlisten = \"{ip}:0\"\nallowed_networks = [\"127.0.0.2/32\"]\n"),
+        ..AgentSettings::default()
+    };
+    let agent = Agent::start(&server.uri(), &with_p2p("w1", "127.0.0.2"));
+    let peer = Agent::start(&server.uri(), &with_p2p("w2", "127.0.0.3"));
     let imports = tempfile::tempdir_in(agent.imports_dir()).expect("import source dir");
     let out = tokio::process::Command::new(&driver)
         .arg("-url")
         .arg(&agent.api)
+        .arg("-peer-url")
+        .arg(&peer.api)
         .arg("-import-dir")
         .arg(imports.path())
         .kill_on_drop(true)
@@ -152,5 +163,9 @@ async fn concourse_go_client_drives_every_volume_call() {
     assert!(
         stdout.contains(" passed, 0 failed"),
         "no summary from the driver:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("ok p2p-stream-out-to-the-peer"),
+        "the peer-to-peer checks did not run:\n{stdout}"
     );
 }

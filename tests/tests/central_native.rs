@@ -611,6 +611,20 @@ async fn reports_volume_whose_directory_vanished_as_missing() {
         .map(|v| (v.handle.as_str(), v.missing))
         .collect();
     assert_eq!(flags, [("gone", true), ("keeper", false)]);
+    // Baggageclaim's lookups answer as baggageclaim would for a vanished directory.
+    let shown: Vec<String> = local
+        .http
+        .get(format!("{}/volumes", local.base))
+        .send()
+        .await
+        .expect("list")
+        .json::<Vec<protocol::local::VolumeJson>>()
+        .await
+        .expect("list json")
+        .into_iter()
+        .map(|v| v.handle.to_string())
+        .collect();
+    assert_eq!(shown, ["keeper"]);
     assert!(line_of(&cli(&agent, &["volumes", "list"]).await, "gone").contains("(missing)"));
     assert!(!line_of(&cli(&agent, &["volumes", "list"]).await, "keeper").contains("missing"));
     let plan = cli(&agent, &["gc", "plan"]).await;

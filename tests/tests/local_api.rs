@@ -460,8 +460,21 @@ async fn parent_being_destroyed_is_409_for_a_new_child() {
     }
     let (status, _) = send(&local, reqwest::Method::DELETE, "/volumes/dying", None).await;
     assert!(!status.is_success(), "the destroy must stop at the mount");
-    let (_, got) = send(&local, reqwest::Method::GET, "/volumes/dying", None).await;
+    let (_, got) = send(&local, reqwest::Method::GET, "/inventory/dying", None).await;
     assert_eq!(got["state"], "destroying", "{got}");
+    // Baggageclaim's lookups do not see a volume being destroyed (it sits in `dead/`).
+    let (status, _) = send(&local, reqwest::Method::GET, "/volumes/dying", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, listed) = send(&local, reqwest::Method::GET, "/volumes", None).await;
+    assert_eq!(listed, json!([]), "GET /volumes hides it");
+    let (status, _) = send(
+        &local,
+        reqwest::Method::GET,
+        "/volumes/dying/privileged",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, err) = post(
         &local,
         json!({"handle": "orphan", "strategy": {"type": "cow", "volume": "dying"}}),

@@ -378,7 +378,7 @@ async fn check_after_power_cut(
 
     let listed: Vec<VolumeJson> = local
         .http
-        .get(format!("{}/volumes", local.base))
+        .get(format!("{}/inventory", local.base))
         .send()
         .await
         .expect("list volumes")

@@ -129,20 +129,26 @@ pub async fn guard(
         }
         return Err(refusal.into());
     }
-    if let Some(h) = BROWSER_HEADERS
-        .iter()
-        .find(|h| req.headers().contains_key(**h))
-    {
+    if let Some(refusal) = browser_refusal(req.headers()) {
         if let Some(held_back) = REFUSAL_LOG.admit(std::time::Instant::now()) {
-            warn!(%method, %path, header = h, held_back, "refused a request sent by a web browser");
+            warn!(%method, %path, held_back, "refused a request sent by a web browser: {refusal}");
         }
-        return Err(ApiError::Forbidden(format!(
-            "requests carrying a {h} header come from a web browser and are refused; \
-             the volume-agent API is for the worker's container runtime"
-        ))
-        .into());
+        return Err(refusal.into());
     }
     next.call(req).await
+}
+
+/// A 403 for a request that carries a header only web browsers send.
+pub fn browser_refusal(headers: &actix_web::http::header::HeaderMap) -> Option<ApiError> {
+    BROWSER_HEADERS
+        .iter()
+        .find(|h| headers.contains_key(**h))
+        .map(|h| {
+            ApiError::Forbidden(format!(
+                "requests carrying a {h} header come from a web browser and are refused; \
+                 the volume-agent API is for the worker's container runtime"
+            ))
+        })
 }
 
 /// Whether `cred` may use the API under `trust`.

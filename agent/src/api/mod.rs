@@ -6,6 +6,7 @@ pub mod baggageclaim;
 pub mod error;
 pub mod guard;
 pub mod ops;
+pub mod p2p;
 pub mod stream;
 pub mod volumes;
 
@@ -45,6 +46,10 @@ pub struct ApiState {
     pub import_roots: Arc<[std::path::PathBuf]>,
     /// The stream pool, idle timeout and stream-in limits.
     pub streams: stream::StreamSettings,
+    /// Worker-to-worker streaming, when `p2p.listen` is set.
+    pub p2p: Option<Arc<p2p::P2p>>,
+    /// Sends P2P streams (`stream-p2p-out`), from the P2P listen IP when it is specific.
+    pub p2p_client: reqwest::Client,
 }
 
 /// Registers every route. The bulk destroy route is registered before `/volumes/{handle}`
@@ -63,6 +68,17 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(volumes::routes)
             .configure(baggageclaim::routes)
             .configure(stream::routes)
+            .configure(p2p::routes)
             .default_service(web::to(error::not_found));
+    }
+}
+
+/// Registers the P2P listener's routes (stream-in from peers, nothing else).
+pub fn configure_peer(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(web::Data::new(state))
+            .app_data(web::PathConfig::default().error_handler(error::path_error))
+            .app_data(web::QueryConfig::default().error_handler(error::query_error))
+            .configure(p2p::peer_routes);
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use super::volumes::handle;
 use super::{ApiError, ApiState};
 use crate::contents::archive::{ArchiveError, Encoding, Stopped};
-use crate::inventory::{Inventory, StreamHold, StreamInLimits};
+use crate::inventory::{Inventory, StreamHold, StreamInLimits, StreamKind};
 
 /// Chunks in flight between the HTTP side and the tar side.
 const CHANNEL_CHUNKS: usize = 16;
@@ -81,7 +81,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[derive(Debug, Deserialize)]
 pub struct PathQuery {
     #[serde(default)]
-    path: String,
+    pub path: String,
 }
 
 impl From<ArchiveError> for ApiError {
@@ -216,6 +216,7 @@ fn spawn_stream(
     slot: OwnedSemaphorePermit,
     inv: Inventory,
     raw_handle: &str,
+    kind: StreamKind,
     work: impl FnOnce(&Inventory, StreamHold, oneshot::Sender<Result<(), ApiError>>) + Send + 'static,
 ) -> Result<oneshot::Receiver<Result<(), ApiError>>, ApiError> {
     let h = handle(raw_handle)?;
@@ -224,7 +225,7 @@ fn spawn_stream(
         .name("stream".into())
         .spawn(move || {
             let _slot = slot;
-            match inv.hold_for_stream(&h) {
+            match inv.hold_for_stream(&h, kind) {
                 Ok(hold) => work(&inv, hold, ready_tx),
                 Err(e) => drop(ready_tx.send(Err(e.into()))),
             }
@@ -242,11 +243,31 @@ async fn stream_in(
     req: HttpRequest,
     path: web::Path<String>,
     query: web::Query<PathQuery>,
-    mut body: web::Payload,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let encoding = encoding_of(&req, header::CONTENT_ENCODING)?;
+    receive(
+        &state,
+        &req,
+        &path,
+        query.into_inner().path,
+        body,
+        StreamKind::In,
+    )
+    .await
+}
+
+/// Extracts the request's compressed tar into `sub` of the volume `raw_handle`, on the
+/// stream pool, for a caller of `kind` (the local API, or a peer through the P2P listener).
+pub(super) async fn receive(
+    state: &ApiState,
+    req: &HttpRequest,
+    raw_handle: &str,
+    sub: String,
+    mut body: web::Payload,
+    kind: StreamKind,
+) -> Result<HttpResponse, ApiError> {
+    let encoding = encoding_of(req, header::CONTENT_ENCODING)?;
     let slot = state.streams.slot()?;
-    let sub = query.into_inner().path;
     let limits = state.streams.limits;
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_CHUNKS);
     let complete = Arc::new(AtomicBool::new(false));
@@ -256,7 +277,8 @@ async fn stream_in(
         spawn_stream(
             slot,
             state.streams_inventory.clone(),
-            &path,
+            raw_handle,
+            kind,
             move |inv, hold, ready| {
                 let _ = ready.send(Ok(()));
                 let input = ChannelReader {
@@ -336,15 +358,31 @@ async fn stream_out(
     query: web::Query<PathQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let encoding = encoding_of(&req, header::ACCEPT_ENCODING)?;
+    let body = produce(&state, &path, query.into_inner().path, encoding).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_ENCODING, encoding.as_str()))
+        .content_type("application/octet-stream")
+        .streaming(body))
+}
+
+/// Starts packing `sub` of the volume `raw_handle` as a tar compressed as `encoding`, on
+/// the stream pool; answers once the source is open (a missing path is a 404 then), with
+/// the stream of compressed bytes, which ends in an error if packing fails midway.
+pub(super) async fn produce(
+    state: &ApiState,
+    raw_handle: &str,
+    sub: String,
+    encoding: Encoding,
+) -> Result<impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static, ApiError> {
     let slot = state.streams.slot()?;
-    let sub = query.into_inner().path;
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_CHUNKS);
     let rt = tokio::runtime::Handle::current();
     let idle = state.streams.idle;
     let ready = spawn_stream(
         slot,
         state.streams_inventory.clone(),
-        &path,
+        raw_handle,
+        StreamKind::Out,
         move |inv, hold, ready| {
             let source = match inv.open_stream_out(&hold, &sub) {
                 Ok(s) => s,
@@ -371,11 +409,7 @@ async fn stream_out(
         },
     )?;
     ready.await.map_err(|_| thread_gone())??;
-    let body = futures::stream::unfold(rx, |mut rx| async move {
+    Ok(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
-    });
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CONTENT_ENCODING, encoding.as_str()))
-        .content_type("application/octet-stream")
-        .streaming(body))
+    }))
 }

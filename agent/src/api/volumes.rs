@@ -18,6 +18,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         // Before `/volumes/{handle}`: a volume named `destroy` must not shadow it.
         .route("/volumes/destroy", web::delete().to(destroy_many))
         .route("/volumes/{handle}", web::get().to(get))
+        // The operator's view: every record, whatever its state (`volume-agent volumes`).
+        .route("/inventory", web::get().to(list_all))
+        .route("/inventory/{handle}", web::get().to(get_any))
         .route("/volumes/{handle}", web::delete().to(destroy))
         .route(
             "/volumes/{handle}/properties/{key}",
@@ -77,22 +80,47 @@ async fn create(
     Ok(HttpResponse::Created().json(volume_json(&record)))
 }
 
+/// Whether baggageclaim's lookups (`GET /volumes`, `GET /volumes/{h}`, `GET
+/// /volumes/{h}/privileged`) show a record. Baggageclaim keeps a volume being created in
+/// `init/` and one being destroyed in `dead/`, and looks only in `live/`, so both are
+/// invisible (listed by nobody, 404 to a lookup); a volume whose directory vanished fails
+/// its lookup too. The agent answers the same; `GET /inventory` shows every record.
+pub fn visible(r: &VolumeRecord) -> bool {
+    use protocol::VolumeState::*;
+    !r.missing && matches!(r.state, Created | Initializing | Initialized)
+}
+
+fn with_properties<'a>(
+    records: impl IntoIterator<Item = &'a VolumeRecord>,
+    wanted: &BTreeMap<String, String>,
+) -> Vec<VolumeJson> {
+    records
+        .into_iter()
+        .filter(|r| wanted.iter().all(|(k, v)| r.properties.get(k) == Some(v)))
+        .map(volume_json)
+        .collect()
+}
+
 async fn list(
     state: web::Data<ApiState>,
     query: web::Query<BTreeMap<String, String>>,
 ) -> Result<HttpResponse, ApiError> {
-    let wanted = query.into_inner();
     let records = blocking(&state, |inv| inv.list()).await?;
-    let out: Vec<VolumeJson> = records
-        .iter()
-        .filter(|r| wanted.iter().all(|(k, v)| r.properties.get(k) == Some(v)))
-        .map(volume_json)
-        .collect();
+    let out = with_properties(records.iter().filter(|r| visible(r)), &query);
     Ok(HttpResponse::Ok().json(out))
 }
 
-/// The volume named in the path, or 404.
-async fn find(state: &ApiState, raw: &str) -> Result<VolumeRecord, ApiError> {
+/// `GET /inventory?k=v`: every record with its state, `missing` flag included.
+async fn list_all(
+    state: web::Data<ApiState>,
+    query: web::Query<BTreeMap<String, String>>,
+) -> Result<HttpResponse, ApiError> {
+    let records = blocking(&state, |inv| inv.list()).await?;
+    Ok(HttpResponse::Ok().json(with_properties(&records, &query)))
+}
+
+/// The record named in the path, whatever its state, or 404.
+async fn find_any(state: &ApiState, raw: &str) -> Result<VolumeRecord, ApiError> {
     let h = handle(raw)?;
     let found = {
         let h = h.clone();
@@ -101,11 +129,29 @@ async fn find(state: &ApiState, raw: &str) -> Result<VolumeRecord, ApiError> {
     found.ok_or_else(|| InventoryError::NotFound(h).into())
 }
 
+/// The volume named in the path as baggageclaim's lookups see it (see [`visible`]), or 404.
+async fn find(state: &ApiState, raw: &str) -> Result<VolumeRecord, ApiError> {
+    let r = find_any(state, raw).await?;
+    if visible(&r) {
+        Ok(r)
+    } else {
+        Err(InventoryError::NotFound(r.handle).into())
+    }
+}
+
 async fn get(
     state: web::Data<ApiState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let r = find(&state, &path).await?;
+    Ok(HttpResponse::Ok().json(volume_json(&r)))
+}
+
+async fn get_any(
+    state: web::Data<ApiState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let r = find_any(&state, &path).await?;
     Ok(HttpResponse::Ok().json(volume_json(&r)))
 }
 
@@ -246,4 +292,45 @@ async fn set_privileged(
     let value = body.into_inner().value;
     blocking(&state, move |inv| inv.set_privileged(&h, value)).await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::DriverKind;
+    use protocol::VolumeState;
+
+    fn record(state: VolumeState, missing: bool) -> VolumeRecord {
+        VolumeRecord {
+            handle: Handle::new("v").expect("handle"),
+            state,
+            parent: None,
+            driver: DriverKind::Naive,
+            path: "/volumes/live/v/volume".into(),
+            properties: BTreeMap::new(),
+            privileged: false,
+            created_at: chrono::Utc::now(),
+            changed_at: chrono::Utc::now(),
+            missing,
+        }
+    }
+
+    #[test]
+    fn lookups_hide_volumes_being_created_or_destroyed_like_baggageclaim() {
+        use VolumeState::*;
+        for (state, shown) in [
+            (Creating, false),
+            (Created, true),
+            (Initializing, true),
+            (Initialized, true),
+            (Destroying, false),
+        ] {
+            assert_eq!(visible(&record(state, false)), shown, "{state}");
+        }
+    }
+
+    #[test]
+    fn lookups_hide_a_volume_whose_directory_vanished() {
+        assert!(!visible(&record(VolumeState::Initialized, true)));
+    }
 }

@@ -34,6 +34,10 @@ impl Inventory {
         initial_state: VolumeState,
     ) -> Result<VolumeRecord, InventoryError> {
         let ids = IdMap::for_volume(req.privileged);
+        // An empty volume made by an async create (`initialized` at once) is what Concourse
+        // streams into, P2P included.
+        let open_to_peers =
+            matches!(req.strategy, Strategy::Empty) && initial_state == VolumeState::Initialized;
         let (parent, populate): (Option<Handle>, Option<Populate>) = match req.strategy {
             // The data root the driver made belongs to the volume's (mapped) root.
             Strategy::Empty if !req.privileged => (
@@ -69,6 +73,7 @@ impl Inventory {
             }
         };
         self.create(CreateSpec {
+            open_to_peers,
             handle: req.handle,
             parent,
             properties: req.properties,

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 pub use driver::DriverError;
 pub use protocol::{Handle, VolumeState};
-pub use streams::{StreamHold, StreamInLimits, CUT_WAIT};
+pub use streams::{StreamHold, StreamInLimits, StreamKind, CUT_WAIT};
 
 use driver::{driver, ParentView};
 use layout::{exists, fsync_dir, Layout, META_FILE, UPPER_DIR};
@@ -105,12 +105,17 @@ pub struct CreateSpec {
     pub initial_state: VolumeState,
     /// Fills the data dir while still `creating` (import, id shifting); `None` = leave as made.
     pub populate: Option<Populate>,
+    /// A peer may stream into the new volume over the P2P listener even once it is
+    /// `initialized`, until it is first read (see [`Inventory::hold_for_peer_stream`]):
+    /// baggageclaim's async creates of empty volumes, which Concourse streams into.
+    pub open_to_peers: bool,
 }
 
 impl CreateSpec {
     /// An empty root volume in state `created`.
     pub fn empty(handle: Handle) -> Self {
         CreateSpec {
+            open_to_peers: false,
             handle,
             parent: None,
             properties: BTreeMap::new(),
@@ -122,6 +127,7 @@ impl CreateSpec {
     /// A copy-on-write child of `parent` in state `created`.
     pub fn child(handle: Handle, parent: Handle) -> Self {
         CreateSpec {
+            open_to_peers: false,
             parent: Some(parent),
             ..CreateSpec::empty(handle)
         }
@@ -458,6 +464,7 @@ impl Inventory {
             privileged,
             initial_state,
             populate,
+            open_to_peers,
         } = spec;
         if !matches!(
             initial_state,
@@ -483,6 +490,7 @@ impl Inventory {
             created_at: now,
             changed_at: now,
             children: 0,
+            open_to_peers,
         };
         // No make_room here: the reserve is for destroys, which free space; a create on a
         // full disk must fail rather than eat the room the next destroy needs.

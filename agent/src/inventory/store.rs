@@ -48,6 +48,10 @@ pub(crate) struct Stored {
     /// Number of children (any state); kept with the `children` index in one transaction.
     #[serde(default)]
     pub(crate) children: u64,
+    /// A peer may still stream in over the P2P listener (see `CreateSpec::open_to_peers`);
+    /// cleared for good when the volume is first read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) open_to_peers: bool,
 }
 
 impl Stored {

@@ -162,6 +162,30 @@ impl<W: Write> Write for CutWriter<'_, W> {
     }
 }
 
+/// Which way a stream goes, and who sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// A stream-in from the local API.
+    In,
+    /// A stream-out (local, or the source side of a P2P stream).
+    Out,
+    /// A stream-in from another worker, through the P2P listener.
+    PeerIn,
+}
+
+/// Whether another worker may write into a volume: only one nothing has read yet, so no
+/// peer can change what a build, a copy-on-write child or another worker already saw.
+/// That is a volume still `created` or `initializing` in the agent's lifecycle, or an
+/// empty volume an async create made `initialized` at once (what Concourse streams into)
+/// that has no children and was never streamed out.
+pub(crate) fn peer_may_write(stored: &super::store::Stored) -> bool {
+    match stored.state {
+        VolumeState::Created | VolumeState::Initializing => true,
+        VolumeState::Initialized => stored.open_to_peers && stored.children == 0,
+        VolumeState::Creating | VolumeState::Destroying => false,
+    }
+}
+
 /// Opens a live volume's data directory (the agent's own path, not the volume's content).
 fn open_data(rec: &VolumeRecord) -> Result<Dir, ArchiveError> {
     Dir::open_root(&rec.path).map_err(|e| ArchiveError::Io {
@@ -171,13 +195,44 @@ fn open_data(rec: &VolumeRecord) -> Result<Dir, ArchiveError> {
 }
 
 impl Inventory {
-    /// Takes a hold on `h` for a stream: 404 when unknown, 409 while it is being created,
-    /// destroyed or having its privilege changed. Blocking (a store read).
-    pub fn hold_for_stream(&self, h: &Handle) -> Result<StreamHold, InventoryError> {
+    /// Takes a hold on `h` for a stream of `kind`: 404 when unknown, 409 while it is being
+    /// created, destroyed or having its privilege changed, and for a peer's stream-in,
+    /// 409 unless [`peer_may_write`] says yes. A stream out closes the volume to peers for
+    /// good (durably, once). Blocking (a store read; a store write the first time a volume
+    /// open to peers is read).
+    pub fn hold_for_stream(
+        &self,
+        h: &Handle,
+        kind: StreamKind,
+    ) -> Result<StreamHold, InventoryError> {
         let _guard = self.lock(h);
-        let rec = self
+        let stored = self
+            .inner
+            .store
             .get(h)?
             .ok_or_else(|| InventoryError::NotFound(h.clone()))?;
+        if kind == StreamKind::PeerIn && !peer_may_write(&stored) {
+            return Err(InventoryError::Streaming {
+                handle: h.clone(),
+                why: format!(
+                    "{}{}; a peer may stream only into a volume nothing has read yet (created or \
+                     initializing, or made empty by POST /volumes-async and not yet streamed out \
+                     or used as a parent)",
+                    stored.state,
+                    if stored.children > 0 {
+                        " with children"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
+        if kind == StreamKind::Out && stored.open_to_peers {
+            self.update_locked(h, "closing a volume to peers", |rec| {
+                Ok(std::mem::take(&mut rec.open_to_peers))
+            })?;
+        }
+        let rec = self.record(h, stored);
         if matches!(rec.state, VolumeState::Creating | VolumeState::Destroying) {
             return Err(InventoryError::Streaming {
                 handle: h.clone(),
