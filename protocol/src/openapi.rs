@@ -42,12 +42,38 @@ fn create_volume() {}
 #[utoipa::path(get, path = "/volumes", tag = "local",
     params(("properties" = Option<std::collections::BTreeMap<String, String>>, Query,
             description = "Every key=value pair must match")),
-    responses((status = 200, body = Vec<VolumeJson>)))]
+    responses((status = 200, body = Vec<VolumeJson>,
+               description = "As baggageclaim: volumes being created or destroyed, and missing ones, are left out")))]
 fn list_volumes() {}
 
 #[utoipa::path(get, path = "/volumes/{handle}", tag = "local", params(("handle" = Handle, Path)),
-    responses((status = 200, body = VolumeJson), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = VolumeJson),
+              (status = 404, body = ErrorBody, description = "Unknown, or being created or destroyed, or missing (as baggageclaim)")))]
 fn get_volume() {}
+
+#[utoipa::path(get, path = "/inventory", tag = "local",
+    params(("properties" = Option<std::collections::BTreeMap<String, String>>, Query,
+            description = "Every key=value pair must match")),
+    responses((status = 200, body = Vec<VolumeJson>, description = "Every record, whatever its state")))]
+fn list_inventory() {}
+
+#[utoipa::path(get, path = "/inventory/{handle}", tag = "local", params(("handle" = Handle, Path)),
+    responses((status = 200, body = VolumeJson), (status = 404, body = ErrorBody)))]
+fn get_inventory() {}
+
+#[utoipa::path(get, path = "/p2p-url", tag = "local",
+    responses((status = 200, body = String, content_type = "text/plain",
+               description = "`http://HOST:PORT` of this worker's P2P listener"),
+              (status = 404, body = ErrorBody, description = "P2P streaming is off (`p2p.listen` unset)")))]
+fn p2p_url() {}
+
+#[utoipa::path(put, path = "/volumes/{handle}/stream-p2p-out", tag = "local",
+    params(("handle" = Handle, Path), ("path" = String, Query), ("encoding" = String, Query),
+           ("streamInURL" = String, Query, description = "The peer's stream-in URL")),
+    responses((status = 200, description = "The peer answered 204"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 502, body = ErrorBody, description = "The peer failed or refused")))]
+fn stream_p2p_out() {}
 
 #[utoipa::path(delete, path = "/volumes/{handle}", tag = "local", params(("handle" = Handle, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -126,6 +152,10 @@ fn metrics() {}
         create_volume,
         list_volumes,
         get_volume,
+        list_inventory,
+        get_inventory,
+        p2p_url,
+        stream_p2p_out,
         destroy_volume,
         destroy_volumes,
         set_property,
