@@ -871,3 +871,43 @@ async fn setting_privileged_re_owns_the_volume_data_both_ways() {
     }
     assert_eq!(owner(&vp.join("theirs")), (1000, 1000), "other ids stay");
 }
+
+#[tokio::test]
+async fn async_create_without_a_handle_names_the_volume_with_a_uuid() {
+    let (_s, _agent, local) = start().await;
+    for unnamed in [
+        json!({"strategy": {"type": "empty"}}),
+        json!({"handle": "", "strategy": {"type": "empty"}}),
+    ] {
+        let resp = local
+            .http
+            .post(format!("{}/volumes-async", local.base))
+            .json(&unnamed)
+            .send()
+            .await
+            .expect("create-async");
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let future: Value = resp.json().await.expect("future json");
+        let h = future["handle"].as_str().expect("handle").to_string();
+        assert_eq!(h.len(), 36, "{h}");
+        assert_eq!(h.split('-').count(), 5, "{h}");
+        let (status, _, v) = poll(&local, &h).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(v["handle"], h.as_str());
+        assert_eq!(cancel(&local, &h).await, StatusCode::NO_CONTENT);
+    }
+    let (status, err) = {
+        let resp = local
+            .http
+            .post(format!("{}/volumes-async", local.base))
+            .json(&json!({"handle": 7, "strategy": {"type": "empty"}}))
+            .send()
+            .await
+            .expect("create-async");
+        (
+            resp.status(),
+            resp.json::<Value>().await.unwrap_or(Value::Null),
+        )
+    };
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+}

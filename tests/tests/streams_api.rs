@@ -360,6 +360,15 @@ async fn a_full_stream_pool_answers_503_with_retry_after_while_volumes_still_ans
     let tar = tar_of(&[("f", tar::EntryType::Regular, None, b"x")]);
     let mut refused = None;
     for _ in 0..100 {
+        // Under load a stalled upload may reach the agent while a probe holds the other
+        // slot, and be refused itself: replace it, so two really stall.
+        for s in stalled.iter_mut() {
+            let mut buf = [0u8; 64];
+            if !matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            {
+                *s = stalled_upload(&local, "full").await;
+            }
+        }
         let got = raw_stream_in(&local, "full", &gzip(&tar)).await;
         if got.starts_with("HTTP/1.1 503") {
             refused = Some(got);

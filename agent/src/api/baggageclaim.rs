@@ -108,14 +108,32 @@ async fn create_async(
     state: web::Data<ApiState>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let value = body.into_inner();
-    let raw = value
-        .get("handle")
-        .and_then(serde_json::Value::as_str)
-        .ok_or_else(|| {
-            ApiError::BadRequest("the body needs a \"handle\" string: {\"handle\", \"strategy\", \"properties\", \"privileged\"}".into())
-        })?;
-    let h = handle(raw)?;
+    let mut value = body.into_inner();
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object: {\"handle\", \"strategy\", \"properties\", \"privileged\"}".into(),
+        ));
+    }
+    // Like baggageclaim, a create that names no handle (absent, null or "") gets a new
+    // UUID, answered in the future's `handle`.
+    let named = match value.get("handle") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s.is_empty() => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "\"handle\" must be a string, not {other}"
+            )))
+        }
+    };
+    let h = match named {
+        Some(raw) => handle(&raw)?,
+        None => {
+            let h = new_handle()?;
+            value["handle"] = serde_json::Value::String(h.to_string());
+            h
+        }
+    };
     let parsed = match serde_json::from_value::<CreateVolumeRequest>(value) {
         Ok(req) => Ok(super::guard::confine_import(req, &state.import_roots).await?),
         Err(e) => Err(e),
@@ -165,6 +183,24 @@ async fn create_async(
         });
     }
     Ok(HttpResponse::Created().json(VolumeFuture { handle: h }))
+}
+
+/// A random (version 4) UUID, as baggageclaim names a volume a create left unnamed.
+fn new_handle() -> Result<Handle, ApiError> {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
+    // 36 characters of [0-9a-f-]: always a valid handle.
+    Handle::new(&uuid).map_err(|e| ApiError::Internal(format!("generated handle {uuid}: {e}")))
 }
 
 /// Records the outcome of an async create; destroys the volume when the future was
@@ -229,4 +265,25 @@ async fn cancel(
         }
     }
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unnamed_creates_get_distinct_version_4_uuids() {
+        let a = new_handle().expect("handle");
+        let b = new_handle().expect("handle");
+        assert_ne!(a, b);
+        let s = a.as_str();
+        let groups: Vec<usize> = s.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{s}");
+        assert!(s.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{s}");
+        assert_eq!(s.as_bytes()[14], b'4', "version 4: {s}");
+        assert!(
+            matches!(s.as_bytes()[19], b'8' | b'9' | b'a' | b'b'),
+            "variant: {s}"
+        );
+    }
 }
