@@ -6,7 +6,8 @@
 //! `worker_base_resource_type_id` and `container_id` all NULL) or missing from its worker
 //! for longer than `missing_grace`. A candidate is marked only when none of its
 //! descendants is live (neither a candidate nor `destroying`); its children's
-//! `parent_state` moves along with it under a deferred constraint. Every step is
+//! `parent_state` moves along with it under a deferred constraint; the row records when
+//! and why (`destroying_since`, `destroy_reason`: `unowned` or `missing`). Every step is
 //! idempotent: repeating a pass, or running it after a crash, changes nothing more.
 
 use std::time::Duration;
@@ -86,7 +87,13 @@ fn mark_update(marked: &str) -> String {
          )
          UPDATE volumes v SET
              state = CASE WHEN ch.mark THEN 'destroying' ELSE v.state END,
-             parent_state = CASE WHEN ch.move_parent THEN 'destroying' ELSE v.parent_state END
+             parent_state = CASE WHEN ch.move_parent THEN 'destroying' ELSE v.parent_state END,
+             destroying_since = CASE WHEN ch.mark THEN now() ELSE v.destroying_since END,
+             destroy_reason = CASE WHEN NOT ch.mark THEN v.destroy_reason
+                                   WHEN v.resource_cache_id IS NULL
+                                    AND v.worker_base_resource_type_id IS NULL
+                                    AND v.container_id IS NULL THEN 'unowned'
+                                   ELSE 'missing' END
            FROM changes ch
           WHERE ch.id = v.id"
     )

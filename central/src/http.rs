@@ -139,6 +139,7 @@ async fn get_desired(
 /// What a report handler keeps after the body is reduced (off the event loop).
 struct ReducedReport {
     sets: ReportSets,
+    figures: store::ReportFigures,
     failed: Vec<FailedVolume>,
     blocked: usize,
 }
@@ -153,6 +154,7 @@ fn reduce_report(body: &[u8], limit: usize) -> Result<ReducedReport, Error> {
     }
     Ok(ReducedReport {
         sets: ReportSets::new(&report),
+        figures: store::ReportFigures::new(&report),
         blocked: report.blocked.len(),
         failed: report.failed,
     })
@@ -168,6 +170,7 @@ async fn put_report(
     let limit = st.max_report_handles;
     let report = off_loop(body, move |b| reduce_report(&b, limit)).await?;
     let out = store::apply_report_sets(&st.db, worker, &report.sets).await?;
+    store::record_report_figures(&st.db, worker, &report.figures).await?;
     let m = &st.metrics;
     Metrics::inc(&m.reports);
     Metrics::add(&m.reported_destroyed_deleted, out.deleted);
@@ -219,6 +222,17 @@ async fn list_volumes(
 ) -> Reply {
     let worker = worker_of(&worker)?;
     Ok(HttpResponse::Ok().json(store::list_volumes(&st.db, worker).await?))
+}
+
+/// `GET /api/v1/volumes/{h}/why`: every owner that keeps the volume, or why it is
+/// garbage and since when ([`crate::why`]).
+async fn get_why(
+    _: Caller<SchedulerOrOperator>,
+    st: web::Data<AppState>,
+    handle: web::Path<String>,
+) -> Reply {
+    let handle = Handle::new(handle.into_inner()).map_err(|e| Error::BadRequest(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(crate::why::why(&st.db, &handle).await?))
 }
 
 #[derive(Deserialize)]
@@ -424,6 +438,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     web::delete().to(delete_container),
                 )
                 .route("/volumes/{h}/state", web::put().to(put_state))
+                .route("/volumes/{h}/why", web::get().to(get_why))
                 .route("/resource-configs", web::post().to(post_resource_config))
                 .route("/resource-caches", web::post().to(post_resource_cache))
                 .route(

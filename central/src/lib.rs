@@ -8,6 +8,7 @@
 //! * [`store`] and [`gc`]: every database operation, callable without HTTP.
 //! * [`auth`]: credentials (issue, list, revoke) and who may call which route.
 //! * [`tls`]: the optional HTTPS listener's certificate and key.
+//! * [`why`]: why a volume is kept or going, for the operator.
 //! * `testing` (feature `testing`): a throwaway PostgreSQL cluster for tests.
 
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
+pub mod why;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

@@ -16,6 +16,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "revision_without_join",
         include_str!("../migrations/0003_revision_without_join.sql"),
     ),
+    (
+        4,
+        "operator_view",
+        include_str!("../migrations/0004_operator_view.sql"),
+    ),
 ];
 
 /// The highest migration version this build knows.

@@ -176,6 +176,26 @@ pub struct WorkerRow {
     pub name: String,
     pub revision: i64,
     pub created_at: DateTime<Utc>,
+    /// What the worker's last report said; absent before its first report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_report: Option<WorkerFigures>,
+}
+
+/// A worker's figures from its last volume report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WorkerFigures {
+    pub at: DateTime<Utc>,
+    /// The highest desired-set revision the worker had applied; `revision` minus this is
+    /// how far it lags.
+    pub revision_seen: Option<i64>,
+    pub volumes: i64,
+    /// Sum of the bytes measured per volume (volumes not measured yet count 0).
+    pub volume_bytes: i64,
+    pub disk_total_bytes: Option<i64>,
+    pub disk_free_bytes: Option<i64>,
+    pub pressure: Option<bool>,
+    pub failed: i32,
+    pub blocked: i32,
 }
 
 /// `GET /api/v1/workers`.
@@ -183,7 +203,10 @@ pub async fn list_workers(db: &Db) -> Result<Vec<WorkerRow>> {
     let client = db.client().await?;
     Ok(client
         .query(
-            "SELECT name, revision, created_at FROM workers ORDER BY name",
+            "SELECT name, revision, created_at, last_report_at, revision_seen, volume_count,
+                    volume_bytes, disk_total_bytes, disk_free_bytes, pressure, failed_count,
+                    blocked_count
+               FROM workers ORDER BY name",
             &[],
         )
         .await?
@@ -192,8 +215,75 @@ pub async fn list_workers(db: &Db) -> Result<Vec<WorkerRow>> {
             name: r.get(0),
             revision: r.get(1),
             created_at: r.get(2),
+            last_report: r
+                .get::<_, Option<DateTime<Utc>>>(3)
+                .map(|at| WorkerFigures {
+                    at,
+                    revision_seen: r.get(4),
+                    volumes: r.get::<_, Option<i64>>(5).unwrap_or(0),
+                    volume_bytes: r.get::<_, Option<i64>>(6).unwrap_or(0),
+                    disk_total_bytes: r.get(7),
+                    disk_free_bytes: r.get(8),
+                    pressure: r.get(9),
+                    failed: r.get::<_, Option<i32>>(10).unwrap_or(0),
+                    blocked: r.get::<_, Option<i32>>(11).unwrap_or(0),
+                }),
         })
         .collect())
+}
+
+/// What a report says about its worker as a whole, kept for the operator's view.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReportFigures {
+    pub revision_seen: Option<u64>,
+    pub volumes: u64,
+    pub volume_bytes: u64,
+    pub disk: Option<protocol::native::DiskReport>,
+    pub failed: usize,
+    pub blocked: usize,
+}
+
+impl ReportFigures {
+    pub fn new(report: &VolumeReport) -> Self {
+        ReportFigures {
+            revision_seen: report.revision_seen,
+            volumes: report.volumes.len() as u64,
+            volume_bytes: report.volumes.iter().filter_map(|v| v.bytes).sum(),
+            disk: report.disk.clone(),
+            failed: report.failed.len(),
+            blocked: report.blocked.len(),
+        }
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Records the figures of a report `worker` sent (one row; after the report applied).
+pub async fn record_report_figures(db: &Db, worker: &str, f: &ReportFigures) -> Result<()> {
+    let client = db.client().await?;
+    let disk = f.disk.as_ref();
+    client
+        .execute(
+            "UPDATE workers SET last_report_at = now(), revision_seen = $2, volume_count = $3,
+                    volume_bytes = $4, disk_total_bytes = $5, disk_free_bytes = $6,
+                    pressure = $7, failed_count = $8, blocked_count = $9
+              WHERE name = $1",
+            &[
+                &worker,
+                &f.revision_seen.map(to_i64),
+                &to_i64(f.volumes),
+                &to_i64(f.volume_bytes),
+                &disk.map(|d| to_i64(d.total_bytes)),
+                &disk.map(|d| to_i64(d.free_bytes)),
+                &disk.map(|d| d.pressure),
+                &i32::try_from(f.failed).unwrap_or(i32::MAX),
+                &i32::try_from(f.blocked).unwrap_or(i32::MAX),
+            ],
+        )
+        .await?;
+    Ok(())
 }
 
 /// `PUT /api/v1/workers/{w}/base-resource-types`: the registered worker's types. A
