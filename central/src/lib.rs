@@ -8,11 +8,13 @@
 //! * [`store`] and [`gc`]: every database operation, callable without HTTP.
 //! * [`auth`]: credentials (issue, list, revoke) and who may call which route.
 //! * [`tls`]: the optional HTTPS listener's certificate and key.
-//! * [`why`]: why a volume is kept or going, for the operator.
+//! * [`why`]: why a volume is kept or going, for the operator; [`ctl`]: the operator's
+//!   commands over the HTTP API.
 //! * `testing` (feature `testing`): a throwaway PostgreSQL cluster for tests.
 
 pub mod auth;
 pub mod config;
+pub mod ctl;
 pub mod db;
 pub mod error;
 pub mod gc;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use volume_central::auth::{self, Subject};
-use volume_central::{Config, Db};
+use volume_central::{ctl, Config, Db};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +30,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Each worker: volumes, bytes, free disk, pressure, last report, revision lag.
+    Workers {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The volumes of one worker and what keeps each.
+    Volumes {
+        #[arg(long, value_name = "NAME")]
+        worker: String,
+        /// Each child indented under its parent.
+        #[arg(long)]
+        tree: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Why a volume is kept (every owner), or why it is garbage and since when.
+    Why {
+        #[arg(value_name = "HANDLE")]
+        handle: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Issue, list and revoke credentials (in the database of the config).
     Credentials {
         #[arg(long, value_name = "FILE", global = true)]
@@ -37,6 +59,35 @@ enum Command {
         #[command(subcommand)]
         command: Credentials,
     },
+}
+
+/// Where the operator's commands find a replica, and how they answer.
+#[derive(Args)]
+struct ApiArgs {
+    /// A replica's base URL.
+    #[arg(
+        long,
+        env = "VOLUME_CENTRAL_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    url: String,
+    /// File holding an operator (or scheduler) token, where credentials are on.
+    #[arg(long, env = "VOLUME_CENTRAL_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ApiArgs {
+    fn ctl(&self) -> anyhow::Result<ctl::Ctl> {
+        Ok(ctl::Ctl::new(&self.url, self.token_file.as_deref())?)
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -156,6 +207,30 @@ fn main() -> anyhow::Result<()> {
                 );
             } else {
                 println!("applied migrations {applied:?}");
+            }
+        }
+        Command::Workers { api } => {
+            let workers = runtime.block_on(api.ctl()?.workers())?;
+            if api.json {
+                print_json(&workers)?;
+            } else {
+                print!("{}", ctl::workers_text(&workers, chrono::Utc::now()));
+            }
+        }
+        Command::Volumes { worker, tree, api } => {
+            let volumes = runtime.block_on(api.ctl()?.volumes(&worker))?;
+            if api.json {
+                print_json(&volumes)?;
+            } else {
+                print!("{}", ctl::volumes_text(&volumes, tree));
+            }
+        }
+        Command::Why { handle, api } => {
+            let why = runtime.block_on(api.ctl()?.why(&handle))?;
+            if api.json {
+                print_json(&why)?;
+            } else {
+                print!("{}", ctl::why_text(&why));
             }
         }
         Command::Credentials { config, command } => {
