@@ -533,29 +533,11 @@ impl Config {
             path: path.to_owned(),
             message,
         };
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| invalid(e.message().to_string()))?;
-        let from_env = apply_env(&mut table, env)?;
         let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let key = e.path().to_string();
-                let message = e.into_inner().message().to_string();
-                // An error in a key an environment variable set is that variable's.
-                if let Some(var) = env_var_for(&from_env, &key, &message) {
-                    return ConfigError::Env {
-                        var: var.to_string(),
-                        message: if key == "." {
-                            message
-                        } else {
-                            format!("key `{key}`: {message}")
-                        },
-                    };
-                }
-                if key == "." {
-                    invalid(message)
-                } else {
-                    invalid(format!("key `{key}`: {message}"))
+            protocol::settings::parse(text, ENV_PREFIX, env).map_err(|e| match e {
+                protocol::settings::SettingsError::File { message } => invalid(message),
+                protocol::settings::SettingsError::Env { var, message } => {
+                    ConfigError::Env { var, message }
                 }
             })?;
         config.validate().map_err(invalid)?;
@@ -676,79 +658,6 @@ impl Config {
         })?;
         Ok(Some(token.trim().to_string()))
     }
-}
-
-/// The environment variable that set the key an error names: the key itself (`gc.min_free`
-/// for a bad value), or the unknown key the error's message names inside it (`gc.nope`,
-/// reported at `gc`).
-fn env_var_for<'a>(from_env: &'a [(String, String)], key: &str, message: &str) -> Option<&'a str> {
-    let unknown = message
-        .strip_prefix("unknown field `")
-        .and_then(|m| m.split_once('`'))
-        .map(|(field, _)| {
-            if key == "." {
-                field.to_string()
-            } else {
-                format!("{key}.{field}")
-            }
-        });
-    from_env
-        .iter()
-        .find(|(k, _)| k == key || unknown.as_deref() == Some(k.as_str()))
-        .map(|(_, var)| var.as_str())
-}
-
-/// Applies `VOLUME_AGENT_*` overrides to `table`; answers which key each variable set
-/// (`section.key` or `key`), so errors in those keys name the variable, not the file.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<(String, String)>, ConfigError> {
-    let mut set = Vec::new();
-    for (var, raw) in env {
-        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        let rest = rest.to_ascii_lowercase();
-        let (section, key) = match rest.split_once("__") {
-            Some((s, k)) => (Some(s.to_string()), k.to_string()),
-            None => (None, rest),
-        };
-        if key.is_empty() || section.as_deref().is_some_and(str::is_empty) {
-            return Err(ConfigError::Env {
-                var,
-                message: "expected VOLUME_AGENT_KEY or VOLUME_AGENT_SECTION__KEY".into(),
-            });
-        }
-        // A TOML literal (number, boolean, quoted string) when it parses as one, else a string.
-        let value = format!("v = {raw}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or(toml::Value::String(raw));
-        let target = match &section {
-            None => &mut *table,
-            Some(s) => match table
-                .entry(s.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            {
-                toml::Value::Table(t) => t,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var,
-                        message: format!("`{s}` is not a section"),
-                    })
-                }
-            },
-        };
-        let path = match &section {
-            Some(s) => format!("{s}.{key}"),
-            None => key.clone(),
-        };
-        target.insert(key, value);
-        set.push((path, var));
-    }
-    Ok(set)
 }
 
 #[cfg(test)]

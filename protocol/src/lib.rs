@@ -4,6 +4,8 @@
 //!   reports, base resource types).
 //! * [`concourse`]: the endpoints a Concourse ATC already serves.
 //! * [`local`]: the worker-local volume API, shaped like baggageclaim's.
+//! * [`settings`]: both binaries' configuration: TOML, environment overrides, errors that
+//!   name the key or the variable.
 //!
 //! Everything that arrives from outside is validated while it is deserialized: a
 //! [`Handle`] that is not 1–128 characters of `[A-Za-z0-9._-]` never exists as a value.
@@ -14,6 +16,7 @@ pub mod handle;
 pub mod local;
 pub mod native;
 pub mod openapi;
+pub mod settings;
 pub mod state;
 
 pub use handle::{Handle, HandleError};
