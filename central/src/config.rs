@@ -16,6 +16,8 @@ pub enum ConfigError {
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message} (correct or unset the variable)")]
+    Env { var: String, message: String },
     #[error("config {0}: set exactly one of `database_url` and `database_url_file`")]
     DatabaseUrl(String),
     #[error("cannot read {what} file {path}: {source}")]
@@ -142,23 +144,34 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, &text)
+        Self::parse_with_env(path, &text, std::env::vars())
     }
 
     /// Parses `text` (read from `path`, used in messages) and validates it.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: err.message().to_string()
-                + &err
-                    .span()
-                    .map(|s| format!(" (at byte {})", s.start))
-                    .unwrap_or_default()
-                + if err.message().contains("`token_file`") {
-                    TOKEN_FILE_REMOVED
+        Self::parse_with_env(path, text, Vec::new())
+    }
+
+    /// [`Self::parse`] with `VOLUME_CENTRAL_*` overrides from `env`:
+    /// `VOLUME_CENTRAL_<KEY>` (`VOLUME_CENTRAL_GC_INTERVAL=10s`) and
+    /// `VOLUME_CENTRAL_<SECTION>__<KEY>` (`VOLUME_CENTRAL_TLS__CERT_FILE=...`). An error in
+    /// a key a variable set names the variable.
+    pub fn parse_with_env(
+        path: &Path,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        use protocol::settings::{parse, SettingsError};
+        let config: Config = parse(text, ENV_PREFIX, env).map_err(|e| match e {
+            SettingsError::File { message } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: if message.contains("`token_file`") {
+                    message + TOKEN_FILE_REMOVED
                 } else {
-                    ""
+                    message
                 },
+            },
+            SettingsError::Env { var, message } => ConfigError::Env { var, message },
         })?;
         config.validate(path)?;
         Ok(config)
@@ -193,6 +206,9 @@ impl Config {
 }
 
 /// Why an old `token_file` is refused, and what replaces it.
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "VOLUME_CENTRAL_";
+
 const TOKEN_FILE_REMOVED: &str = "; `token_file` (one token shared by every caller) was removed: issue one credential per worker, the scheduler and operators with `volume-central credentials issue --worker NAME | --scheduler | --operator`, give each caller its own token, and delete the key";
 
 fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
@@ -310,5 +326,52 @@ key_file = "/etc/volume-central/key.pem"
         assert_eq!(c.resolve_database_url().expect("url"), "postgres://a@b/c");
         std::fs::write(&url, "\n").expect("write");
         assert!(c.resolve_database_url().is_err());
+    }
+
+    #[test]
+    fn environment_overrides_keys_and_names_the_variable_in_errors() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = Config::parse_with_env(
+            Path::new("c.toml"),
+            "database_url = \"x\"",
+            env(&[
+                ("VOLUME_CENTRAL_GC_INTERVAL", "7s"),
+                ("VOLUME_CENTRAL_POOL_SIZE", "3"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.gc_interval, std::time::Duration::from_secs(7));
+        assert_eq!(c.pool_size, 3);
+        let err = Config::parse_with_env(
+            Path::new("c.toml"),
+            "database_url = \"x\"",
+            env(&[("VOLUME_CENTRAL_GC_INTERVAL", "soon")]),
+        )
+        .expect_err("bad duration")
+        .to_string();
+        assert!(
+            err.contains("VOLUME_CENTRAL_GC_INTERVAL") && err.contains("gc_interval"),
+            "{err}"
+        );
+        let err = Config::parse_with_env(
+            Path::new("c.toml"),
+            "database_url = \"x\"",
+            env(&[("VOLUME_CENTRAL_NOPE", "1")]),
+        )
+        .expect_err("unknown key")
+        .to_string();
+        assert!(err.contains("VOLUME_CENTRAL_NOPE"), "{err}");
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "database_url = \"x\"\npool_size = \"many\"",
+        )
+        .expect_err("bad file value")
+        .to_string();
+        assert!(err.contains("c.toml") && err.contains("pool_size"), "{err}");
     }
 }

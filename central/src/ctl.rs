@@ -13,7 +13,9 @@ use crate::why::Why;
 /// Why a command could not answer, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("cannot reach volume-central at {url}: {message}; pass --url (or VOLUME_CENTRAL_URL) naming a running replica")]
+    #[error(
+        "cannot reach volume-central at {url}: {message}; pass --url naming a running replica"
+    )]
     Unreachable { url: String, message: String },
     #[error("{url} answered {status}: {message}")]
     Refused {

@@ -64,15 +64,12 @@ enum Command {
 /// Where the operator's commands find a replica, and how they answer.
 #[derive(Args)]
 struct ApiArgs {
-    /// A replica's base URL.
-    #[arg(
-        long,
-        env = "VOLUME_CENTRAL_URL",
-        default_value = "http://127.0.0.1:8080"
-    )]
+    /// A replica's base URL. (No environment variable: `VOLUME_CENTRAL_*` variables are
+    /// the service's config overrides.)
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
     /// File holding an operator (or scheduler) token, where credentials are on.
-    #[arg(long, env = "VOLUME_CENTRAL_TOKEN_FILE", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// Print the API's JSON answer instead of a table.
     #[arg(long)]

@@ -13,9 +13,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_volume-central");
 
 fn run(args: &[&str], url: &str, token_file: Option<&std::path::Path>) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .args(["--url", url])
-        .env_remove("VOLUME_CENTRAL_TOKEN_FILE");
+    cmd.args(args).args(["--url", url]);
     if let Some(t) = token_file {
         cmd.arg("--token-file").arg(t);
     }
