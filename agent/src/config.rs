@@ -413,35 +413,9 @@ impl Default for GcConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One human-readable line per event (what journald shows best).
-    #[default]
-    Human,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
-
-/// Logging (not in the design document's example; both keys are optional).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    /// A tracing filter (`info`, `volume_agent=debug`); `RUST_LOG` wins when set.
-    #[serde(default = "default_level")]
-    pub level: String,
-    #[serde(default)]
-    pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: default_level(),
-            format: LogFormat::Human,
-        }
-    }
-}
+/// Logging (not in the design document's example; both keys are optional), the same in
+/// both binaries.
+pub use protocol::settings::{LogConfig, LogFormat};
 
 fn d2s() -> Duration {
     Duration::from_secs(2)
@@ -490,9 +464,6 @@ fn default_listen() -> Listen {
 }
 fn default_resource_types_dir() -> PathBuf {
     PathBuf::from("/usr/share/volume-agent/resource-types")
-}
-fn default_level() -> String {
-    "info".to_string()
 }
 
 /// A configuration that cannot be used, with what to do about it.

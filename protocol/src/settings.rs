@@ -5,6 +5,37 @@
 //! file and passes the environment.
 
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event; without its own timestamp under systemd's
+    /// journal (`JOURNAL_STREAM` set), which stamps every line itself.
+    #[default]
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[log]` of both binaries; both keys are optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `volume_agent=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Human,
+        }
+    }
+}
 
 /// Where a configuration error comes from, with the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
