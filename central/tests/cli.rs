@@ -68,7 +68,11 @@ fn without_credentials_run_refuses_to_start_unless_auth_none() {
         .arg(&config)
         .output()
         .expect("run");
-    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(volume_central::EX_CONFIG),
+        "no credential is a configuration error, not restarted by the unit: {out:?}"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("no credential is issued")
@@ -220,9 +224,49 @@ fn an_unknown_config_key_is_refused_by_name() {
         .arg(&config)
         .output()
         .expect("run");
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(volume_central::EX_CONFIG),
+        "{out:?}"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pool_sise"), "{err}");
+}
+
+#[test]
+fn an_unreachable_database_is_not_a_config_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        "database_url = \"host=127.0.0.1 port=9 user=nobody dbname=none\"\n",
+    );
+    let out = Command::new(BIN)
+        .args(["credentials", "list", "--config"])
+        .arg(&config)
+        .output()
+        .expect("credentials list");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("database unavailable"), "{err}");
+}
+
+#[test]
+fn generate_manpages_writes_the_page_of_every_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["generate", "manpages"])
+        .arg(dir.path())
+        .output()
+        .expect("generate manpages");
+    assert!(out.status.success(), "{out:?}");
+    let page = std::fs::read_to_string(dir.path().join("volume-central.1")).expect("page");
+    assert!(page.contains(".TH volume-central 1"), "{page}");
+    let run = std::fs::read_to_string(dir.path().join("volume-central-run.1")).expect("run page");
+    assert!(run.contains("migrate"), "{run}");
+    assert!(
+        !dir.path().join("volume-central-generate.1").exists(),
+        "the hidden command got a page"
+    );
 }
 
 #[test]
