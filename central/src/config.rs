@@ -267,6 +267,41 @@ key_file = "/etc/volume-central/key.pem"
         assert!(err.contains("none"), "{err}");
     }
 
+    /// The packages' `/etc/volume-central/volume-central.toml`: valid as shipped, its
+    /// values are the defaults it says they are, and it names every key.
+    #[test]
+    fn packaged_config_is_valid_shows_the_defaults_and_names_every_key() {
+        let text = include_str!("../../packaging/central/volume-central.toml");
+        let path = Path::new("packaging/central/volume-central.toml");
+        let shipped = Config::parse(path, text).expect("the packaged config is valid");
+        let url = shipped.database_url.clone().expect("database_url set");
+        let defaults = Config::parse(path, &format!("database_url = {url:?}")).expect("valid");
+        assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
+        let keys = [
+            "listen",
+            "database_url",
+            "database_url_file",
+            "auth",
+            "credential_cache",
+            "max_report_handles",
+            "shutdown_timeout",
+            "gc_interval",
+            "missing_grace",
+            "pool_size",
+            "http_workers",
+            "[tls]",
+            "cert_file",
+            "key_file",
+        ];
+        for key in keys {
+            let named = text.lines().any(|l| {
+                let l = l.trim_start_matches('#');
+                l == key || l.starts_with(&format!("{key} = "))
+            });
+            assert!(named, "the packaged config does not show `{key}`");
+        }
+    }
+
     #[test]
     fn defaults_gc_interval_and_missing_grace() {
         let c = Config::parse(Path::new("c.toml"), "database_url = \"x\"").expect("valid");
