@@ -279,6 +279,9 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
     if let Some(pet) = pet {
         pet.abort();
     }
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
     result
 }
 
