@@ -45,6 +45,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Database(#[from] Error),
+    #[error("cannot start on the database named by `database_url`: {0}. Check that its role and database exist and that pg_hba.conf lets the role in (the packaged config connects as the role volume-central, the service's user, by peer authentication)")]
+    DatabaseRefused(Error),
     #[error("cannot listen on {addr}: {source}; pick a free address with `listen`")]
     Bind {
         addr: SocketAddr,
@@ -67,7 +69,9 @@ impl StartError {
             StartError::Config(_) | StartError::Tls(_) | StartError::NoCredentials => true,
             // The only bad request at start is an unparsable `database_url`.
             StartError::Database(err) => matches!(err, Error::BadRequest(_)),
-            StartError::Bind { .. } | StartError::Serve(_) => false,
+            StartError::DatabaseRefused(_) | StartError::Bind { .. } | StartError::Serve(_) => {
+                false
+            }
         }
     }
 }
@@ -312,7 +316,7 @@ pub async fn wait_for_database(
             Err(err @ Error::SchemaBehind { .. }) if !options.migrate => {
                 format!("{err} (or start with `volume-central run --migrate`)")
             }
-            Err(err) => return Err(err.into()),
+            Err(err) => return Err(StartError::DatabaseRefused(err)),
         };
         tracing::warn!(
             "waiting for the database before serving: {why}; next try in {}",
