@@ -556,12 +556,15 @@ migrations=$(psql_value 'SELECT count(*) FROM central_schema_migrations') ||
 ok "migrations applied by the unit ($migrations in central_schema_migrations, latest $(psql_value 'SELECT max(version) FROM central_schema_migrations')); exit status 78 without a credential, not restarted"
 
 # --- 8. with a credential: READY=1, the hardening, the API -------------------------------
-phase "issue a scheduler credential, start $unit again"
+phase "issue a scheduler credential, systemctl enable --now $unit"
 token=$(as_user volume-central volume-central credentials issue --scheduler --config "$central_config" 2>/dev/null) ||
 	fail "volume-central credentials issue --scheduler failed in the guest"
 [[ -n $token ]] || fail "credentials issue printed no token"
 in_guest systemctl reset-failed "$unit"
-in_guest systemctl start "$unit" || fail "systemctl start $unit failed with a credential issued"
+# As the README's operator path: enable --now (an enabled unit also stays loaded after
+# the stop below, so its exit status can be read).
+in_guest systemctl enable --now "$unit" 2>/dev/null ||
+	fail "systemctl enable --now $unit failed with a credential issued"
 check_started "volume_central::notify::ready()" empty
 [[ $(sed -n 's/^Uid:[[:space:]]*\([0-9]*\).*/\1/p' <<<"$status") == $(in_guest id -u volume-central) ]] ||
 	fail "the main process does not run as the user volume-central"
