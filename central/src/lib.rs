@@ -258,7 +258,8 @@ pub struct RunOptions {
 /// signal starts the stop.
 pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
     let every = notify::watchdog_interval();
-    let early = Db::connect(&config.resolve_database_url()?, 1)?;
+    // Two connections: the watchdog's check must not wait behind a long migration.
+    let early = Db::connect(&config.resolve_database_url()?, 2)?;
     let pet = every.map(|every| tokio::spawn(notify::watchdog(early.clone(), every)));
     let waited = wait_for_database(&early, options, STARTUP_RETRY_MAX).await;
     if let Some(pet) = &pet {
