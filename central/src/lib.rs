@@ -257,16 +257,29 @@ pub struct RunOptions {
 /// watchdog is petted from the start (see [`notify`]), and `STOPPING=1` is sent when a
 /// signal starts the stop.
 pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
+    let mut signals = StopSignals::listen();
     let every = notify::watchdog_interval();
     // Two connections: the watchdog's check must not wait behind a long migration.
     let early = Db::connect(&config.resolve_database_url()?, 2)?;
     let pet = every.map(|every| tokio::spawn(notify::watchdog(early.clone(), every)));
-    let waited = wait_for_database(&early, options, STARTUP_RETRY_MAX).await;
+    let starting = async {
+        wait_for_database(&early, options, STARTUP_RETRY_MAX).await?;
+        start(&config).await
+    };
+    // A stop asked for while it still waits for the database ends it cleanly too.
+    let started = tokio::select! {
+        started = starting => Some(started),
+        () = signals.recv() => None,
+    };
     if let Some(pet) = &pet {
         pet.abort();
     }
-    waited?;
-    let server = start(&config).await?;
+    let Some(started) = started else {
+        notify::stopping();
+        tracing::info!("stopped before the database answered");
+        return Ok(());
+    };
+    let server = started?;
     let pet = every.map(|every| tokio::spawn(notify::watchdog(server.db.clone(), every)));
     notify::ready(&format!(
         "serving {} (schema at migration {})",
@@ -275,7 +288,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
     ));
     let handle = server.handle.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.recv().await;
         notify::stopping();
         tracing::info!("stopping");
         handle.stop(true).await;
@@ -329,18 +342,36 @@ pub async fn wait_for_database(
     }
 }
 
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM and SIGINT, caught from the moment [`StopSignals::listen`] is called until
+/// the value is dropped, so that none is lost between two waits.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+    }
+
+    /// Returns when one of the signals arrives (never when neither could be caught).
+    async fn recv(&mut self) {
+        async fn one(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = one(&mut self.term) => {}
+            () = one(&mut self.int) => {}
+        }
     }
 }
 

@@ -156,3 +156,23 @@ fn ready_waits_for_the_database_and_the_watchdog_is_petted_meanwhile() {
     systemd.wait_for("STOPPING=1");
     assert!(child.wait().expect("wait").success());
 }
+
+#[test]
+fn sigterm_while_waiting_for_the_database_stops_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens on the discard port: the database stays unreachable.
+    let (config, _) = config_for(dir.path(), "host=127.0.0.1 port=9 user=nobody dbname=none");
+    let mut systemd = Systemd::listen(dir.path());
+    let mut child = systemd.spawn_run(&config);
+
+    systemd.wait_for("STATUS=waiting for the database");
+    sigterm(&child);
+    systemd.wait_for("STOPPING=1");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    assert!(
+        !systemd.seen.iter().any(|m| m.contains("READY=1")),
+        "READY=1 without a database: {:?}",
+        systemd.seen
+    );
+}
