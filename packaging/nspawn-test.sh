@@ -50,10 +50,10 @@
 # Needs root, mmdebstrap and systemd-container (apt-get install mmdebstrap
 # systemd-container) and the Debian archive through this machine's apt sources (the root
 # file system is downloaded on each run). The root file system is built on a tmpfs
-# (removing its 350 MB of small files from a virtual disk alone can take half a minute),
-# so the volumes root is a tmpfs too; NSPAWN_TEST_ON_DISK=1 builds it under /var/tmp
-# instead. About a minute in all, most of it mmdebstrap; it prints how long each phase
-# took. CI runs it (.ci/steps/systemd-boot.sh).
+# (removing its hundreds of MB of small files from a virtual disk alone can take half a
+# minute), so the volumes root is a tmpfs too; NSPAWN_TEST_ON_DISK=1 builds it under
+# /var/tmp instead. About two minutes in all, most of it mmdebstrap; it prints how long
+# each phase took. CI runs it (.ci/steps/systemd-boot.sh).
 #
 # Exit status: 0 passed; 1 a check failed (the message names it; the service's journal
 # follows); 77 this machine cannot run containers at all (not root, no namespaces, no
