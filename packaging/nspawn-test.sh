@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Package boot test: install the .deb into a fresh Debian bookworm root file system, boot
-# it with systemd-nspawn (a real systemd as PID 1, the shipped unit and its hardening),
-# and check, inside the booted guest:
+# Package boot test: install the .debs of volume-agent and volume-central (and Debian's
+# postgresql) into a fresh Debian bookworm root file system, boot it with systemd-nspawn
+# (a real systemd as PID 1, the shipped units and their hardening), and check, inside
+# the booted guest, for volume-agent:
 #
 #   1. start-up: volume-agent.service becomes active, i.e. systemd got READY=1
 #      (Type=notify), and the running process carries the unit's hardening
@@ -22,21 +23,37 @@
 #      the volumes are still listed, the child's contents intact and mounted once;
 #   5. `systemctl stop`: the daemon sends STOPPING=1 and exits 0 well within
 #      TimeoutStopSec (Result=success, ExecMainStatus=0);
-#   6. `systemd-analyze security volume-agent.service`: the exposure figure is printed.
+#   6. `systemd-analyze security volume-agent.service`: the exposure figure is printed;
 #
-# The unit is tested as shipped except for one drop-in in the guest: WatchdogSec=5s
-# instead of 30s, so the watchdog check takes seconds rather than half a minute (the
-# daemon pets at half the interval systemd passes it in WATCHDOG_USEC either way).
+# and for volume-central, against the guest's PostgreSQL (the role and database made as
+# the packaged config expects them: peer authentication over the unix socket):
 #
-#   bash packaging/nspawn-test.sh [path/to/volume-agent_*.deb]
+#   7. the first start, on an empty database with no credential: the unit applies the
+#      migrations (`run --migrate`; central_schema_migrations holds every one, read with
+#      psql), then refuses to serve without a credential: exit status 78 and, for
+#      RestartPreventExitStatus=78, no restart;
+#   8. with a scheduler credential issued (`volume-central credentials issue` as the
+#      service's user), the unit becomes active (READY=1), runs as volume-central with
+#      no_new_privs, a seccomp filter and an empty capability bounding set, answers
+#      /readyz and an authenticated API call;
+#   9. watchdog: WATCHDOG=1 keeps arriving; after `kill -STOP` systemd kills it for the
+#      watchdog and restarts it; after SIGKILL Restart=on-failure restarts it;
+#  10. `systemctl stop`: STOPPING=1, exit status 0; the exposure figure is printed.
+#
+# The units are tested as shipped except for one drop-in each in the guest:
+# WatchdogSec=5s instead of 30s, so the watchdog checks take seconds rather than half a
+# minute (the daemons pet at half the interval systemd passes in WATCHDOG_USEC either
+# way).
+#
+#   bash packaging/nspawn-test.sh [path/to/volume-agent_*.deb [path/to/volume-central_*.deb]]
 #
 # Needs root, mmdebstrap and systemd-container (apt-get install mmdebstrap
 # systemd-container) and the Debian archive through this machine's apt sources (the root
 # file system is downloaded on each run). The root file system is built on a tmpfs
-# (removing its 350 MB of small files from a virtual disk alone can take half a minute),
-# so the volumes root is a tmpfs too; NSPAWN_TEST_ON_DISK=1 builds it under /var/tmp
-# instead. About a minute in all, most of it mmdebstrap; it prints how long each phase
-# took. CI runs it (.ci/steps/systemd-boot.sh).
+# (removing its hundreds of MB of small files from a virtual disk alone can take half a
+# minute), so the volumes root is a tmpfs too; NSPAWN_TEST_ON_DISK=1 builds it under
+# /var/tmp instead. About two minutes in all, most of it mmdebstrap; it prints how long
+# each phase took. CI runs it (.ci/steps/systemd-boot.sh).
 #
 # Exit status: 0 passed; 1 a check failed (the message names it; the service's journal
 # follows); 77 this machine cannot run containers at all (not root, no namespaces, no
@@ -44,6 +61,7 @@
 set -euo pipefail
 script=$(realpath "$0")
 deb=${1:+$(realpath "$1")}
+cdeb=${2:+$(realpath "$2")}
 cd "$(dirname "$script")/.."
 
 me=nspawn-test.sh
@@ -53,8 +71,10 @@ skip() {
 }
 
 deb=${deb:-$(compgen -G "target/packages/volume-agent_*.deb" | head -n 1 || true)}
-[[ -f $deb ]] || {
-	echo "$me: no .deb given and none in target/packages (run packaging/build.sh)" >&2
+cdeb=${cdeb:-$(compgen -G "target/packages/volume-central_*.deb" | head -n 1 || true)}
+[[ -f $deb && -f $cdeb ]] || {
+	echo "$me: the volume-agent and volume-central .debs are neither given nor both in" \
+		"target/packages (run packaging/build.sh)" >&2
 	exit 1
 }
 for tool in mmdebstrap systemd-nspawn nsenter; do
@@ -79,7 +99,7 @@ if ! mountpoint -q /sys/fs/cgroup && [[ -z ${NSPAWN_TEST_CGROUP_NS:-} ]]; then
 			echo "nspawn-test.sh: SKIPPED, cannot run here: cannot mount cgroup2 at /sys/fs/cgroup" >&2
 			exit 77
 		}
-		exec bash "$@"' bash "$script" "$deb"
+		exec bash "$@"' bash "$script" "$deb" "$cdeb"
 fi
 
 # Watchdog interval set by the test's drop-in; margins for the waits below.
@@ -118,24 +138,26 @@ t0=$SECONDS
 phase() { printf '==> [%3ds] %s\n' "$((SECONDS - t0))" "$*"; }
 ok() { printf '    ok: %s\n' "$*"; }
 in_guest() { nsenter --target "$leader" --mount --uts --ipc --net --pid -- "$@"; }
+# The unit under test: the helpers below (show_props, prop, wait_restart, fail) act on it.
+unit=volume-agent.service
 fail() {
 	printf '%s: FAILED: %s\n' "$me" "$*" >&2
 	if [[ -n $leader && -z $failed ]]; then
 		failed=1
-		echo "--- systemctl status volume-agent (guest)" >&2
-		in_guest systemctl status --no-pager volume-agent.service >&2 || true
-		echo "--- journal of volume-agent.service (guest)" >&2
-		in_guest journalctl --no-pager -u volume-agent.service -n 60 >&2 || true
+		echo "--- systemctl status $unit (guest)" >&2
+		in_guest systemctl status --no-pager "$unit" >&2 || true
+		echo "--- journal of $unit (guest)" >&2
+		in_guest journalctl --no-pager -u "$unit" -n 60 >&2 || true
 	fi
 	exit 1
 }
 
-phase "mmdebstrap bookworm (systemd, systemd-sysv, dbus, curl) from this machine's apt sources"
+phase "mmdebstrap bookworm (systemd, systemd-sysv, dbus, curl, postgresql) from this machine's apt sources"
 sources=()
 for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
 	[[ -f $f ]] && sources+=("$f")
 done
-mmdebstrap --variant=minbase --include=systemd,systemd-sysv,dbus,init-system-helpers,curl \
+mmdebstrap --variant=minbase --include=systemd,systemd-sysv,dbus,init-system-helpers,curl,postgresql \
 	--skip=cleanup/apt bookworm "$rootfs" "${sources[@]}" >"$work/mmdebstrap.log" 2>&1 || {
 	tail -n 30 "$work/mmdebstrap.log" >&2
 	fail "mmdebstrap could not build the root file system (its log's end is above)"
@@ -163,6 +185,24 @@ cat >"$rootfs/etc/systemd/system/volume-agent.service.d/boot-test.conf" <<EOF
 [Service]
 WatchdogSec=${watchdog_sec}s
 EOF
+
+phase "install $(basename "$cdeb")"
+cp "$cdeb" "$rootfs/tmp/volume-central.deb"
+chroot "$rootfs" dpkg -i /tmp/volume-central.deb >"$work/dpkg-central.log" 2>&1 || {
+	cat "$work/dpkg-central.log" >&2
+	fail "dpkg -i of the volume-central .deb failed in the guest root"
+}
+grep -q '^volume-central:' "$rootfs/etc/passwd" || fail "the volume-central postinst made no system user"
+[[ ! -e $rootfs/etc/systemd/system/multi-user.target.wants/volume-central.service ]] ||
+	fail "the volume-central postinst enabled the unit before it has a database"
+grep -q '^WatchdogSec=30s$' "$rootfs/lib/systemd/system/volume-central.service" ||
+	fail "the installed volume-central unit has no WatchdogSec=30s: update the test's drop-in comment"
+mkdir -p "$rootfs/etc/systemd/system/volume-central.service.d"
+cat >"$rootfs/etc/systemd/system/volume-central.service.d/boot-test.conf" <<EOF
+# nspawn-test.sh: a short watchdog so that the watchdog check takes seconds.
+[Service]
+WatchdogSec=${watchdog_sec}s
+EOF
 echo "nspawn-boot-test" >"$rootfs/etc/hostname"
 
 phase "boot with systemd-nspawn"
@@ -186,7 +226,6 @@ done
 }
 
 # --- helpers on the guest's service -------------------------------------------------
-unit=volume-agent.service
 # show_props A,B,...: fills the associative array P from `systemctl show`.
 declare -A P
 show_props() {
@@ -246,54 +285,130 @@ wait_restart() {
 		"Result=${P[Result]}, NRestarts=${P[NRestarts]}, MainPID=${P[MainPID]}, was $old)"
 }
 
-# --- 1. start-up: READY=1 and the hardening --------------------------------------------
-state=unknown
-for _ in $(seq 1 120); do
-	state=$(in_guest systemctl is-active "$unit" 2>/dev/null || true)
-	case $state in
-	active | failed) break ;;
-	esac
-	sleep 0.5
-done
-phase "volume-agent.service is $state"
-case $state in
-active) ;;
-activating)
-	fail "still activating after 60s: systemd got no READY=1 (Type=notify); the daemon" \
-		"must call volume_agent::notify::ready() once start-up is done" ;;
-*) fail "volume-agent.service is $state, not active" ;;
-esac
-show_props MainPID,NRestarts,WatchdogUSec,DropInPaths,NotifyAccess,Type
-pid=${P[MainPID]}
-[[ ${P[Type]} == notify ]] || fail "Type=${P[Type]}, expected notify"
-[[ ${P[NRestarts]} == 0 ]] || fail "NRestarts=${P[NRestarts]} before any test: the service restarted at start-up"
-[[ ${P[WatchdogUSec]} == "${watchdog_sec}s" ]] ||
-	fail "WatchdogUSec=${P[WatchdogUSec]}, expected the drop-in's ${watchdog_sec}s"
-[[ ${P[DropInPaths]} == /etc/systemd/system/volume-agent.service.d/boot-test.conf ]] ||
-	fail "unexpected drop-ins in the guest: ${P[DropInPaths]}"
-ok "active (READY=1 received), main PID $pid"
-
-status=$(in_guest cat "/proc/$pid/status")
-grep -q '^NoNewPrivs:[[:space:]]*1$' <<<"$status" || fail "the main process runs without no_new_privs (NoNewPrivileges=yes)"
-grep -q '^Seccomp:[[:space:]]*2$' <<<"$status" || fail "the main process has no seccomp filter (SystemCallFilter=)"
-# The bounding set the unit asks for, as a mask: bit numbers are the line numbers of
-# `setpriv --list-caps` (util-linux, in the guest), which lists capabilities in order.
-mapfile -t all_caps < <(in_guest setpriv --list-caps)
-want_mask=0
-for c in $(prop CapabilityBoundingSet); do
-	found=
-	for i in "${!all_caps[@]}"; do
-		if [[ ${all_caps[$i]} == "${c#cap_}" ]]; then
-			want_mask=$((want_mask | (1 << i)))
-			found=1
-		fi
+# check_started READY_CALL empty|some: waits until $unit is active (READY=1, which the
+# daemon sends with READY_CALL), checks the unit's type, watchdog and drop-in, sets pid
+# to its main PID and checks the main process's hardening: no_new_privs, a seccomp
+# filter and the unit's capability bounding set (empty, or some capabilities).
+check_started() {
+	state=unknown
+	for _ in $(seq 1 120); do
+		state=$(in_guest systemctl is-active "$unit" 2>/dev/null || true)
+		case $state in
+		active | failed) break ;;
+		esac
+		sleep 0.5
 	done
-	[[ -n $found ]] || fail "setpriv does not know the capability $c"
-done
-have_mask=$((16#$(sed -n 's/^CapBnd:[[:space:]]*//p' <<<"$status")))
-((want_mask != 0 && have_mask == want_mask)) ||
-	fail "the main process's capability bounding set is $(printf '%#x' "$have_mask"), the unit's is $(printf '%#x' "$want_mask")"
-ok "hardening in force: no_new_privs, seccomp filter, capability bounding set $(printf '%#x' "$have_mask")"
+	phase "$unit is $state"
+	case $state in
+	active) ;;
+	activating)
+		fail "still activating after 60s: systemd got no READY=1 (Type=notify); the daemon" \
+			"must call $1 once start-up is done" ;;
+	*) fail "$unit is $state, not active" ;;
+	esac
+	show_props MainPID,NRestarts,WatchdogUSec,DropInPaths,NotifyAccess,Type
+	pid=${P[MainPID]}
+	[[ ${P[Type]} == notify ]] || fail "Type=${P[Type]}, expected notify"
+	[[ ${P[NRestarts]} == 0 ]] || fail "NRestarts=${P[NRestarts]} before any test: the service restarted at start-up"
+	[[ ${P[WatchdogUSec]} == "${watchdog_sec}s" ]] ||
+		fail "WatchdogUSec=${P[WatchdogUSec]}, expected the drop-in's ${watchdog_sec}s"
+	[[ ${P[DropInPaths]} == "/etc/systemd/system/$unit.d/boot-test.conf" ]] ||
+		fail "unexpected drop-ins in the guest: ${P[DropInPaths]}"
+	ok "active (READY=1 received), main PID $pid"
+
+	status=$(in_guest cat "/proc/$pid/status")
+	grep -q '^NoNewPrivs:[[:space:]]*1$' <<<"$status" || fail "the main process runs without no_new_privs (NoNewPrivileges=yes)"
+	grep -q '^Seccomp:[[:space:]]*2$' <<<"$status" || fail "the main process has no seccomp filter (SystemCallFilter=)"
+	# The bounding set the unit asks for, as a mask: bit numbers are the line numbers of
+	# `setpriv --list-caps` (util-linux, in the guest), which lists capabilities in order.
+	mapfile -t all_caps < <(in_guest setpriv --list-caps)
+	want_mask=0
+	for c in $(prop CapabilityBoundingSet); do
+		found=
+		for i in "${!all_caps[@]}"; do
+			if [[ ${all_caps[$i]} == "${c#cap_}" ]]; then
+				want_mask=$((want_mask | (1 << i)))
+				found=1
+			fi
+		done
+		[[ -n $found ]] || fail "setpriv does not know the capability $c"
+	done
+	have_mask=$((16#$(sed -n 's/^CapBnd:[[:space:]]*//p' <<<"$status")))
+	[[ $2 == empty ]] || ((want_mask != 0)) || fail "$unit asks for no capability, expected some"
+	((have_mask == want_mask)) ||
+		fail "the main process's capability bounding set is $(printf '%#x' "$have_mask"), the unit's is $(printf '%#x' "$want_mask")"
+	ok "hardening in force: no_new_privs, seccomp filter, capability bounding set $(printf '%#x' "$have_mask")"
+}
+
+# check_watchdog_restart: WATCHDOG=1 keeps arriving; after kill -STOP of the main
+# process systemd kills it for the watchdog (Result=watchdog) and restarts it (the first
+# restart: NRestarts=1); pid is the new main PID.
+check_watchdog_restart() {
+	w1=$(prop WatchdogTimestampMonotonic)
+	sleep "$watchdog_sec"
+	w2=$(prop WatchdogTimestampMonotonic)
+	((w2 > w1)) || fail "no WATCHDOG=1 from the daemon for ${watchdog_sec}s (WatchdogTimestampMonotonic stayed $w1)"
+	ok "WATCHDOG=1 arriving (last at monotonic $w2 us)"
+	restart_sec=$(($(prop RestartUSec | sed -n 's/^\([0-9]*\)s$/\1/p') + 0))
+	guest_kill -STOP "$pid" || fail "kill -STOP $pid failed in the guest"
+	wait_restart 1 "watchdog after SIGSTOP" watchdog "$pid" $((watchdog_sec + restart_sec + 20))
+	((restart_down_after <= watchdog_sec + 5)) ||
+		fail "systemd took ${restart_down_after}s to act on the stopped daemon, over WatchdogSec=${watchdog_sec}s"
+	journal=$(in_guest journalctl --no-pager -o cat -u "$unit")
+	grep -q 'Watchdog timeout' <<<"$journal" ||
+		fail "Result=watchdog but the journal has no 'Watchdog timeout' line"
+	if guest_kill -0 "$pid" 2>/dev/null; then fail "the stopped daemon (PID $pid) is still there"; fi
+	old=$pid
+	pid=$(prop MainPID)
+	ok "killed for the watchdog ${restart_down_after}s after SIGSTOP (Result=watchdog), restarted as PID $pid after ${restart_total}s (RestartSec=${restart_sec}s)"
+}
+
+# check_sigkill_restart: after SIGKILL, Restart=on-failure restarts the service (the
+# second restart: NRestarts=2); pid is the new main PID.
+check_sigkill_restart() {
+	guest_kill -KILL "$pid" || fail "kill -KILL $pid failed in the guest"
+	wait_restart 2 "restart after SIGKILL" signal "$pid" $((restart_sec + 20))
+	pid=$(prop MainPID)
+	ok "restarted by Restart=on-failure (Result=signal) as PID $pid after ${restart_total}s"
+}
+
+# print_exposure: systemd-analyze security's overall exposure line for $unit, printed
+# and kept in exposure.
+print_exposure() {
+	phase "systemd-analyze security $unit (in the guest)"
+	security=$(in_guest systemd-analyze security --no-pager "$unit" 2>&1) ||
+		fail "systemd-analyze security failed: $security"
+	exposure=$(grep -o 'Overall exposure level for .*' <<<"$security") ||
+		fail "no overall exposure line in systemd-analyze security's output: $security"
+	echo "    $exposure"
+}
+
+# check_stop LOG_LINE: systemctl stop of $unit: systemd gets STOPPING=1 from the main
+# process (pid), the daemon logs LOG_LINE (a grep pattern) and exits 0.
+check_stop() {
+	phase "systemctl stop $unit"
+	# PID 1 logs each notification it receives at debug level only.
+	in_guest systemd-analyze log-level debug
+	stop_limit=$(prop TimeoutStopUSec)
+	start=$SECONDS
+	in_guest timeout 600 systemctl stop "$unit" || fail "systemctl stop failed"
+	stop_took=$((SECONDS - start))
+	in_guest systemd-analyze log-level info
+	show_props ActiveState,Result,ExecMainCode,ExecMainStatus,NRestarts
+	[[ ${P[ActiveState]} == inactive ]] || fail "after systemctl stop the service is ${P[ActiveState]}, not inactive"
+	[[ ${P[Result]} == success ]] || fail "systemctl stop: Result=${P[Result]}, expected success"
+	# ExecMainCode 1 is CLD_EXITED (exited, not killed by a signal).
+	[[ ${P[ExecMainCode]} == 1 && ${P[ExecMainStatus]} == 0 ]] ||
+		fail "systemctl stop: the daemon did not exit 0 (ExecMainCode=${P[ExecMainCode]}, ExecMainStatus=${P[ExecMainStatus]})"
+	journal=$(in_guest journalctl --no-pager -o cat -u "$unit")
+	grep -q "Got notification message from PID $pid (.*STOPPING=1" <<<"$journal" ||
+		fail "systemd got no STOPPING=1 from the daemon (PID $pid) on stop"
+	grep -q "$1" <<<"$journal" || fail "the daemon did not log '$1' (its shutdown did not finish)"
+	ok "STOPPING=1 received, exit status 0, Result=success in ${stop_took}s (TimeoutStopSec=$stop_limit)"
+}
+
+# --- 1. start-up: READY=1 and the hardening --------------------------------------------
+check_started "volume_agent::notify::ready()" some
 
 # --- 2. volumes through the local API and the CLI ---------------------------------------
 phase "create volumes through the local API"
@@ -378,30 +493,11 @@ ok "setuid file and device node kept in a privileged volume; the device refused 
 
 # --- 3. watchdog --------------------------------------------------------------------------
 phase "watchdog: SIGSTOP the main process (WatchdogSec=${watchdog_sec}s)"
-w1=$(prop WatchdogTimestampMonotonic)
-sleep "$watchdog_sec"
-w2=$(prop WatchdogTimestampMonotonic)
-((w2 > w1)) || fail "no WATCHDOG=1 from the daemon for ${watchdog_sec}s (WatchdogTimestampMonotonic stayed $w1)"
-ok "WATCHDOG=1 arriving (last at monotonic $w2 us)"
-restart_sec=$(($(prop RestartUSec | sed -n 's/^\([0-9]*\)s$/\1/p') + 0))
-guest_kill -STOP "$pid" || fail "kill -STOP $pid failed in the guest"
-wait_restart 1 "watchdog after SIGSTOP" watchdog "$pid" $((watchdog_sec + restart_sec + 20))
-((restart_down_after <= watchdog_sec + 5)) ||
-	fail "systemd took ${restart_down_after}s to act on the stopped daemon, over WatchdogSec=${watchdog_sec}s"
-journal=$(in_guest journalctl --no-pager -o cat -u "$unit")
-grep -q 'Watchdog timeout' <<<"$journal" ||
-	fail "Result=watchdog but the journal has no 'Watchdog timeout' line"
-if guest_kill -0 "$pid" 2>/dev/null; then fail "the stopped daemon (PID $pid) is still there"; fi
-old=$pid
-pid=$(prop MainPID)
-ok "killed for the watchdog ${restart_down_after}s after SIGSTOP (Result=watchdog), restarted as PID $pid after ${restart_total}s (RestartSec=${restart_sec}s)"
+check_watchdog_restart
 
 # --- 4. SIGKILL: restart and crash safety -------------------------------------------------
 phase "SIGKILL the main process"
-guest_kill -KILL "$pid" || fail "kill -KILL $pid failed in the guest"
-wait_restart 2 "restart after SIGKILL" signal "$pid" $((restart_sec + 20))
-pid=$(prop MainPID)
-ok "restarted by Restart=on-failure (Result=signal) as PID $pid after ${restart_total}s"
+check_sigkill_restart
 list=$(volumes_list) || fail "volume-agent volumes list failed after the restarts: $list"
 for h in boot-parent boot-child boot-rootfs boot-image boot-image-priv; do
 	grep -q "$h" <<<"$list" || fail "after the restarts, volume-agent volumes list does not list $h: $list"
@@ -416,33 +512,84 @@ api_call 200 GET /volumes/boot-child >/dev/null
 ok "all five volumes survived the watchdog kill and SIGKILL, contents intact$([[ $driver == Overlay ]] && echo ', child mounted once')"
 
 # --- 6. (before stopping it) the security exposure ------------------------------------
-phase "systemd-analyze security $unit (in the guest)"
-security=$(in_guest systemd-analyze security --no-pager "$unit" 2>&1) ||
-	fail "systemd-analyze security failed: $security"
-exposure=$(grep -o 'Overall exposure level for .*' <<<"$security") ||
-	fail "no overall exposure line in systemd-analyze security's output: $security"
-echo "    $exposure"
+print_exposure
+agent_exposure=$exposure
 
 # --- 5. systemctl stop: STOPPING=1 and a clean exit ---------------------------------------
-phase "systemctl stop $unit"
-# PID 1 logs each notification it receives at debug level only.
-in_guest systemd-analyze log-level debug
-stop_limit=$(prop TimeoutStopUSec)
-start=$SECONDS
-in_guest timeout 600 systemctl stop "$unit" || fail "systemctl stop failed"
-stop_took=$((SECONDS - start))
-in_guest systemd-analyze log-level info
+check_stop 'volume_agent::daemon: stopped'
+
+# --- 7. volume-central: the first start migrates, then refuses without a credential -----
+unit=volume-central.service
+central_config=/etc/volume-central/volume-central.toml
+# as_user USER CMD...: CMD in the guest as USER (peer authentication names the role).
+as_user() {
+	local user=$1
+	shift
+	in_guest runuser -u "$user" -- "$@"
+}
+# psql_value SQL: the one value SQL selects in the volume_central database.
+psql_value() { as_user postgres psql -X -q -t -A -d volume_central -c "$1"; }
+phase "PostgreSQL in the guest: the role and database the packaged config names"
+for _ in $(seq 1 120); do
+	as_user postgres psql -X -q -t -A -c 'SELECT 1' >/dev/null 2>&1 && break
+	sleep 0.5
+done
+as_user postgres psql -X -q -t -A -c 'SELECT 1' >/dev/null 2>&1 ||
+	fail "PostgreSQL did not come up in the guest within 60s (systemctl status postgresql@15-main)"
+as_user postgres createuser volume-central || fail "createuser volume-central failed in the guest"
+as_user postgres createdb -O volume-central volume_central || fail "createdb volume_central failed in the guest"
+ok "PostgreSQL $(psql_value 'SHOW server_version') up; role volume-central owns database volume_central"
+
+phase "first start of $unit: empty database, no credential issued"
+want_migrations=$(compgen -G 'central/migrations/*.sql' | wc -l)
+in_guest systemctl start "$unit" 2>/dev/null && fail "$unit started without any credential issued"
 show_props ActiveState,Result,ExecMainCode,ExecMainStatus,NRestarts
-[[ ${P[ActiveState]} == inactive ]] || fail "after systemctl stop the service is ${P[ActiveState]}, not inactive"
-[[ ${P[Result]} == success ]] || fail "systemctl stop: Result=${P[Result]}, expected success"
-# ExecMainCode 1 is CLD_EXITED (exited, not killed by a signal).
-[[ ${P[ExecMainCode]} == 1 && ${P[ExecMainStatus]} == 0 ]] ||
-	fail "systemctl stop: the daemon did not exit 0 (ExecMainCode=${P[ExecMainCode]}, ExecMainStatus=${P[ExecMainStatus]})"
-journal=$(in_guest journalctl --no-pager -o cat -u "$unit")
-grep -q "Got notification message from PID $pid (.*STOPPING=1" <<<"$journal" ||
-	fail "systemd got no STOPPING=1 from the daemon (PID $pid) on stop"
-grep -q 'volume_agent::daemon: stopped' <<<"$journal" || fail "the daemon did not log 'stopped' (its shutdown did not finish)"
-ok "STOPPING=1 received, exit status 0, Result=success in ${stop_took}s (TimeoutStopSec=$stop_limit)"
+[[ ${P[ActiveState]} == failed && ${P[ExecMainCode]} == 1 && ${P[ExecMainStatus]} == 78 ]] ||
+	fail "without a credential: ${P[ActiveState]}, ExecMainCode=${P[ExecMainCode]}, ExecMainStatus=${P[ExecMainStatus]}; expected failed with exit status 78"
+[[ ${P[NRestarts]} == 0 ]] || fail "exit status 78 was restarted (NRestarts=${P[NRestarts]}): RestartPreventExitStatus=78 missing?"
+in_guest journalctl --no-pager -o cat -u "$unit" | grep -q 'no credential is issued' ||
+	fail "the journal does not say that no credential is issued"
+migrations=$(psql_value 'SELECT count(*) FROM central_schema_migrations') ||
+	fail "no central_schema_migrations table in the guest's database: the unit did not migrate"
+[[ $migrations == "$want_migrations" ]] ||
+	fail "central_schema_migrations holds $migrations migrations, central/migrations has $want_migrations"
+ok "migrations applied by the unit ($migrations in central_schema_migrations, latest $(psql_value 'SELECT max(version) FROM central_schema_migrations')); exit status 78 without a credential, not restarted"
+
+# --- 8. with a credential: READY=1, the hardening, the API -------------------------------
+phase "issue a scheduler credential, systemctl enable --now $unit"
+token=$(as_user volume-central volume-central credentials issue --scheduler --config "$central_config" 2>/dev/null) ||
+	fail "volume-central credentials issue --scheduler failed in the guest"
+[[ -n $token ]] || fail "credentials issue printed no token"
+in_guest systemctl reset-failed "$unit"
+# As the README's operator path: enable --now (an enabled unit also stays loaded after
+# the stop below, so its exit status can be read).
+in_guest systemctl enable --now "$unit" 2>/dev/null ||
+	fail "systemctl enable --now $unit failed with a credential issued"
+check_started "volume_central::notify::ready()" empty
+[[ $(sed -n 's/^Uid:[[:space:]]*\([0-9]*\).*/\1/p' <<<"$status") == $(in_guest id -u volume-central) ]] ||
+	fail "the main process does not run as the user volume-central"
+status_text=$(prop StatusText)
+[[ $status_text == serving* ]] || fail "StatusText after READY=1 is '$status_text', expected 'serving ...'"
+ready=$(api -w '\n%{http_code}' http://127.0.0.1:8080/readyz) || fail "GET /readyz: no answer from volume-central"
+[[ ${ready##*$'\n'} == 200 ]] || fail "GET /readyz answered ${ready##*$'\n'}: ${ready%$'\n'*}"
+workers=$(api -w '\n%{http_code}' -H "Authorization: Bearer $token" http://127.0.0.1:8080/api/v1/workers) ||
+	fail "GET /api/v1/workers: no answer from volume-central"
+[[ ${workers##*$'\n'} == 200 ]] || fail "GET /api/v1/workers with the scheduler's token answered ${workers##*$'\n'}: ${workers%$'\n'*}"
+ok "runs as volume-central; status '$status_text'; /readyz 200; the scheduler's credential is accepted"
+
+# --- 9. watchdog and SIGKILL ----------------------------------------------------------------
+phase "watchdog: SIGSTOP the main process of $unit (WatchdogSec=${watchdog_sec}s)"
+check_watchdog_restart
+phase "SIGKILL the main process of $unit"
+check_sigkill_restart
+ready=$(api -w '\n%{http_code}' http://127.0.0.1:8080/readyz) || fail "GET /readyz: no answer after the restarts"
+[[ ${ready##*$'\n'} == 200 ]] || fail "GET /readyz answered ${ready##*$'\n'} after the restarts"
+ok "ready again after the restarts"
+
+# --- 10. the exposure, then systemctl stop ---------------------------------------------------
+print_exposure
+central_exposure=$exposure
+check_stop 'volume_central.* stopped$'
 
 phase "power off the guest"
 in_guest systemctl poweroff >/dev/null 2>&1 || true
@@ -453,4 +600,4 @@ done
 if kill -0 "$nspawn_pid" 2>/dev/null; then fail "the guest did not power off within 30s"; fi
 wait "$nspawn_pid" 2>/dev/null || true
 nspawn_pid=
-phase "passed: driver $driver; $exposure"
+phase "passed: driver $driver; $agent_exposure; $central_exposure"

@@ -76,6 +76,9 @@ pub struct Config {
     /// HTTP worker threads (0: one per core).
     #[serde(default)]
     pub http_workers: usize,
+    /// `[log]`: `level` (a tracing filter; `RUST_LOG` wins) and `format` (`human`, `json`).
+    #[serde(default)]
+    pub log: protocol::settings::LogConfig,
 }
 
 /// Whether `/api` requests need a credential.
@@ -135,6 +138,7 @@ impl Config {
             missing_grace: default_missing_grace(),
             pool_size: default_pool_size(),
             http_workers: 0,
+            log: Default::default(),
         }
     }
 
@@ -281,6 +285,44 @@ key_file = "/etc/volume-central/key.pem"
         .unwrap_err()
         .to_string();
         assert!(err.contains("none"), "{err}");
+    }
+
+    /// The packages' `/etc/volume-central/volume-central.toml`: valid as shipped, its
+    /// values are the defaults it says they are, and it names every key.
+    #[test]
+    fn packaged_config_is_valid_shows_the_defaults_and_names_every_key() {
+        let text = include_str!("../../packaging/central/volume-central.toml");
+        let path = Path::new("packaging/central/volume-central.toml");
+        let shipped = Config::parse(path, text).expect("the packaged config is valid");
+        let url = shipped.database_url.clone().expect("database_url set");
+        let defaults = Config::parse(path, &format!("database_url = {url:?}")).expect("valid");
+        assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
+        let keys = [
+            "listen",
+            "database_url",
+            "database_url_file",
+            "auth",
+            "credential_cache",
+            "max_report_handles",
+            "shutdown_timeout",
+            "gc_interval",
+            "missing_grace",
+            "pool_size",
+            "http_workers",
+            "[tls]",
+            "cert_file",
+            "key_file",
+            "[log]",
+            "level",
+            "format",
+        ];
+        for key in keys {
+            let named = text.lines().any(|l| {
+                let l = l.trim_start_matches('#');
+                l == key || l.starts_with(&format!("{key} = "))
+            });
+            assert!(named, "the packaged config does not show `{key}`");
+        }
     }
 
     #[test]

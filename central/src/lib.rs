@@ -10,6 +10,7 @@
 //! * [`tls`]: the optional HTTPS listener's certificate and key.
 //! * [`why`]: why a volume is kept or going, for the operator; [`ctl`]: the operator's
 //!   commands over the HTTP API.
+//! * [`notify`]: READY, WATCHDOG and STOPPING for systemd (`Type=notify`).
 //! * `testing` (feature `testing`): a throwaway PostgreSQL cluster for tests.
 
 pub mod auth;
@@ -19,8 +20,10 @@ pub mod db;
 pub mod error;
 pub mod gc;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod migrate;
+pub mod notify;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -47,6 +50,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Database(#[from] Error),
+    #[error("cannot start on the database named by `database_url`: {0}. Check that its role and database exist and that pg_hba.conf lets the role in (the packaged config connects as the role volume-central, the service's user, by peer authentication)")]
+    DatabaseRefused(Error),
     #[error("cannot listen on {addr}: {source}; pick a free address with `listen`")]
     Bind {
         addr: SocketAddr,
@@ -59,6 +64,25 @@ pub enum StartError {
     #[error("refusing to start: no credential is issued, so every API request would be refused. Issue the scheduler's and each worker's credential against this database (`volume-central credentials issue --scheduler`, `... --worker NAME`), or set `auth = \"none\"` in the config to run without authentication (never where workers or the network are untrusted)")]
     NoCredentials,
 }
+
+impl StartError {
+    /// Whether only a change of the configuration (or of the credentials it expects) can
+    /// fix this, so restarting the service is pointless: the binary exits with
+    /// [`EX_CONFIG`] for these, which the unit's `RestartPreventExitStatus=` names.
+    pub fn is_config(&self) -> bool {
+        match self {
+            StartError::Config(_) | StartError::Tls(_) | StartError::NoCredentials => true,
+            // The only bad request at start is an unparsable `database_url`.
+            StartError::Database(err) => matches!(err, Error::BadRequest(_)),
+            StartError::DatabaseRefused(_) | StartError::Bind { .. } | StartError::Serve(_) => {
+                false
+            }
+        }
+    }
+}
+
+/// Exit status for a configuration error (`EX_CONFIG` of sysexits.h).
+pub const EX_CONFIG: i32 = 78;
 
 /// How often the warning about `auth = "none"` is repeated.
 pub const AUTH_NONE_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -226,30 +250,133 @@ async fn check_credentials_exist(db: &Db) -> Result<(), StartError> {
     }
 }
 
-/// Runs the service until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let server = start(&config).await?;
+/// How [`run`] starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Apply pending migrations before serving (`run --migrate`), as `migrate` would.
+    pub migrate: bool,
+}
+
+/// Runs the service until SIGINT or SIGTERM. First it waits for the database (see
+/// [`wait_for_database`]), then it starts the server and tells systemd `READY=1`; the
+/// watchdog is petted from the start (see [`notify`]), and `STOPPING=1` is sent when a
+/// signal starts the stop.
+pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
+    let mut signals = StopSignals::listen();
+    let every = notify::watchdog_interval();
+    // Two connections: the watchdog's check must not wait behind a long migration.
+    let early = Db::connect(&config.resolve_database_url()?, 2)?;
+    let pet = every.map(|every| tokio::spawn(notify::watchdog(early.clone(), every)));
+    let starting = async {
+        wait_for_database(&early, options, STARTUP_RETRY_MAX).await?;
+        start(&config).await
+    };
+    // A stop asked for while it still waits for the database ends it cleanly too.
+    let started = tokio::select! {
+        started = starting => Some(started),
+        () = signals.recv() => None,
+    };
+    if let Some(pet) = &pet {
+        pet.abort();
+    }
+    let Some(started) = started else {
+        notify::stopping();
+        tracing::info!("stopped before the database answered");
+        return Ok(());
+    };
+    let server = started?;
+    let pet = every.map(|every| tokio::spawn(notify::watchdog(server.db.clone(), every)));
+    notify::ready(&format!(
+        "serving {} (schema at migration {})",
+        server.url(),
+        migrate::latest_version()
+    ));
     let handle = server.handle.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.recv().await;
+        notify::stopping();
         tracing::info!("stopping");
         handle.stop(true).await;
     });
-    server.wait().await
+    let result = server.wait().await;
+    if let Some(pet) = pet {
+        pet.abort();
+    }
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
+    result
 }
 
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// The longest pause between two attempts of [`wait_for_database`].
+pub const STARTUP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Returns once the database answers with a current schema: with `options.migrate`,
+/// after applying the pending migrations. While the database is unreachable (or, without
+/// `migrate`, its schema is behind) it logs why and tries again, pausing twice as long
+/// each time up to `retry_max`. Any other error (a migration that fails, a refused login)
+/// is returned.
+pub async fn wait_for_database(
+    db: &Db,
+    options: RunOptions,
+    retry_max: std::time::Duration,
+) -> Result<(), StartError> {
+    let mut pause = std::time::Duration::from_millis(250).min(retry_max);
+    loop {
+        let attempt = async {
+            if options.migrate {
+                migrate::migrate(db).await?;
             }
-            Err(_) => std::future::pending::<()>().await,
+            migrate::check_current(db).await
+        };
+        let why = match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(err @ Error::Unavailable(_)) => err.to_string(),
+            Err(err @ Error::SchemaBehind { .. }) if !options.migrate => {
+                format!("{err} (or start with `volume-central run --migrate`)")
+            }
+            Err(err) => return Err(StartError::DatabaseRefused(err)),
+        };
+        tracing::warn!(
+            "waiting for the database before serving: {why}; next try in {}",
+            humantime::format_duration(pause)
+        );
+        notify::status(&format!("waiting for the database: {why}"));
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(retry_max);
+    }
+}
+
+/// SIGTERM and SIGINT, caught from the moment [`StopSignals::listen`] is called until
+/// the value is dropped, so that none is lost between two waits.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+    }
+
+    /// Returns when one of the signals arrives (never when neither could be caught).
+    async fn recv(&mut self) {
+        async fn one(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = one(&mut self.term) => {}
+            () = one(&mut self.int) => {}
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use volume_central::auth::{self, Subject};
-use volume_central::{ctl, Config, Db};
+use volume_central::{ctl, Config, ConfigError, Db, RunOptions, StartError};
 
 #[derive(Parser)]
 #[command(
@@ -20,10 +20,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the API and run the GC loop.
+    /// Serve the API and run the GC loop (after the database answers with a current schema).
     Run {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Apply pending migrations first, as `migrate` would (what the systemd unit does).
+        #[arg(long)]
+        migrate: bool,
     },
     /// Apply pending database migrations (idempotent) and exit.
     Migrate {
@@ -58,6 +61,21 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: Credentials,
+    },
+    /// Files for the packages, generated from this CLI.
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// Write the man pages (`volume-central.1` and one per subcommand) into DIR.
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -176,27 +194,42 @@ async fn credentials(config: &Config, command: Credentials) -> anyhow::Result<()
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+fn main() {
+    if let Err(err) = dispatch(Cli::parse()) {
+        eprintln!("volume-central: error: {err:#}");
+        // EX_CONFIG: the unit's RestartPreventExitStatus; restarting cannot fix the config.
+        let config_error = err.downcast_ref::<ConfigError>().is_some()
+            || err
+                .downcast_ref::<StartError>()
+                .is_some_and(StartError::is_config);
+        std::process::exit(if config_error {
+            volume_central::EX_CONFIG
+        } else {
+            1
+        });
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let runtime = || tokio::runtime::Runtime::new().context("cannot start the tokio runtime");
+    if !matches!(cli.command, Command::Run { .. }) {
+        // `run` logs as its config says; the other commands as the default does.
+        volume_central::logging::init(&Default::default());
+    }
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, migrate } => {
             let config = Config::load(&config)?;
+            volume_central::logging::init(&config.log);
             let grace = config.shutdown_timeout;
-            let result = runtime.block_on(volume_central::run(config));
+            let runtime = runtime()?;
+            let result = runtime.block_on(volume_central::run(config, RunOptions { migrate }));
             // Work cut off at the stop (a report still decoding) gets one more second.
             runtime.shutdown_timeout(grace.min(std::time::Duration::from_secs(1)));
             result?;
         }
         Command::Migrate { config } => {
             let config = Config::load(&config)?;
-            let applied = runtime.block_on(volume_central::migrate(&config))?;
+            let applied = runtime()?.block_on(volume_central::migrate(&config))?;
             if applied.is_empty() {
                 println!(
                     "schema is current (migration {})",
@@ -207,7 +240,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Workers { api } => {
-            let workers = runtime.block_on(api.ctl()?.workers())?;
+            let workers = runtime()?.block_on(api.ctl()?.workers())?;
             if api.json {
                 print_json(&workers)?;
             } else {
@@ -215,7 +248,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Volumes { worker, tree, api } => {
-            let volumes = runtime.block_on(api.ctl()?.volumes(&worker))?;
+            let volumes = runtime()?.block_on(api.ctl()?.volumes(&worker))?;
             if api.json {
                 print_json(&volumes)?;
             } else {
@@ -223,7 +256,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Why { handle, api } => {
-            let why = runtime.block_on(api.ctl()?.why(&handle))?;
+            let why = runtime()?.block_on(api.ctl()?.why(&handle))?;
             if api.json {
                 print_json(&why)?;
             } else {
@@ -235,8 +268,20 @@ fn main() -> anyhow::Result<()> {
                 "credentials needs the service's config to find the database: pass --config FILE",
             )?;
             let config = Config::load(&path)?;
-            runtime.block_on(credentials(&config, command))?;
+            runtime()?.block_on(credentials(&config, command))?;
         }
+        Command::Generate {
+            what: Generate::Manpages { dir },
+        } => generate_manpages(&dir)?,
     }
     Ok(())
+}
+
+/// The man pages of this CLI, from its clap definition (hidden commands get none).
+fn generate_manpages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the man page directory {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("cannot write man pages into {}", dir.display()))
 }

@@ -24,6 +24,18 @@ fn spawn_run(config: &std::path::Path) -> std::process::Child {
         .expect("run")
 }
 
+/// `volume-central ARGS --config CONFIG`, which must exit with `code`; its stderr.
+fn stderr_of_failed(args: &[&str], config: &std::path::Path, code: i32) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("volume-central");
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `credentials issue ARGS` against `config`; the token it prints.
 fn issue(config: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new(BIN)
@@ -63,13 +75,8 @@ fn migrated_config(dir: &std::path::Path, extra: &str) -> (std::path::PathBuf, u
 fn without_credentials_run_refuses_to_start_unless_auth_none() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, _) = migrated_config(dir.path(), "");
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run");
-    assert!(!out.status.success(), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    // A configuration error (no credential): the unit does not restart it.
+    let err = stderr_of_failed(&["run"], &config, volume_central::EX_CONFIG);
     assert!(
         err.contains("no credential is issued")
             && err.contains("credentials issue")
@@ -86,8 +93,8 @@ fn auth_none_warns_at_start_and_shows_in_metrics() {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)
-        .stdout(std::fs::File::create(&log).expect("log"))
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("run");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -215,14 +222,38 @@ fn migrate_twice_then_the_schema_is_current() {
 fn an_unknown_config_key_is_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "database_url = \"x\"\npool_sise = 3\n");
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr_of_failed(&["run"], &config, volume_central::EX_CONFIG);
     assert!(err.contains("pool_sise"), "{err}");
+}
+
+#[test]
+fn an_unreachable_database_is_not_a_config_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        "database_url = \"host=127.0.0.1 port=9 user=nobody dbname=none\"\n",
+    );
+    let err = stderr_of_failed(&["credentials", "list"], &config, 1);
+    assert!(err.contains("database unavailable"), "{err}");
+}
+
+#[test]
+fn generate_manpages_writes_the_page_of_every_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["generate", "manpages"])
+        .arg(dir.path())
+        .output()
+        .expect("generate manpages");
+    assert!(out.status.success(), "{out:?}");
+    let page = std::fs::read_to_string(dir.path().join("volume-central.1")).expect("page");
+    assert!(page.contains(".TH volume-central 1"), "{page}");
+    let run = std::fs::read_to_string(dir.path().join("volume-central-run.1")).expect("run page");
+    assert!(run.contains("migrate"), "{run}");
+    assert!(
+        !dir.path().join("volume-central-generate.1").exists(),
+        "the hidden command got a page"
+    );
 }
 
 #[test]
@@ -317,4 +348,22 @@ fn sigterm_stops_the_service_even_mid_report() {
     }
     let status = exited.expect("volume-central still running a minute after SIGTERM");
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_role_the_database_refuses_stops_run_naming_the_fix() {
+    let url = PgCluster::shared().create_database().expect("database");
+    let url = url.replace("user=postgres", "user=no_such_role");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &format!("database_url = {url:?}\nauth = \"none\"\nlisten = \"127.0.0.1:0\"\n"),
+    );
+    // Not a configuration error of this file: the unit may restart it (the DBA may be
+    // creating the role right now).
+    let err = stderr_of_failed(&["run", "--migrate"], &config, 1);
+    assert!(
+        err.contains("no_such_role") && err.contains("pg_hba.conf"),
+        "{err}"
+    );
 }
