@@ -86,14 +86,12 @@ pub enum DriverName {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct VolumesConfig {
-    #[serde(default = "default_volumes_root")]
     pub root: PathBuf,
-    #[serde(default)]
     pub driver: DriverName,
     /// How often records are compared with their directories (drift); also at start.
-    #[serde(default = "d1m", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub scan_interval: Duration,
 }
 
@@ -108,12 +106,10 @@ impl Default for VolumesConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
-    #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
     /// sled's page cache, in bytes (sled defaults to 1 GiB; far too much for an agent).
-    #[serde(default = "d32mib")]
     pub cache_bytes: u64,
 }
 
@@ -183,44 +179,34 @@ impl Listen {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// `127.0.0.1:7788` or `unix:/ABSOLUTE/PATH`.
-    #[serde(default = "default_listen")]
     pub listen: Listen,
     /// Largest request body accepted by the local API, in bytes (stream-in excepted).
-    #[serde(default = "d1mib")]
     pub max_body_bytes: u64,
     /// Peer uids served (unix socket: `SO_PEERCRED`; loopback TCP: the owner of the
     /// peer's socket as `sock_diag` reports it). Everyone else gets 403.
-    #[serde(default = "d_root_only")]
     pub allowed_uids: Vec<u32>,
     /// Peer groups served as well: a uid whose primary or supplementary groups (from the
     /// user database) include one of these.
-    #[serde(default)]
     pub allowed_groups: Vec<u32>,
     /// Group of the unix socket (name or number); empty = the agent's group. The socket's
     /// mode is always 0660.
-    #[serde(default)]
     pub group: String,
     /// A listen address that is not loopback is refused unless this is true.
-    #[serde(default)]
     pub allow_remote: bool,
     /// `import` reads only beneath these directories; empty = `resource_types.dir`.
-    #[serde(default)]
     pub import_roots: Vec<PathBuf>,
     /// Streams (in and out) running at once, on threads of their own; more answer 503.
-    #[serde(default = "default_max_streams")]
     pub max_streams: usize,
     /// A stream-in body that sends nothing (or a stream-out client that reads nothing) for
     /// this long is cut.
-    #[serde(default = "d60s", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub body_idle_timeout: Duration,
     /// Most bytes of file data one stream-in may write (apparent sizes); unset = no limit.
-    #[serde(default)]
     pub stream_in_max_bytes: Option<u64>,
     /// Most tar entries one stream-in may hold; unset = no limit.
-    #[serde(default)]
     pub stream_in_max_entries: Option<u64>,
 }
 
@@ -255,22 +241,18 @@ fn d60s() -> Duration {
 /// only `PUT /volumes/{handle}/stream-in`, to peers in `allowed_networks`, into volumes
 /// that nothing has read yet (see `api::p2p`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct P2pConfig {
     /// `IP:PORT` of the peer listener, e.g. `0.0.0.0:7789`; empty = off.
-    #[serde(default)]
     pub listen: P2pListen,
     /// The host other workers reach this one at (an IP address or a DNS name), as
     /// `GET /p2p-url` answers it. Empty = `interface`, or the listen IP when specific.
-    #[serde(default)]
     pub address: String,
     /// A network interface whose first address (IPv4 preferred) is the host `GET
     /// /p2p-url` answers, looked up on each call as baggageclaim does.
-    #[serde(default)]
     pub interface: String,
     /// Peers allowed to stream in (`10.0.0.0/8`, `fd00::/8`, `192.0.2.7/32`); empty =
     /// every peer refused.
-    #[serde(default)]
     pub allowed_networks: Vec<ipnet::IpNet>,
 }
 
@@ -299,12 +281,11 @@ impl From<P2pListen> for String {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ResourceTypesConfig {
-    #[serde(default = "default_resource_types_dir")]
     pub dir: PathBuf,
     /// How often the folder is rescanned for changes.
-    #[serde(default = "d2s", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub rescan_interval: Duration,
 }
 
@@ -383,20 +364,16 @@ impl From<MinFree> for String {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct GcConfig {
-    #[serde(default = "d5m", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub unknown_grace: Duration,
-    #[serde(default = "d4")]
     pub max_in_flight: usize,
-    #[serde(default = "d5m", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub destroy_timeout: Duration,
-    #[serde(default = "dhalf")]
     pub max_destroy_fraction: f64,
     /// Entries per second across all destroys; 0 = unlimited.
-    #[serde(default)]
     pub destroy_rate: u64,
-    #[serde(default = "d10pct")]
     pub min_free: MinFree,
 }
 
@@ -892,5 +869,22 @@ min_free = "10%"
         assert!(err.to_string().contains("p2p.allowed_networks"), "{err}");
         // A specific listen IP is the host announced.
         parse(&format!("{MINIMAL}[p2p]\nlisten = \"127.0.0.2:0\"\n")).expect("specific ip");
+    }
+
+    #[test]
+    fn an_empty_section_and_an_omitted_one_take_the_one_written_default() {
+        let omitted = parse(MINIMAL).expect("minimal");
+        let empty = parse(&format!(
+            "{MINIMAL}[volumes]\n[state]\n[api]\n[p2p]\n[resource_types]\n[gc]\n[log]\n"
+        ))
+        .expect("empty sections");
+        assert_eq!(omitted, empty);
+        assert_eq!(omitted.volumes, VolumesConfig::default());
+        assert_eq!(omitted.state, StateConfig::default());
+        assert_eq!(omitted.api, ApiConfig::default());
+        assert_eq!(omitted.p2p, P2pConfig::default());
+        assert_eq!(omitted.resource_types, ResourceTypesConfig::default());
+        assert_eq!(omitted.gc, GcConfig::default());
+        assert_eq!(omitted.log, LogConfig::default());
     }
 }
