@@ -92,6 +92,7 @@ fn driver_choice(d: DriverName) -> DriverChoice {
 /// Starts everything. Must run inside an `actix::System`.
 pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
     let metrics = Arc::new(Metrics::new());
+    metrics.set_worker(&config.worker_name);
     let inv_cfg = InventoryConfig {
         state_dir: config.state.dir.clone(),
         volumes_root: config.volumes.root.clone(),
@@ -104,7 +105,7 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
     log_recovery(&recovery);
     metrics
         .missing_volumes
-        .store(recovery.missing_on_disk.len() as u64, Relaxed);
+        .set(recovery.missing_on_disk.len() as u64);
     let rate = crate::remove::RateLimit::per_second(config.gc.destroy_rate);
     inventory.set_remove_options(crate::remove::RemoveOptions {
         threads: 0,
@@ -332,13 +333,12 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                let micros = u64::try_from(rate.throttled().as_micros()).unwrap_or(u64::MAX);
-                m.destroy_throttled_micros.store(micros, Relaxed);
+                m.set_destroy_throttled(rate.throttled());
             }
         });
     }
     ready.store(true, Relaxed);
-    metrics.ready.store(1, Relaxed);
+    metrics.ready.store(true, Relaxed);
     info!(api = %api_at, worker = %config.worker_name, central = %config.central.url,
         dialect = ?config.central.dialect, "volume-agent running");
     Ok(Daemon {

@@ -164,7 +164,7 @@ async fn finds_removed_directory_by_the_periodic_scan_and_sees_it_come_back() {
     let aside = dir.path().join("aside");
     std::fs::rename(live.join("v"), &aside).expect("move the volume away");
     eventually("the periodic scan flags v missing", || {
-        inv.is_missing(&h("v")) && metrics.missing_volumes.load(Relaxed) == 1
+        inv.is_missing(&h("v")) && metrics.missing_volumes.get() == 1
     })
     .await;
     assert!(passes.load(Relaxed) >= 1, "a reconcile pass was asked for");
@@ -175,7 +175,7 @@ async fn finds_removed_directory_by_the_periodic_scan_and_sees_it_come_back() {
     let asked = passes.load(Relaxed);
     std::fs::rename(&aside, live.join("v")).expect("move it back");
     eventually("v is a volume again", || {
-        !inv.is_missing(&h("v")) && metrics.missing_volumes.load(Relaxed) == 0
+        !inv.is_missing(&h("v")) && metrics.missing_volumes.get() == 0
     })
     .await;
     assert!(passes.load(Relaxed) > asked);

@@ -4,6 +4,7 @@
 //!   reports, base resource types).
 //! * [`concourse`]: the endpoints a Concourse ATC already serves.
 //! * [`local`]: the worker-local volume API, shaped like baggageclaim's.
+//! * [`metrics`]: the Prometheus exposition both binaries serve (encoding only).
 //! * [`settings`]: both binaries' configuration: TOML, environment overrides, errors that
 //!   name the key or the variable.
 //!
@@ -14,6 +15,7 @@
 pub mod concourse;
 pub mod handle;
 pub mod local;
+pub mod metrics;
 pub mod native;
 pub mod openapi;
 pub mod settings;

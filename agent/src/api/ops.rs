@@ -36,10 +36,14 @@ async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
     }
 }
 
-async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let text = state
+        .metrics
+        .render()
+        .map_err(|e| ApiError::Internal(format!("cannot encode the metrics: {e}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type(protocol::metrics::CONTENT_TYPE)
+        .body(text))
 }
 
 async fn gc_plan(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {

@@ -83,7 +83,7 @@ impl DesiredStateActor {
         metrics: Arc<Metrics>,
     ) -> Self {
         if let Some(r) = highest {
-            metrics.desired_revision.store(r, Relaxed);
+            metrics.desired_revision.set(r);
         }
         DesiredStateActor {
             client,
@@ -214,7 +214,7 @@ impl DesiredStateActor {
             }
             Ok(DesiredAnswer::Fresh { set, etag }) => {
                 if let Some(why) = self.stale(&set) {
-                    self.metrics.stale_answers_total.fetch_add(1, Relaxed);
+                    self.metrics.stale_answers_total.inc();
                     self.metrics.central_request("desired", "stale");
                     warn!(revision = set.revision, worker = %set.worker, "ignoring desired set: {why}");
                     return;
@@ -271,7 +271,7 @@ impl DesiredStateActor {
                 Ok(Ok(())) => {
                     act.highest = Some(revision);
                     act.etag = etag;
-                    act.metrics.desired_revision.store(revision, Relaxed);
+                    act.metrics.desired_revision.set(revision);
                     act.heard.send(update);
                     return;
                 }
@@ -326,7 +326,7 @@ impl Handler<ResetRevision> for DesiredStateActor {
                         info!(previous = ?act.highest, "forgot the highest applied revision");
                         act.highest = None;
                         act.etag = None;
-                        act.metrics.desired_revision.store(0, Relaxed);
+                        act.metrics.desired_revision.set(0);
                         Ok(())
                     }
                     Ok(Err(e)) => Err(RevisionFailure(e.to_string())),

@@ -2,8 +2,7 @@
 //! failures, and hands what happened to its [`Outlet`] (the reporter, as `daemon.rs`
 //! connects it). It asks the inventory actor for snapshots and destroys.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::Ordering::Relaxed;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,6 +105,9 @@ pub struct ReconcilerActor {
     desired: Option<Desired>,
     revision: Option<u64>,
     backoff: Backoff,
+    /// Since when each volume named to go has been blocked by live children (for
+    /// `volume_agent_blocked_longest_seconds`).
+    blocked_since: HashMap<Handle, Instant>,
     busy: Busy,
     phase: Phase,
 }
@@ -129,6 +131,7 @@ impl ReconcilerActor {
             desired: None,
             revision: None,
             backoff,
+            blocked_since: HashMap::new(),
             busy: Busy::default(),
             phase: Phase::Idle,
         }
@@ -201,26 +204,26 @@ impl ReconcilerActor {
 
     fn finish_pass(&mut self, local: Vec<LocalVolume>, plan: Plan, results: Vec<execute::Result>) {
         let m = &self.metrics;
-        m.reconcile_passes_total.fetch_add(1, Relaxed);
+        m.reconcile_passes_total.inc();
         let now = Instant::now();
         let mut destroyed: Vec<Handle> = plan.already_gone.clone();
         for r in &results {
             match &r.outcome {
                 Outcome::Done(done) => {
                     self.backoff.succeeded(&r.handle);
-                    m.destroys_total.fetch_add(1, Relaxed);
-                    m.destroy_duration.observe(r.took);
+                    m.destroys_total.inc();
+                    m.destroy_duration.observe(r.took.as_secs_f64());
                     info!(handle = %r.handle, reason = r.reason.as_str(), took_ms = r.took.as_millis() as u64,
                         already_gone = matches!(done, DestroyDone::AlreadyGone), "destroyed volume");
                     destroyed.push(r.handle.clone());
                 }
                 Outcome::Failed(error) => {
-                    m.destroys_failed_total.fetch_add(1, Relaxed);
+                    m.destroys_failed_total.inc();
                     let attempts = self.backoff.failed(&r.handle, error.clone(), now);
                     warn!(handle = %r.handle, attempts, %error, "destroy failed; will retry with backoff");
                 }
                 Outcome::TimedOut(after) => {
-                    m.destroys_failed_total.fetch_add(1, Relaxed);
+                    m.destroys_failed_total.inc();
                     let error = format!(
                         "destroy timed out after {}",
                         humantime::format_duration(*after)
@@ -245,9 +248,15 @@ impl ReconcilerActor {
                 by_children: b.by_children.clone(),
             })
             .collect();
-        m.blocked_volumes.store(blocked.len() as u64, Relaxed);
+        m.blocked_volumes.set(blocked.len() as u64);
+        let still: HashSet<&Handle> = blocked.iter().map(|b| &b.handle).collect();
+        self.blocked_since.retain(|h, _| still.contains(h));
+        for b in &blocked {
+            self.blocked_since.entry(b.handle.clone()).or_insert(now);
+        }
+        m.set_blocked_since(self.blocked_since.values().min().copied());
         let refused = plan.refused.as_ref().map(|r| {
-            m.plans_refused_total.fetch_add(1, Relaxed);
+            m.plans_refused_total.inc();
             warn!(would_destroy = r.would_destroy, total = r.total, "{r}");
             r.to_string()
         });
@@ -260,10 +269,8 @@ impl ReconcilerActor {
             *by_state.entry(v.state.as_str().to_string()).or_default() += 1;
         }
         m.set_volumes_by_state(by_state);
-        m.missing_volumes.store(
-            remaining.iter().filter(|v| v.missing).count() as u64,
-            Relaxed,
-        );
+        m.missing_volumes
+            .set(remaining.iter().filter(|v| v.missing).count() as u64);
         // A missing record dropped in this pass is reported destroyed, not missing.
         let missing: Vec<Handle> = plan
             .missing

@@ -5,7 +5,6 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,11 +101,11 @@ impl AccountingActor {
                 Err(e) => return debug!(error = %e, "disk accounting skipped"),
             };
             act.metrics
-                .set_volume_bytes(act.usage.all().into_iter().map(|(h, b)| (h.to_string(), b)).collect());
+                .set_volume_bytes(act.usage.all().into_iter().map(|(h, b)| (h.to_string(), b)));
             let pressure = act.min_free.is_below(figures.free_bytes, figures.total_bytes);
-            act.metrics.disk_total_bytes.store(figures.total_bytes, Relaxed);
-            act.metrics.disk_free_bytes.store(figures.free_bytes, Relaxed);
-            act.metrics.disk_pressure.store(u64::from(pressure), Relaxed);
+            act.metrics.disk_total_bytes.set(figures.total_bytes);
+            act.metrics.disk_free_bytes.set(figures.free_bytes);
+            act.metrics.disk_pressure.set(u64::from(pressure));
             if pressure && !act.under_pressure {
                 // Once, when pressure begins: a poll now rather than at the next interval.
                 // Polling on every round would hammer a central API that is failing.

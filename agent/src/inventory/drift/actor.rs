@@ -4,7 +4,6 @@
 //! report and the plan follow at once. The scan at
 //! start runs inside `Inventory::open`; this actor runs the ones after it.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,9 +72,7 @@ impl DriftActor {
             missing = scan.missing.len(),
             "drift scan"
         );
-        self.metrics
-            .missing_volumes
-            .store(scan.missing.len() as u64, Relaxed);
+        self.metrics.missing_volumes.set(scan.missing.len() as u64);
         if scan.changed() {
             self.changed.send(());
         }
