@@ -6,7 +6,6 @@
 //! call the route (403 otherwise). JSON bodies larger than [`INLINE_DECODE`] are decoded
 //! on the blocking pool, never on the event loop that also answers `/healthz`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix_web::body::{BoxBody, MessageBody};
@@ -116,15 +115,20 @@ async fn get_desired(
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok());
-    match store::desired(&st.db, worker, inm).await? {
+    let started = std::time::Instant::now();
+    let answer = store::desired(&st.db, worker, inm).await;
+    st.metrics
+        .desired_duration
+        .observe(started.elapsed().as_secs_f64());
+    match answer? {
         Desired::NotModified { etag } => {
-            Metrics::inc(&st.metrics.desired_not_modified);
+            st.metrics.desired_answer(false);
             Ok(HttpResponse::NotModified()
                 .insert_header((header::ETAG, etag))
                 .finish())
         }
         Desired::Full { set, etag } => {
-            Metrics::inc(&st.metrics.desired_full);
+            st.metrics.desired_answer(true);
             let body = serde_json::to_vec(&set)
                 .map_err(|err| Error::Database(format!("cannot encode desired set: {err}")))?;
             Ok(HttpResponse::Ok()
@@ -172,10 +176,10 @@ async fn put_report(
     let out = store::apply_report_sets(&st.db, worker, &report.sets).await?;
     store::record_report_figures(&st.db, worker, &report.figures).await?;
     let m = &st.metrics;
-    Metrics::inc(&m.reports);
-    Metrics::add(&m.reported_destroyed_deleted, out.deleted);
-    Metrics::add(&m.reported_failed, report.failed.len() as u64);
-    Metrics::add(&m.reported_blocked, report.blocked as u64);
+    m.reports.inc();
+    m.reported_destroyed_deleted.inc_by(out.deleted);
+    m.reported_failed.inc_by(report.failed.len() as u64);
+    m.reported_blocked.inc_by(report.blocked as u64);
     for f in &report.failed {
         tracing::warn!(worker, handle = %f.handle, attempts = f.attempts, "worker cannot destroy volume: {}", f.error);
     }
@@ -343,22 +347,42 @@ async fn readyz(st: web::Data<AppState>) -> HttpResponse {
     };
     match check.await {
         Ok(()) => {
-            st.metrics.db_up.store(1, Ordering::Relaxed);
+            st.metrics.db_up.set(1);
             HttpResponse::Ok().body("ready\n")
         }
         Err(err) => {
             if err.is_unavailable() {
-                st.metrics.db_up.store(0, Ordering::Relaxed);
+                st.metrics.db_up.set(0);
             }
             HttpResponse::ServiceUnavailable().body(format!("not ready: {err}\n"))
         }
     }
 }
 
+/// The exposition; the rows by state are counted now (left out when the database cannot
+/// answer, which `volume_central_db_up` then shows).
 async fn metrics(st: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(st.metrics.render())
+    match store::volumes_by_state(&st.db).await {
+        Ok(counts) => {
+            st.metrics.db_up.set(1);
+            st.metrics.set_volumes_by_state(Some(&counts));
+        }
+        Err(err) => {
+            if err.is_unavailable() {
+                st.metrics.db_up.set(0);
+            }
+            tracing::debug!("cannot count the volume rows for /metrics: {err}");
+            st.metrics.set_volumes_by_state(None);
+        }
+    }
+    match st.metrics.render() {
+        Ok(text) => HttpResponse::Ok()
+            .content_type(protocol::metrics::CONTENT_TYPE)
+            .body(text),
+        Err(err) => {
+            HttpResponse::InternalServerError().body(format!("cannot encode the metrics: {err}\n"))
+        }
+    }
 }
 
 /// Authenticates every `/api` request (before its body is read): 401 without a valid
@@ -401,13 +425,11 @@ pub(crate) async fn count_responses(
     if let Some(m) = metrics {
         let status = resp.status();
         m.count_status(status.as_u16());
-        if status == StatusCode::UNAUTHORIZED {
-            Metrics::inc(&m.auth_unauthorized);
-        } else if status == StatusCode::FORBIDDEN {
-            Metrics::inc(&m.auth_forbidden);
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            m.auth_refused(status == StatusCode::FORBIDDEN);
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            Metrics::inc(&m.db_unavailable);
+            m.db_unavailable.inc();
         }
     }
     Ok(resp)

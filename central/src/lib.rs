@@ -31,7 +31,6 @@ pub mod tls;
 pub mod why;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,7 +40,7 @@ use actix_web::{web, App, HttpServer};
 pub use config::{AuthMode, Config, ConfigError, TlsConfig};
 pub use db::Db;
 pub use error::Error;
-pub use metrics::Metrics;
+pub use metrics::{GcOutcome, Metrics};
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -165,9 +164,10 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
         check_credentials_exist(&db).await?;
     }
     let metrics = Arc::new(Metrics::default());
+    metrics.auth_disabled.set(i64::from(!auth_on));
     metrics
-        .auth_disabled
-        .store(i64::from(!auth_on), Ordering::Relaxed);
+        .gc_interval_seconds
+        .set(config.gc_interval.as_secs_f64());
     let state = web::Data::new(http::AppState {
         db: db.clone(),
         auth: auth::Authenticator::new(db.clone(), auth_on, config.credential_cache),
@@ -393,26 +393,28 @@ async fn gc_loop(
         let started = Instant::now();
         match gc::run_pass(&db, missing_grace).await {
             Ok(gc::PassOutcome::Ran(stats)) => {
-                metrics.db_up.store(1, Ordering::Relaxed);
-                Metrics::inc(&metrics.gc_passes);
-                Metrics::add(&metrics.gc_marked, stats.marked);
-                Metrics::add(&metrics.gc_skipped, stats.skipped);
-                Metrics::add(&metrics.gc_caches_deleted, stats.caches_deleted);
-                metrics.gc_last_pass_micros.store(
-                    started.elapsed().as_micros().try_into().unwrap_or(u64::MAX),
-                    Ordering::Relaxed,
-                );
+                let took = started.elapsed().as_secs_f64();
+                metrics.db_up.set(1);
+                metrics.gc_pass(GcOutcome::Ran);
+                metrics.gc_marked.inc_by(stats.marked);
+                metrics.gc_skipped.inc_by(stats.skipped);
+                metrics.gc_caches_deleted.inc_by(stats.caches_deleted);
+                metrics.gc_last_pass_seconds.set(took);
+                metrics.gc_pass_duration.observe(took);
+                metrics
+                    .gc_last_success_timestamp_seconds
+                    .set(protocol::metrics::unix_now());
                 if stats != gc::GcStats::default() {
                     tracing::info!(?stats, "GC pass");
                 }
             }
-            Ok(gc::PassOutcome::Locked) => Metrics::inc(&metrics.gc_locked),
+            Ok(gc::PassOutcome::Locked) => metrics.gc_pass(GcOutcome::Locked),
             Err(err) => {
                 if err.is_unavailable() {
-                    metrics.db_up.store(0, Ordering::Relaxed);
-                    Metrics::inc(&metrics.db_unavailable);
+                    metrics.db_up.set(0);
+                    metrics.db_unavailable.inc();
                 }
-                Metrics::inc(&metrics.gc_errors);
+                metrics.gc_pass(GcOutcome::Error);
                 tracing::warn!("GC pass failed; retrying next interval: {err}");
             }
         }

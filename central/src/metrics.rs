@@ -1,160 +1,370 @@
-//! Counters exported as Prometheus text on `/metrics`.
+//! volume-central's Prometheus metrics on `prometheus-client`, served on `/metrics`.
+//! Every label family with fixed label values is created whole at start, so each series
+//! exists (at 0) from the first scrape. The rows by state are counted at scrape time
+//! (`http.rs`); README.md's "Metrics" section lists every name.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::BTreeMap;
 
-/// Process-wide counters of one service instance.
-#[derive(Debug, Default)]
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use protocol::metrics::{F64Gauge, U64Gauge};
+use protocol::VolumeState;
+
+/// Upper bounds (seconds) of the desired-set answer histogram.
+const DESIRED_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Upper bounds (seconds) of the GC pass histogram.
+const GC_PASS_BUCKETS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// How one GC tick ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GcOutcome {
+    /// This replica ran a pass.
+    Ran,
+    /// Another replica held the lock.
+    Locked,
+    /// The pass failed.
+    Error,
+}
+
+impl GcOutcome {
+    const ALL: [GcOutcome; 3] = [GcOutcome::Ran, GcOutcome::Locked, GcOutcome::Error];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            GcOutcome::Ran => "ran",
+            GcOutcome::Locked => "locked",
+            GcOutcome::Error => "error",
+        }
+    }
+}
+
+/// The HTTP status classes counted.
+const CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+
+/// Every metric of one service instance.
+#[derive(Debug)]
 pub struct Metrics {
-    pub requests_2xx: AtomicU64,
-    pub requests_3xx: AtomicU64,
-    pub requests_4xx: AtomicU64,
-    pub requests_5xx: AtomicU64,
-    pub desired_full: AtomicU64,
-    pub desired_not_modified: AtomicU64,
-    pub reports: AtomicU64,
-    pub reported_destroyed_deleted: AtomicU64,
-    pub reported_failed: AtomicU64,
-    pub reported_blocked: AtomicU64,
-    pub db_unavailable: AtomicU64,
-    pub gc_passes: AtomicU64,
-    pub gc_locked: AtomicU64,
-    pub gc_errors: AtomicU64,
-    pub gc_marked: AtomicU64,
-    pub gc_skipped: AtomicU64,
-    pub gc_caches_deleted: AtomicU64,
-    pub gc_last_pass_micros: AtomicU64,
+    http_responses: Family<ClassLabels, Counter>,
+    desired_answers: Family<KindLabels, Counter>,
+    /// Time to answer one desired-set request (authenticated), 304s included.
+    pub desired_duration: Histogram,
+    pub reports: Counter,
+    pub reported_destroyed_deleted: Counter,
+    pub reported_failed: Counter,
+    pub reported_blocked: Counter,
+    auth_refused: Family<StatusLabels, Counter>,
+    pub db_unavailable: Counter,
+    gc_passes: Family<OutcomeLabels, Counter>,
+    pub gc_marked: Counter,
+    pub gc_skipped: Counter,
+    pub gc_caches_deleted: Counter,
+    pub gc_last_pass_seconds: F64Gauge,
+    pub gc_pass_duration: Histogram,
+    pub gc_last_success_timestamp_seconds: F64Gauge,
+    pub gc_interval_seconds: F64Gauge,
     /// 1 when the last database access succeeded, 0 when it failed.
-    pub db_up: AtomicI64,
-    /// `/api` requests refused with 401 (no, unknown or revoked credential).
-    pub auth_unauthorized: AtomicU64,
-    /// `/api` requests refused with 403 (a valid credential outside its scope).
-    pub auth_forbidden: AtomicU64,
+    pub db_up: Gauge,
     /// 1 when the service runs with `auth = "none"`.
-    pub auth_disabled: AtomicI64,
+    pub auth_disabled: Gauge,
+    volumes: Family<StateLabels, U64Gauge>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub fn new() -> Metrics {
+        let m = Metrics {
+            http_responses: Family::default(),
+            desired_answers: Family::default(),
+            desired_duration: Histogram::new(DESIRED_BUCKETS),
+            reports: Counter::default(),
+            reported_destroyed_deleted: Counter::default(),
+            reported_failed: Counter::default(),
+            reported_blocked: Counter::default(),
+            auth_refused: Family::default(),
+            db_unavailable: Counter::default(),
+            gc_passes: Family::default(),
+            gc_marked: Counter::default(),
+            gc_skipped: Counter::default(),
+            gc_caches_deleted: Counter::default(),
+            gc_last_pass_seconds: F64Gauge::default(),
+            gc_pass_duration: Histogram::new(GC_PASS_BUCKETS),
+            gc_last_success_timestamp_seconds: F64Gauge::default(),
+            gc_interval_seconds: F64Gauge::default(),
+            db_up: Gauge::default(),
+            auth_disabled: Gauge::default(),
+            volumes: Family::default(),
+            registry: Registry::default(),
+        };
+        for class in CLASSES {
+            let _ = m.http_responses.get_or_create_owned(&ClassLabels { class });
+        }
+        for kind in ["full", "not_modified"] {
+            let _ = m.desired_answers.get_or_create_owned(&KindLabels { kind });
+        }
+        for status in ["401", "403"] {
+            let _ = m.auth_refused.get_or_create_owned(&StatusLabels { status });
+        }
+        for outcome in GcOutcome::ALL {
+            let _ = m.gc_passes.get_or_create_owned(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        m.with_registry()
     }
 
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    /// Registers every metric (names as README.md lists them; the encoder adds
+    /// `_total` to counters).
+    fn with_registry(mut self) -> Metrics {
+        let r = &mut self.registry;
+        r.register(
+            "volume_central_http_responses",
+            "HTTP responses by status class",
+            self.http_responses.clone(),
+        );
+        r.register(
+            "volume_central_desired_answers",
+            "Desired-set answers by kind",
+            self.desired_answers.clone(),
+        );
+        r.register(
+            "volume_central_desired_duration_seconds",
+            "Time to answer one desired-set request, 304s included",
+            self.desired_duration.clone(),
+        );
+        r.register(
+            "volume_central_reports",
+            "Volume reports applied",
+            self.reports.clone(),
+        );
+        r.register(
+            "volume_central_reported_destroyed_rows_deleted",
+            "Rows deleted because their worker reported them destroyed",
+            self.reported_destroyed_deleted.clone(),
+        );
+        r.register(
+            "volume_central_reported_failed",
+            "Volumes workers reported as failing to destroy",
+            self.reported_failed.clone(),
+        );
+        r.register(
+            "volume_central_reported_blocked",
+            "Volumes workers reported as blocked by live children",
+            self.reported_blocked.clone(),
+        );
+        r.register(
+            "volume_central_auth_refused",
+            "API requests refused: 401 without a valid credential, 403 outside its scope",
+            self.auth_refused.clone(),
+        );
+        r.register(
+            "volume_central_db_unavailable",
+            "Requests or passes that failed because the database was unreachable",
+            self.db_unavailable.clone(),
+        );
+        r.register(
+            "volume_central_gc_passes",
+            "GC ticks by outcome: ran a pass, another replica held the lock, failed",
+            self.gc_passes.clone(),
+        );
+        r.register(
+            "volume_central_gc_marked_volumes",
+            "Volumes the GC marked destroying",
+            self.gc_marked.clone(),
+        );
+        r.register(
+            "volume_central_gc_skipped_subtrees",
+            "Subtrees the GC skipped because a child still used them",
+            self.gc_skipped.clone(),
+        );
+        r.register(
+            "volume_central_gc_deleted_caches",
+            "Resource caches the GC deleted",
+            self.gc_caches_deleted.clone(),
+        );
+        r.register(
+            "volume_central_gc_last_pass_seconds",
+            "Duration of the last GC pass this replica ran",
+            self.gc_last_pass_seconds.clone(),
+        );
+        r.register(
+            "volume_central_gc_pass_duration_seconds",
+            "Duration of the GC passes this replica ran",
+            self.gc_pass_duration.clone(),
+        );
+        r.register(
+            "volume_central_gc_last_success_timestamp_seconds",
+            "Unix time the last GC pass this replica ran succeeded (0: none yet)",
+            self.gc_last_success_timestamp_seconds.clone(),
+        );
+        r.register(
+            "volume_central_gc_interval_seconds",
+            "The configured gc_interval",
+            self.gc_interval_seconds.clone(),
+        );
+        r.register(
+            "volume_central_db_up",
+            "Whether the last database access succeeded",
+            self.db_up.clone(),
+        );
+        r.register(
+            "volume_central_auth_disabled",
+            "1 when the API runs without authentication (auth = \"none\")",
+            self.auth_disabled.clone(),
+        );
+        r.register(
+            "volume_central_volumes",
+            "Volume rows by state, counted at scrape time",
+            self.volumes.clone(),
+        );
+        self
     }
 
     /// Counts a response by status class.
     pub fn count_status(&self, status: u16) {
-        let c = match status {
-            200..=299 => &self.requests_2xx,
-            300..=399 => &self.requests_3xx,
-            400..=499 => &self.requests_4xx,
-            _ => &self.requests_5xx,
+        let class = match status {
+            200..=299 => CLASSES[0],
+            300..=399 => CLASSES[1],
+            400..=499 => CLASSES[2],
+            _ => CLASSES[3],
         };
-        Self::inc(c);
+        self.http_responses
+            .get_or_create(&ClassLabels { class })
+            .inc();
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP volume_central_{name} {help}");
-            let _ = writeln!(out, "# TYPE volume_central_{name} counter");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "volume_central_{name}{labels} {v}");
-            }
+    /// Counts a desired-set answer: a full set or a 304.
+    pub fn desired_answer(&self, full: bool) {
+        let kind = if full { "full" } else { "not_modified" };
+        self.desired_answers
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// Desired-set answers of this instance: full sets, or 304s.
+    pub fn desired_answers(&self, full: bool) -> u64 {
+        let kind = if full { "full" } else { "not_modified" };
+        self.desired_answers
+            .get_or_create(&KindLabels { kind })
+            .get()
+    }
+
+    /// Counts an `/api` request refused with 401 or 403.
+    pub fn auth_refused(&self, forbidden: bool) {
+        let status = if forbidden { "403" } else { "401" };
+        self.auth_refused
+            .get_or_create(&StatusLabels { status })
+            .inc();
+    }
+
+    /// Counts one GC tick.
+    pub fn gc_pass(&self, outcome: GcOutcome) {
+        self.gc_passes
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// GC ticks of this replica that ended so.
+    pub fn gc_passes(&self, outcome: GcOutcome) -> u64 {
+        self.gc_passes
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .get()
+    }
+
+    /// The rows by state (every state exported, 0 when absent); `None` when they could
+    /// not be counted, which removes the series rather than leave old figures.
+    pub fn set_volumes_by_state(&self, counts: Option<&BTreeMap<String, u64>>) {
+        let Some(counts) = counts else {
+            self.volumes.clear();
+            return;
         };
-        counter(
-            "http_responses_total",
-            "HTTP responses by status class.",
-            &[
-                ("{class=\"2xx\"}", g(&self.requests_2xx)),
-                ("{class=\"3xx\"}", g(&self.requests_3xx)),
-                ("{class=\"4xx\"}", g(&self.requests_4xx)),
-                ("{class=\"5xx\"}", g(&self.requests_5xx)),
-            ],
-        );
-        counter(
-            "desired_answers_total",
-            "Desired-set answers by kind.",
-            &[
-                ("{kind=\"full\"}", g(&self.desired_full)),
-                ("{kind=\"not_modified\"}", g(&self.desired_not_modified)),
-            ],
-        );
-        counter(
-            "reports_total",
-            "Volume reports applied.",
-            &[("", g(&self.reports))],
-        );
-        counter(
-            "reported_destroyed_rows_deleted_total",
-            "Rows deleted because their worker reported them destroyed.",
-            &[("", g(&self.reported_destroyed_deleted))],
-        );
-        counter(
-            "reported_failed_total",
-            "Volumes workers reported as failing to destroy.",
-            &[("", g(&self.reported_failed))],
-        );
-        counter(
-            "reported_blocked_total",
-            "Volumes workers reported as blocked by live children.",
-            &[("", g(&self.reported_blocked))],
-        );
-        counter(
-            "auth_refused_total",
-            "API requests refused: 401 without a valid credential, 403 outside its scope.",
-            &[
-                ("{status=\"401\"}", g(&self.auth_unauthorized)),
-                ("{status=\"403\"}", g(&self.auth_forbidden)),
-            ],
-        );
-        counter(
-            "db_unavailable_total",
-            "Requests or passes that failed because the database was unreachable.",
-            &[("", g(&self.db_unavailable))],
-        );
-        counter(
-            "gc_passes_total",
-            "GC passes by outcome.",
-            &[
-                ("{outcome=\"ran\"}", g(&self.gc_passes)),
-                ("{outcome=\"locked\"}", g(&self.gc_locked)),
-                ("{outcome=\"error\"}", g(&self.gc_errors)),
-            ],
-        );
-        counter(
-            "gc_marked_volumes_total",
-            "Volumes the GC marked destroying.",
-            &[("", g(&self.gc_marked))],
-        );
-        counter(
-            "gc_skipped_subtrees_total",
-            "Subtrees the GC skipped because a child still used them.",
-            &[("", g(&self.gc_skipped))],
-        );
-        counter(
-            "gc_deleted_caches_total",
-            "Resource caches the GC deleted.",
-            &[("", g(&self.gc_caches_deleted))],
-        );
-        let _ = writeln!(
-            out,
-            "# HELP volume_central_gc_last_pass_seconds Duration of the last GC pass this replica ran.\n# TYPE volume_central_gc_last_pass_seconds gauge\nvolume_central_gc_last_pass_seconds {}",
-            g(&self.gc_last_pass_micros) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "# HELP volume_central_db_up Whether the last database access succeeded.\n# TYPE volume_central_db_up gauge\nvolume_central_db_up {}",
-            self.db_up.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP volume_central_auth_disabled 1 when the API runs without authentication (auth = \"none\").\n# TYPE volume_central_auth_disabled gauge\nvolume_central_auth_disabled {}",
-            self.auth_disabled.load(Ordering::Relaxed)
-        );
-        out
+        for st in VolumeState::ALL {
+            let n = counts.get(st.as_str()).copied().unwrap_or(0);
+            self.volumes
+                .get_or_create(&StateLabels { state: st.as_str() })
+                .set(n);
+        }
+    }
+
+    /// The Prometheus text exposition, encoded by prometheus-client.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        protocol::metrics::encode(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_label_families_exist_from_the_start() {
+        let text = Metrics::new().render().expect("render");
+        for line in [
+            "volume_central_http_responses_total{class=\"5xx\"} 0",
+            "volume_central_desired_answers_total{kind=\"not_modified\"} 0",
+            "volume_central_auth_refused_total{status=\"403\"} 0",
+            "volume_central_gc_passes_total{outcome=\"locked\"} 0",
+            "volume_central_reports_total 0",
+            "volume_central_db_up 0",
+            "volume_central_desired_duration_seconds_count 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains("volume_central_volumes{"), "{text}");
+    }
+
+    #[test]
+    fn rows_by_state_cover_every_state_and_go_when_uncounted() {
+        let m = Metrics::new();
+        let counts = BTreeMap::from([("destroying".to_string(), 3)]);
+        m.set_volumes_by_state(Some(&counts));
+        let text = m.render().expect("render");
+        assert!(text.contains("volume_central_volumes{state=\"destroying\"} 3"));
+        assert!(text.contains("volume_central_volumes{state=\"creating\"} 0"));
+        m.set_volumes_by_state(None);
+        assert!(!m.render().expect("render").contains("state=\"destroying\""));
     }
 }

@@ -286,6 +286,20 @@ pub async fn record_report_figures(db: &Db, worker: &str, f: &ReportFigures) -> 
     Ok(())
 }
 
+/// Volume rows by state, for `volume_central_volumes`.
+pub async fn volumes_by_state(db: &Db) -> Result<std::collections::BTreeMap<String, u64>> {
+    let client = db.client().await?;
+    Ok(client
+        .query("SELECT state, count(*) FROM volumes GROUP BY state", &[])
+        .await?
+        .iter()
+        .map(|r| {
+            let n: i64 = r.get(1);
+            (r.get(0), u64::try_from(n).unwrap_or(0))
+        })
+        .collect())
+}
+
 /// `PUT /api/v1/workers/{w}/base-resource-types`: the registered worker's types. A
 /// type whose version changed loses its old `worker_base_resource_types` row, so volumes
 /// built on the old version become garbage.

@@ -559,13 +559,7 @@ async fn without_credentials_start_refuses_unless_auth_none() {
     );
     config.auth = volume_central::AuthMode::None;
     let server = volume_central::start(&config).await.expect("auth none");
-    assert_eq!(
-        server
-            .metrics()
-            .auth_disabled
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(server.metrics().auth_disabled.get(), 1);
     server.stop().await;
 }
 

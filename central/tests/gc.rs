@@ -296,13 +296,14 @@ async fn two_service_instances_run_one_gc_at_a_time() {
         .expect("lock");
     let a = volume_central::start(&config).await.expect("start a");
     let b = volume_central::start(&config).await.expect("start b");
-    use std::sync::atomic::Ordering::Relaxed;
+    use volume_central::GcOutcome;
     wait_until(|| {
-        a.metrics().gc_locked.load(Relaxed) >= 3 && b.metrics().gc_locked.load(Relaxed) >= 3
+        a.metrics().gc_passes(GcOutcome::Locked) >= 3
+            && b.metrics().gc_passes(GcOutcome::Locked) >= 3
     })
     .await;
-    assert_eq!(a.metrics().gc_passes.load(Relaxed), 0);
-    assert_eq!(b.metrics().gc_passes.load(Relaxed), 0);
+    assert_eq!(a.metrics().gc_passes(GcOutcome::Ran), 0);
+    assert_eq!(b.metrics().gc_passes(GcOutcome::Ran), 0);
     assert_eq!(
         count(
             &db,
@@ -315,9 +316,11 @@ async fn two_service_instances_run_one_gc_at_a_time() {
         .execute("SELECT pg_advisory_unlock($1)", &[&GC_LOCK])
         .await
         .expect("unlock");
-    wait_until(|| a.metrics().gc_passes.load(Relaxed) + b.metrics().gc_passes.load(Relaxed) >= 4)
-        .await;
-    let marked = a.metrics().gc_marked.load(Relaxed) + b.metrics().gc_marked.load(Relaxed);
+    wait_until(|| {
+        a.metrics().gc_passes(GcOutcome::Ran) + b.metrics().gc_passes(GcOutcome::Ran) >= 4
+    })
+    .await;
+    let marked = a.metrics().gc_marked.get() + b.metrics().gc_marked.get();
     assert_eq!(marked, 20, "each volume marked once across both instances");
     assert_eq!(
         count(

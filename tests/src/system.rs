@@ -261,16 +261,12 @@ impl Central {
     pub fn gc_passes(&self) -> u64 {
         self.server
             .metrics()
-            .gc_passes
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .gc_passes(volume_central::GcOutcome::Ran)
     }
 
     /// Volumes this instance's GC marked `destroying`.
     pub fn gc_marked(&self) -> u64 {
-        self.server
-            .metrics()
-            .gc_marked
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.server.metrics().gc_marked.get()
     }
 
     /// Waits until this instance has run `n` more GC passes.

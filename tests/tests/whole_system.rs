@@ -294,8 +294,7 @@ async fn agents_split_between_two_replicas_converge() {
     assert_eq!(one.gc_marked() + two.gc_marked(), 4);
     let served = |c: &Central| {
         let m = c.server.metrics();
-        use std::sync::atomic::Ordering::Relaxed;
-        (m.desired_full.load(Relaxed), m.reports.load(Relaxed))
+        (m.desired_answers(true), m.reports.get())
     };
     for (i, c) in [&one, &two].into_iter().enumerate() {
         let (full, reports) = served(c);
