@@ -18,6 +18,7 @@ pub use wiremock;
 
 pub mod faults;
 pub mod lazyfs;
+pub mod metrics;
 pub mod system;
 
 /// How long a test waits for something that should happen within a few poll intervals.
