@@ -359,19 +359,28 @@ async fn readyz(st: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// How long a scrape waits for the rows by state before answering without them.
+const COUNT_ROWS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The exposition; the rows by state are counted now (left out when the database cannot
-/// answer, which `volume_central_db_up` then shows).
+/// answer within [`COUNT_ROWS_TIMEOUT`]; `volume_central_db_up` shows an unreachable one).
 async fn metrics(st: web::Data<AppState>) -> HttpResponse {
-    match store::volumes_by_state(&st.db).await {
-        Ok(counts) => {
+    match tokio::time::timeout(COUNT_ROWS_TIMEOUT, store::volumes_by_state(&st.db)).await {
+        Ok(Ok(counts)) => {
             st.metrics.db_up.set(1);
             st.metrics.set_volumes_by_state(Some(&counts));
         }
-        Err(err) => {
+        Ok(Err(err)) => {
             if err.is_unavailable() {
                 st.metrics.db_up.set(0);
             }
             tracing::debug!("cannot count the volume rows for /metrics: {err}");
+            st.metrics.set_volumes_by_state(None);
+        }
+        Err(_) => {
+            tracing::debug!(
+                "counting the volume rows for /metrics took over {COUNT_ROWS_TIMEOUT:?}"
+            );
             st.metrics.set_volumes_by_state(None);
         }
     }

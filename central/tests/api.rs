@@ -113,6 +113,13 @@ async fn desired_set_answers_with_etag_then_304_until_a_change() {
         protocol::decode("desired set", &resp.bytes().await.expect("b")).expect("decode");
     assert!(marked.volumes.is_empty());
     assert_eq!(marked.destroying.len(), 2);
+    let metrics = metrics_text(&client, &base).await;
+    assert!(
+        metrics.contains("volume_central_volumes{state=\"destroying\"} 2")
+            && metrics.contains("volume_central_volumes{state=\"initialized\"} 0")
+            && metrics.contains("volume_central_desired_duration_seconds_count 5"),
+        "{metrics}"
+    );
 
     // The agent reports them destroyed: rows deleted, the set is empty again.
     let resp = client
