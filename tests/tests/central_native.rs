@@ -80,6 +80,29 @@ async fn blocks_parent_whose_child_is_desired_and_reports_it() {
         local.metric("volume_agent_blocked_volumes").await,
         Some(1.0)
     );
+    // How long p has been blocked grows from the pass that first found it blocked...
+    let longest = || async {
+        local
+            .metric("volume_agent_blocked_longest_seconds")
+            .await
+            .unwrap_or(0.0)
+    };
+    let first = longest().await;
+    assert!(first > 0.0, "{first}");
+    eventually("p blocked longer than at the first look", || async {
+        longest().await > first
+    })
+    .await;
+    // ... and goes back to 0 once nothing is blocked.
+    script.set(&[], &["kid", "p"]);
+    eventually("kid, then p destroyed", || async {
+        local.handles().await.is_empty()
+    })
+    .await;
+    eventually("nothing blocked any more", || async {
+        local.metric("volume_agent_blocked_volumes").await == Some(0.0) && longest().await == 0.0
+    })
+    .await;
 }
 
 #[tokio::test]
