@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CI step: the monitoring files shipped in packaging/monitoring/ are valid for Prometheus.
 # `promtool check rules` (Debian's `prometheus` package, listed in .ci/packages.txt) checks
-# the alert rule files; the dashboard's queries are checked the same way, as recording
-# rules in a temporary file (Grafana's $__rate_interval and $__interval read as 5m).
+# the alert rule files and `promtool test rules` runs their test cases; the dashboard's
+# queries are checked as recording rules in a temporary file (Grafana's $__rate_interval
+# and $__interval read as 5m).
 # That every query names only metrics the binaries export is the test
 # tests/tests/metrics_catalogue.rs (run by the ordinary test command).
 set -euo pipefail
@@ -14,6 +15,9 @@ if ! command -v promtool >/dev/null; then
 fi
 
 promtool check rules packaging/monitoring/*.rules.yml
+# Each alert fires on the series it is meant for and not before its time (test cases in
+# packaging/monitoring/tests/, not installed).
+promtool test rules packaging/monitoring/tests/*.test.yml
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
