@@ -359,29 +359,39 @@ async fn readyz(st: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// How long a scrape waits for the rows by state before answering without them.
+/// How long a scrape waits for the rows by state and the workers' figures before
+/// answering without them.
 const COUNT_ROWS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The exposition; the rows by state are counted now (left out when the database cannot
-/// answer within [`COUNT_ROWS_TIMEOUT`]; `volume_central_db_up` shows an unreachable one).
+/// The exposition; the rows by state are counted and the workers' figures read now (left
+/// out when the database cannot answer within [`COUNT_ROWS_TIMEOUT`];
+/// `volume_central_db_up` shows an unreachable one).
 async fn metrics(st: web::Data<AppState>) -> HttpResponse {
-    match tokio::time::timeout(COUNT_ROWS_TIMEOUT, store::volumes_by_state(&st.db)).await {
-        Ok(Ok(counts)) => {
+    let read = async {
+        let counts = store::volumes_by_state(&st.db).await?;
+        let workers = store::list_workers(&st.db).await?;
+        Ok::<_, Error>((counts, workers))
+    };
+    match tokio::time::timeout(COUNT_ROWS_TIMEOUT, read).await {
+        Ok(Ok((counts, workers))) => {
             st.metrics.db_up.set(1);
             st.metrics.set_volumes_by_state(Some(&counts));
+            st.metrics.set_workers(Some(&workers));
         }
         Ok(Err(err)) => {
             if err.is_unavailable() {
                 st.metrics.db_up.set(0);
             }
-            tracing::debug!("cannot count the volume rows for /metrics: {err}");
+            tracing::debug!("cannot read the volume rows and workers for /metrics: {err}");
             st.metrics.set_volumes_by_state(None);
+            st.metrics.set_workers(None);
         }
         Err(_) => {
             tracing::debug!(
-                "counting the volume rows for /metrics took over {COUNT_ROWS_TIMEOUT:?}"
+                "reading the volume rows and workers for /metrics took over {COUNT_ROWS_TIMEOUT:?}"
             );
             st.metrics.set_volumes_by_state(None);
+            st.metrics.set_workers(None);
         }
     }
     match st.metrics.render() {

@@ -1,7 +1,8 @@
 //! volume-central's Prometheus metrics on `prometheus-client`, served on `/metrics`.
 //! Every label family with fixed label values is created whole at start, so each series
-//! exists (at 0) from the first scrape. The rows by state are counted at scrape time
-//! (`http.rs`); README.md's "Metrics" section lists every name.
+//! exists (at 0) from the first scrape. The rows by state and each worker's figures from
+//! its last report are read at scrape time (`http.rs`); README.md's "Metrics" section
+//! lists every name.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +14,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use protocol::metrics::{F64Gauge, U64Gauge};
 use protocol::VolumeState;
+
+use crate::store::WorkerRow;
 
 /// Upper bounds (seconds) of the desired-set answer histogram.
 const DESIRED_BUCKETS: [f64; 12] = [
@@ -47,6 +50,22 @@ struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+}
+
+/// Each registered worker's figures from its last report (one series per worker).
+#[derive(Debug, Default)]
+struct WorkerFamilies {
+    volume_bytes: Family<WorkerLabels, U64Gauge>,
+    disk_total_bytes: Family<WorkerLabels, U64Gauge>,
+    disk_free_bytes: Family<WorkerLabels, U64Gauge>,
+    pressure: Family<WorkerLabels, U64Gauge>,
+    revision_lag: Family<WorkerLabels, U64Gauge>,
+    last_report: Family<WorkerLabels, F64Gauge>,
 }
 
 /// How one GC tick ended.
@@ -101,6 +120,7 @@ pub struct Metrics {
     /// 1 when the service runs with `auth = "none"`.
     pub auth_disabled: Gauge,
     volumes: Family<StateLabels, U64Gauge>,
+    workers: WorkerFamilies,
     registry: Registry,
 }
 
@@ -133,6 +153,7 @@ impl Metrics {
             db_up: Gauge::default(),
             auth_disabled: Gauge::default(),
             volumes: Family::default(),
+            workers: WorkerFamilies::default(),
             registry: Registry::default(),
         };
         for class in CLASSES {
@@ -256,6 +277,37 @@ impl Metrics {
             "Volume rows by state, counted at scrape time",
             self.volumes.clone(),
         );
+        let w = &self.workers;
+        r.register(
+            "volume_central_worker_volume_bytes",
+            "Bytes of a worker's volumes, from its last report",
+            w.volume_bytes.clone(),
+        );
+        r.register(
+            "volume_central_worker_disk_total_bytes",
+            "Size of a worker's volumes file system, from its last report",
+            w.disk_total_bytes.clone(),
+        );
+        r.register(
+            "volume_central_worker_disk_free_bytes",
+            "Free bytes on a worker's volumes file system, from its last report",
+            w.disk_free_bytes.clone(),
+        );
+        r.register(
+            "volume_central_worker_pressure",
+            "1 when a worker's last report said its disk was below gc.min_free",
+            w.pressure.clone(),
+        );
+        r.register(
+            "volume_central_worker_revision_lag",
+            "Desired-set revisions a worker had not applied at its last report",
+            w.revision_lag.clone(),
+        );
+        r.register(
+            "volume_central_worker_last_report_timestamp_seconds",
+            "Unix time of a worker's last report",
+            w.last_report.clone(),
+        );
         self
     }
 
@@ -326,6 +378,47 @@ impl Metrics {
             self.volumes
                 .get_or_create(&StateLabels { state: st.as_str() })
                 .set(n);
+        }
+    }
+
+    /// Each worker's figures from its last report (workers that have not reported yet
+    /// have no series); `None` when they could not be read, which removes them all.
+    pub fn set_workers(&self, rows: Option<&[WorkerRow]>) {
+        let w = &self.workers;
+        for family in [
+            &w.volume_bytes,
+            &w.disk_total_bytes,
+            &w.disk_free_bytes,
+            &w.pressure,
+            &w.revision_lag,
+        ] {
+            family.clear();
+        }
+        w.last_report.clear();
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        for row in rows.unwrap_or_default() {
+            let Some(r) = &row.last_report else {
+                continue;
+            };
+            let l = WorkerLabels {
+                worker: row.name.clone(),
+            };
+            w.volume_bytes.get_or_create(&l).set(u(r.volume_bytes));
+            if let Some(total) = r.disk_total_bytes {
+                w.disk_total_bytes.get_or_create(&l).set(u(total));
+            }
+            if let Some(free) = r.disk_free_bytes {
+                w.disk_free_bytes.get_or_create(&l).set(u(free));
+            }
+            if let Some(p) = r.pressure {
+                w.pressure.get_or_create(&l).set(u64::from(p));
+            }
+            w.revision_lag
+                .get_or_create(&l)
+                .set(u(row.revision - r.revision_seen.unwrap_or(0)));
+            w.last_report
+                .get_or_create(&l)
+                .set(r.at.timestamp_millis() as f64 / 1000.0);
         }
     }
 

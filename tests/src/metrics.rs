@@ -286,7 +286,8 @@ impl Scrape {
 
 /// Starts volume-central on a fresh database and a real agent with a base resource type
 /// and a volume, waits until every label family has a series (a call to the central
-/// API, the resource type, the volume measured), and scrapes both `/metrics`.
+/// API, the resource type, the volume measured, the worker's report), and scrapes both
+/// `/metrics`.
 pub async fn scrape_system() -> Scrape {
     let central = Central::start().await;
     let w = Worker::start(&central, "w1").await;
@@ -310,12 +311,21 @@ pub async fn scrape_system() -> Scrape {
     })
     .await;
     let agent = w.local.metrics().await;
-    let central_text = reqwest::get(format!("{}/metrics", central.url()))
-        .await
-        .expect("central /metrics")
-        .text()
-        .await
-        .expect("central /metrics text");
+    let central_metrics = || async {
+        reqwest::get(format!("{}/metrics", central.url()))
+            .await
+            .expect("central /metrics")
+            .text()
+            .await
+            .expect("central /metrics text")
+    };
+    eventually("volume-central has the worker's figures", || async {
+        central_metrics()
+            .await
+            .contains("volume_central_worker_disk_free_bytes{worker=\"w1\"}")
+    })
+    .await;
+    let central_text = central_metrics().await;
     Scrape {
         agent,
         central: central_text,
