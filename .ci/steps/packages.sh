@@ -141,7 +141,10 @@ for f in /usr/bin/volume-agent /usr/lib/systemd/system/volume-agent.service \
 	/usr/lib/tmpfiles.d/volume-agent.conf /etc/volume-agent/config.toml \
 	/usr/share/man/man1/volume-agent.1.gz /usr/share/bash-completion/completions/volume-agent \
 	/usr/share/zsh/vendor-completions/_volume-agent /usr/share/fish/vendor_completions.d/volume-agent.fish \
-	/usr/share/doc/volume-agent/copyright /usr/share/volume-agent/resource-types/README; do
+	/usr/share/doc/volume-agent/copyright /usr/share/volume-agent/resource-types/README \
+	/usr/share/volume-agent/monitoring/volume-fleet.dashboard.json \
+	/usr/share/volume-agent/monitoring/volume-agent.rules.yml \
+	/usr/share/volume-agent/monitoring/volume-central.rules.yml; do
 	expect_file "$f"
 done
 dpkg-query -W -f='${Conffiles}\n' volume-agent | grep -q '/etc/volume-agent/config.toml' ||
@@ -193,7 +196,10 @@ dpkg -i "$cdeb"
 dpkg-query -W -f='${Status}\n' volume-central | grep -q 'install ok installed' || fail "volume-central not installed"
 for f in /usr/bin/volume-central /usr/lib/systemd/system/volume-central.service \
 	/usr/lib/sysusers.d/volume-central.conf /etc/volume-central/volume-central.toml \
-	/usr/share/man/man1/volume-central.1.gz /usr/share/doc/volume-central/copyright; do
+	/usr/share/man/man1/volume-central.1.gz /usr/share/doc/volume-central/copyright \
+	/usr/share/volume-central/monitoring/volume-fleet.dashboard.json \
+	/usr/share/volume-central/monitoring/volume-agent.rules.yml \
+	/usr/share/volume-central/monitoring/volume-central.rules.yml; do
 	expect_file "$f"
 done
 dpkg-query -W -f='${Conffiles}\n' volume-central | grep -q '/etc/volume-central/volume-central.toml' ||
