@@ -33,6 +33,8 @@ pub struct Config {
     #[serde(default)]
     pub p2p: P2pConfig,
     #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
     pub resource_types: ResourceTypesConfig,
     #[serde(default)]
     pub gc: GcConfig,
@@ -244,7 +246,7 @@ fn d60s() -> Duration {
 #[serde(deny_unknown_fields, default)]
 pub struct P2pConfig {
     /// `IP:PORT` of the peer listener, e.g. `0.0.0.0:7789`; empty = off.
-    pub listen: P2pListen,
+    pub listen: ListenOrOff,
     /// The host other workers reach this one at (an IP address or a DNS name), as
     /// `GET /p2p-url` answers it. Empty = `interface`, or the listen IP when specific.
     pub address: String,
@@ -256,26 +258,37 @@ pub struct P2pConfig {
     pub allowed_networks: Vec<ipnet::IpNet>,
 }
 
-/// `p2p.listen`: an address, or off when empty.
+/// `[metrics]`: a listener of its own for Prometheus, off while `listen` is empty. It
+/// serves only `GET /metrics`, to anyone who reaches it (no peer check: a remote
+/// Prometheus has no local uid), so bind it where only the scraper reaches; the local API
+/// keeps serving `/metrics` behind its guard either way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:PORT`, e.g. `10.0.3.17:9788`; empty = off.
+    pub listen: ListenOrOff,
+}
+
+/// `p2p.listen`, `metrics.listen`: an `IP:PORT` address, or off when empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(try_from = "String", into = "String")]
-pub struct P2pListen(pub Option<SocketAddr>);
+pub struct ListenOrOff(pub Option<SocketAddr>);
 
-impl TryFrom<String> for P2pListen {
+impl TryFrom<String> for ListenOrOff {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
         let t = s.trim();
         if t.is_empty() {
-            return Ok(P2pListen(None));
+            return Ok(ListenOrOff(None));
         }
-        t.parse().map(|a| P2pListen(Some(a))).map_err(|_| {
-            format!("{s:?} is not an IP:PORT address (e.g. \"0.0.0.0:7789\"); leave it empty to turn P2P streaming off")
+        t.parse().map(|a| ListenOrOff(Some(a))).map_err(|_| {
+            format!("{s:?} is not an IP:PORT address (e.g. \"0.0.0.0:7789\"); leave it empty to turn this listener off")
         })
     }
 }
 
-impl From<P2pListen> for String {
-    fn from(l: P2pListen) -> String {
+impl From<ListenOrOff> for String {
+    fn from(l: ListenOrOff) -> String {
         l.0.map(|a| a.to_string()).unwrap_or_default()
     }
 }
@@ -836,7 +849,7 @@ min_free = "10%"
     #[test]
     fn p2p_is_off_unless_listen_is_set() {
         let c = parse(MINIMAL).expect("minimal");
-        assert_eq!(c.p2p.listen, P2pListen(None));
+        assert_eq!(c.p2p.listen, ListenOrOff(None));
         let c = parse(&format!(
             "{MINIMAL}[p2p]\nlisten = \"0.0.0.0:7789\"\naddress = \"10.1.2.3\"\nallowed_networks = [\"10.0.0.0/8\", \"fd00::/8\"]\n"
         ))
@@ -875,7 +888,7 @@ min_free = "10%"
     fn an_empty_section_and_an_omitted_one_take_the_one_written_default() {
         let omitted = parse(MINIMAL).expect("minimal");
         let empty = parse(&format!(
-            "{MINIMAL}[volumes]\n[state]\n[api]\n[p2p]\n[resource_types]\n[gc]\n[log]\n"
+            "{MINIMAL}[volumes]\n[state]\n[api]\n[p2p]\n[metrics]\n[resource_types]\n[gc]\n[log]\n"
         ))
         .expect("empty sections");
         assert_eq!(omitted, empty);
@@ -883,8 +896,24 @@ min_free = "10%"
         assert_eq!(omitted.state, StateConfig::default());
         assert_eq!(omitted.api, ApiConfig::default());
         assert_eq!(omitted.p2p, P2pConfig::default());
+        assert_eq!(omitted.metrics, MetricsConfig::default());
         assert_eq!(omitted.resource_types, ResourceTypesConfig::default());
         assert_eq!(omitted.gc, GcConfig::default());
         assert_eq!(omitted.log, LogConfig::default());
+    }
+
+    #[test]
+    fn metrics_listener_is_off_unless_listen_is_set() {
+        assert_eq!(
+            parse(MINIMAL).expect("minimal").metrics.listen,
+            ListenOrOff(None)
+        );
+        let c = parse(&format!("{MINIMAL}[metrics]\nlisten = \"0.0.0.0:9788\"\n")).expect("on");
+        assert_eq!(
+            c.metrics.listen.0,
+            Some("0.0.0.0:9788".parse().expect("addr"))
+        );
+        let err = parse(&format!("{MINIMAL}[metrics]\nlisten = \"9788\"\n")).expect_err("no ip");
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
     }
 }

@@ -47,6 +47,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} (metrics.listen): {source}; pick a free address or leave metrics.listen empty")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot make the HTTP client for P2P streams: {0}")]
     P2pClient(String),
     #[error("API socket {path}: cannot set its mode 0660 and group (api.group): {source}")]
@@ -77,6 +83,8 @@ pub struct Daemon {
     p2p_server: Option<actix_web::dev::ServerHandle>,
     /// Where the P2P listener is bound.
     pub p2p: Option<std::net::SocketAddr>,
+    /// The metrics listener, when `metrics.listen` is set.
+    metrics_server: Option<actix_web::dev::ServerHandle>,
     desired: Addr<DesiredStateActor>,
     reconciler: Addr<ReconcilerActor>,
 }
@@ -258,6 +266,26 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
             .map(|(_, bound)| Arc::new(api::p2p::P2p::new(&config.p2p, *bound))),
         p2p_client,
     };
+    let metrics_server = match config.metrics.listen.0 {
+        None => None,
+        Some(addr) => {
+            let metrics_state = state.clone();
+            let server = HttpServer::new(move || {
+                App::new().configure(api::configure_metrics(metrics_state.clone()))
+            })
+            .workers(1)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .bind(addr)
+            .map_err(|source| DaemonError::MetricsBind { addr, source })?;
+            let bound = server.addrs().first().copied().unwrap_or(addr);
+            let server = server.run();
+            let handle = server.handle();
+            actix_rt::spawn(server);
+            info!(listen = %bound, "metrics listener serving GET /metrics");
+            Some(handle)
+        }
+    };
     let p2p_server = match p2p_listener {
         None => None,
         Some((listener, bound)) => {
@@ -349,6 +377,7 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         server: handle,
         p2p: p2p_server.as_ref().map(|(_, b)| *b),
         p2p_server: p2p_server.map(|(h, _)| h),
+        metrics_server,
         desired,
         reconciler,
     })
@@ -407,6 +436,9 @@ impl Daemon {
         let _ = self.reconciler.send(Drain).await;
         if let Some(p2p) = &self.p2p_server {
             p2p.stop(true).await;
+        }
+        if let Some(m) = &self.metrics_server {
+            m.stop(true).await;
         }
         self.server.stop(true).await;
         if let Listen::Unix(path) = &self.api {

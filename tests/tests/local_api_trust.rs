@@ -420,3 +420,38 @@ async fn volumes_root_and_state_are_0700_and_metadata_files_0600() {
     // The data directory itself stays what the volume needs (the container's root owns it).
     assert_ne!(mode(Path::new(&v.path)) & 0o700, 0);
 }
+
+#[tokio::test]
+async fn metrics_listener_serves_only_metrics() {
+    let port = free_port();
+    let (_s, _agent, _local) = start(AgentSettings {
+        extra: format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        ..AgentSettings::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.expect("text");
+    assert!(text.contains("volume_agent_"), "{text}");
+    for (method, path) in [
+        ("GET", "/volumes"),
+        ("GET", "/gc/plan"),
+        ("POST", "/volumes"),
+        ("GET", "/healthz"),
+    ] {
+        let resp = http
+            .request(
+                method.parse().expect("method"),
+                format!("http://127.0.0.1:{port}{path}"),
+            )
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} {path}");
+    }
+}

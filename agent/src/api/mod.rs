@@ -73,6 +73,15 @@ pub fn configure(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
     }
 }
 
+/// Registers the metrics listener's routes (`GET /metrics`, nothing else).
+pub fn configure_metrics(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(web::Data::new(state))
+            .route("/metrics", web::get().to(ops::metrics))
+            .default_service(web::to(error::not_found));
+    }
+}
+
 /// Registers the P2P listener's routes (stream-in from peers, nothing else).
 pub fn configure_peer(state: ApiState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg: &mut web::ServiceConfig| {

@@ -36,7 +36,7 @@ async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
     }
 }
 
-async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     let text = state
         .metrics
         .render()

@@ -316,7 +316,7 @@ mod tests {
 
     fn p2p(listen: &str, address: &str, allowed: &[&str]) -> P2p {
         let config = P2pConfig {
-            listen: crate::config::P2pListen(Some(listen.parse().expect("listen"))),
+            listen: crate::config::ListenOrOff(Some(listen.parse().expect("listen"))),
             address: address.into(),
             interface: String::new(),
             allowed_networks: allowed.iter().map(|n| n.parse().expect("net")).collect(),
