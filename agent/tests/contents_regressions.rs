@@ -25,18 +25,34 @@ fn host_dir(dir: &Path) -> std::path::PathBuf {
     host
 }
 
+/// The privileged empty volume `p`, being filled (`created`).
+fn privileged_parent(inv: &Inventory) -> std::path::PathBuf {
+    inv.create_volume(
+        create_request("p", Strategy::Empty, true),
+        VolumeState::Created,
+    )
+    .expect("parent")
+    .path
+}
+
+/// Initializes `p` and makes its copy-on-write child `c`.
+fn initialized_child(inv: &Inventory) -> std::path::PathBuf {
+    inv.set_state(&h("p"), VolumeState::Initialized)
+        .expect("init");
+    inv.create_volume(
+        create_request("c", Strategy::Cow { volume: h("p") }, true),
+        VolumeState::Created,
+    )
+    .expect("child")
+    .path
+}
+
 #[test]
 fn copy_on_write_child_keeps_links_holes_owners_setid_bits_and_xattrs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let host = host_dir(dir.path());
     let inv = naive(dir.path());
-    let parent = inv
-        .create_volume(
-            create_request("p", Strategy::Empty, true),
-            VolumeState::Created,
-        )
-        .expect("parent")
-        .path;
+    let parent = privileged_parent(&inv);
     std::os::unix::fs::symlink(&host, parent.join("to-host")).expect("symlink");
     let mut sparse = std::fs::File::create(parent.join("sparse")).expect("create");
     sparse.write_all(b"start").expect("write");
@@ -51,16 +67,7 @@ fn copy_on_write_child_keeps_links_holes_owners_setid_bits_and_xattrs() {
         .expect("chmod");
     std::fs::hard_link(parent.join("tool"), parent.join("tool-link")).expect("link");
     let has_xattr = xattr_set(&parent.join("tool"), "user.origin", b"parent").is_ok();
-    inv.set_state(&h("p"), VolumeState::Initialized)
-        .expect("init");
-
-    let child = inv
-        .create_volume(
-            create_request("c", Strategy::Cow { volume: h("p") }, true),
-            VolumeState::Created,
-        )
-        .expect("child")
-        .path;
+    let child = initialized_child(&inv);
     let link = std::fs::symlink_metadata(child.join("to-host")).expect("lstat");
     assert!(
         link.file_type().is_symlink(),
@@ -92,6 +99,55 @@ fn copy_on_write_child_keeps_links_holes_owners_setid_bits_and_xattrs() {
     } else {
         println!("user xattrs unsupported here: xattr copy not checked");
     }
+}
+
+#[test]
+fn copy_on_write_child_keeps_a_symlinks_own_xattrs_and_never_its_targets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let host = host_dir(dir.path());
+    let inv = naive(dir.path());
+    let parent = privileged_parent(&inv);
+    std::fs::write(parent.join("target"), b"data").expect("write");
+    std::os::unix::fs::symlink("target", parent.join("link")).expect("symlink");
+    std::os::unix::fs::symlink(&host, parent.join("to-host")).expect("symlink");
+    // Only `trusted.*` and `security.*` attributes can sit on a symlink (root only).
+    let on_link = lxattr_set(&parent.join("link"), "trusted.origin", b"the link");
+    if let Err(e) = on_link {
+        println!("symlink xattrs unsupported here ({e}): not checked");
+        return;
+    }
+    lxattr_set(&parent.join("to-host"), "trusted.origin", b"host link").expect("lsetxattr");
+    let child = initialized_child(&inv);
+    assert_eq!(
+        lxattr_get(&child.join("link"), "trusted.origin").as_deref(),
+        Some(&b"the link"[..]),
+        "the symlink's own attribute is copied"
+    );
+    assert_eq!(
+        lxattr_get(&child.join("target"), "trusted.origin"),
+        None,
+        "not onto what the link points at"
+    );
+    assert_eq!(
+        lxattr_get(&child.join("to-host"), "trusted.origin").as_deref(),
+        Some(&b"host link"[..])
+    );
+    assert_eq!(
+        lxattr_get(&host, "trusted.origin"),
+        None,
+        "the host directory a link points at is never touched"
+    );
+}
+
+fn lxattr_set(p: &Path, name: &str, value: &[u8]) -> rustix::io::Result<()> {
+    rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty())
+}
+
+fn lxattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    let n = rustix::fs::lgetxattr(p, name, &mut buf[..]).ok()?;
+    buf.truncate(n);
+    Some(buf)
 }
 
 fn xattr_set(p: &Path, name: &str, value: &[u8]) -> rustix::io::Result<()> {

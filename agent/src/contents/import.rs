@@ -103,9 +103,9 @@ pub fn import(
                 &opts,
             )
             .map_err(|e| archive_err(e.to_string()))?;
-            // An archive writes inodes of every kind through the extractor: one flush of
-            // the file system (imports are rare) rather than a walk to sync each.
-            dest.syncfs().map_err(copy_err(data))?;
+            // The extractor does not sync as it writes: every file and directory of the
+            // new volume now, file by file (nothing else writes into a volume being made).
+            super::sync::sync_tree(&dest).map_err(copy_err(data))?;
             Ok(CopyStats::default())
         }
     }

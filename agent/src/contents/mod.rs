@@ -7,6 +7,7 @@
 //! * `shift`: the owner shift when a volume's privilege changes.
 //! * `import`: the `import` strategy (a host directory or a `.tgz`).
 //! * `archive`: tar extract and pack for stream-in/out (`inventory/streams.rs`).
+//! * `sync`: durability of what was written, file by file, never a `syncfs`.
 //!
 //! All of it but `archive` walks trees through [`crate::fsx`] only: fd-relative, never
 //! following a symlink inside a volume, never leaving the volume's mount. `archive` keeps
@@ -20,5 +21,6 @@ pub mod copy;
 pub mod ids;
 pub mod import;
 pub mod shift;
+pub mod sync;
 
 pub use ids::{parse_max_id, IdMap};

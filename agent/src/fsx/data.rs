@@ -136,10 +136,63 @@ fn read_write(src: &File, dst: &File, at: u64, want: usize) -> io::Result<usize>
     Ok(n)
 }
 
+/// One side of an extended-attribute copy: an open file, or an entry named by a path
+/// whose last component is never followed (a symlink's own attributes).
+#[derive(Clone, Copy)]
+pub(super) enum XattrSide<'a> {
+    Fd(std::os::fd::BorrowedFd<'a>),
+    /// A `/proc/self/fd/<dir>/<name>` path: the directory is the open handle's inode, the
+    /// name one component looked up in it, so nothing is resolved again.
+    NoFollow(&'a std::ffi::CStr),
+}
+
+impl XattrSide<'_> {
+    fn list(self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            XattrSide::Fd(fd) => retry(|| rfs::flistxattr(fd, &mut *buf)),
+            XattrSide::NoFollow(p) => retry(|| rfs::llistxattr(p, &mut *buf)),
+        }
+    }
+
+    fn list_len(self) -> io::Result<usize> {
+        match self {
+            XattrSide::Fd(fd) => retry(|| rfs::flistxattr_query(fd)),
+            XattrSide::NoFollow(p) => retry(|| rfs::llistxattr_query(p)),
+        }
+    }
+
+    fn get(self, name: &std::ffi::CStr, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            XattrSide::Fd(fd) => retry(|| rfs::fgetxattr(fd, name, &mut *buf)),
+            XattrSide::NoFollow(p) => retry(|| rfs::lgetxattr(p, name, &mut *buf)),
+        }
+    }
+
+    fn get_len(self, name: &std::ffi::CStr) -> io::Result<usize> {
+        match self {
+            XattrSide::Fd(fd) => retry(|| rfs::fgetxattr_query(fd, name)),
+            XattrSide::NoFollow(p) => retry(|| rfs::lgetxattr_query(p, name)),
+        }
+    }
+
+    fn set(self, name: &std::ffi::CStr, value: &[u8]) -> io::Result<()> {
+        let flags = rfs::XattrFlags::empty();
+        match self {
+            XattrSide::Fd(fd) => retry(|| rfs::fsetxattr(fd, name, value, flags)),
+            XattrSide::NoFollow(p) => retry(|| rfs::lsetxattr(p, name, value, flags)),
+        }
+    }
+}
+
 /// Copies every extended attribute of the open file `src` to the open file `dst`. A file
 /// system without extended attributes on either side copies nothing; a name the target
 /// refuses (`EPERM`, `ENOTSUP` for that namespace) is skipped.
 pub fn copy_xattrs(src: &impl std::os::fd::AsFd, dst: &impl std::os::fd::AsFd) -> io::Result<()> {
+    copy_xattrs_between(XattrSide::Fd(src.as_fd()), XattrSide::Fd(dst.as_fd()))
+}
+
+/// [`copy_xattrs`] between any two sides.
+pub(super) fn copy_xattrs_between(src: XattrSide<'_>, dst: XattrSide<'_>) -> io::Result<()> {
     let skip = |e: &io::Error| {
         matches!(
             e.raw_os_error().map(Errno::from_raw_os_error),
@@ -148,10 +201,10 @@ pub fn copy_xattrs(src: &impl std::os::fd::AsFd, dst: &impl std::os::fd::AsFd) -
     };
     let mut names = vec![0u8; 1024];
     let len = loop {
-        match retry(|| rfs::flistxattr(src, &mut names[..])) {
+        match src.list(&mut names[..]) {
             Ok(n) => break n,
             Err(e) if e.raw_os_error() == Some(Errno::RANGE.raw_os_error()) => {
-                let want = retry(|| rfs::flistxattr_query(src))?;
+                let want = src.list_len()?;
                 names.resize(want.max(names.len() * 2), 0);
             }
             Err(e) if skip(&e) => return Ok(()),
@@ -167,10 +220,10 @@ pub fn copy_xattrs(src: &impl std::os::fd::AsFd, dst: &impl std::os::fd::AsFd) -
             continue;
         };
         let n = loop {
-            match retry(|| rfs::fgetxattr(src, cname.as_c_str(), &mut value[..])) {
+            match src.get(cname.as_c_str(), &mut value[..]) {
                 Ok(n) => break Some(n),
                 Err(e) if e.raw_os_error() == Some(Errno::RANGE.raw_os_error()) => {
-                    let want = retry(|| rfs::fgetxattr_query(src, cname.as_c_str()))?;
+                    let want = src.get_len(cname.as_c_str())?;
                     value.resize(want.max(value.len() * 2), 0);
                 }
                 Err(e) if skip(&e) => break None,
@@ -178,9 +231,7 @@ pub fn copy_xattrs(src: &impl std::os::fd::AsFd, dst: &impl std::os::fd::AsFd) -
             }
         };
         let Some(n) = n else { continue };
-        let set =
-            retry(|| rfs::fsetxattr(dst, cname.as_c_str(), &value[..n], rfs::XattrFlags::empty()));
-        match set {
+        match dst.set(cname.as_c_str(), &value[..n]) {
             Err(e) if !skip(&e) => return Err(e),
             _ => {}
         }

@@ -570,6 +570,26 @@ impl Dir {
         .map_err(self.err(Op::Chown, Some(name)))
     }
 
+    /// Copies the extended attributes of `name` here to `dst_name` in `dst`, never
+    /// following either (a symlink's own attributes: `trusted.*`, `security.*`), through
+    /// each directory's `/proc/self/fd` link and one name component in it. Skips what the
+    /// target refuses, as [`super::copy_xattrs`].
+    pub fn copy_xattrs_of(&self, name: Name<'_>, dst: &Dir, dst_name: Name<'_>) -> Result<()> {
+        let at = |dir: &Dir, n: Name<'_>| {
+            let mut p = proc_fd_path(dir.fd.as_fd()).into_bytes();
+            p.push(b'/');
+            p.extend_from_slice(n.as_c_str().to_bytes());
+            // `Name` holds no NUL.
+            CString::new(p).unwrap_or_default()
+        };
+        let (src_path, dst_path) = (at(self, name), at(dst, dst_name));
+        super::data::copy_xattrs_between(
+            super::data::XattrSide::NoFollow(&src_path),
+            super::data::XattrSide::NoFollow(&dst_path),
+        )
+        .map_err(self.err(Op::Xattr, Some(name)))
+    }
+
     /// Sets the owner of this directory.
     pub fn chown_self(&self, uid: u32, gid: u32) -> Result<()> {
         chown_fd(self.fd.as_fd(), uid, gid).map_err(self.err(Op::Chown, None))

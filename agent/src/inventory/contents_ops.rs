@@ -8,7 +8,7 @@ use std::path::Path;
 use protocol::local::{CreateVolumeRequest, Strategy};
 
 use super::{CreateSpec, Handle, Inventory, InventoryError, Populate, VolumeRecord, VolumeState};
-use crate::contents::{import, shift, IdMap};
+use crate::contents::{import, shift, sync, IdMap};
 use crate::fsx::Dir;
 
 fn populate_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
@@ -16,11 +16,12 @@ fn populate_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error 
 }
 
 /// Changes owners under `data` from what `from` stores to what `to` stores, then makes
-/// that durable (one flush of the file system: shifts are rare and touch every inode).
+/// that durable file by file (never a `syncfs`, which would wait for every container's
+/// dirty data on the file system while the volume's lock is held).
 fn shift_data(data: &Path, from: IdMap, to: IdMap) -> io::Result<()> {
     let root = Dir::open_root(data).map_err(populate_err)?;
     shift::shift_tree(&root, from, to).map_err(populate_err)?;
-    root.syncfs().map_err(populate_err)
+    sync::sync_tree(&root).map_err(populate_err)
 }
 
 impl Inventory {
