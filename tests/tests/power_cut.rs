@@ -8,11 +8,8 @@
 //!
 //! Data in a volume: the test plays a well-behaved client and fsyncs the files it writes
 //! (its half of the bargain). A copy-on-write child of the naive driver gets a copy of its
-//! parent's files, which the agent makes durable with `syncfs(2)` before it answers; LazyFS
-//! does not see syncfs (the kernel never sends it to a FUSE file system), so under LazyFS
-//! those copies are lost although ext4 or xfs keeps them. The tests therefore check the
-//! copies for presence (names, which LazyFS keeps) and count, but do not assert, a copy
-//! whose bytes did not survive; see `tests/README.md`.
+//! parent's files, which the agent fsyncs file by file before it answers (never `syncfs`,
+//! which LazyFS could not see): every acknowledged copy must be byte-identical too.
 //!
 //! Needs root, `/dev/fuse` and a LazyFS binary (`LAZYFS_BIN` or `lazyfs` on `PATH`);
 //! without them each test prints why and returns (and fails with
@@ -87,9 +84,7 @@ struct Figures {
     /// Volumes checked after a power cut (summed over rounds).
     volumes_checked: usize,
     files_checked: usize,
-    /// Copies made by the agent (cow children) whose bytes LazyFS dropped (syncfs, see the
-    /// module docs), and those that survived.
-    copies_unsynced: usize,
+    /// Files of copies made by the agent (cow children) checked byte for byte.
     copies_intact: usize,
     /// From the agent's "volume inventory open" lines after the power cuts.
     creates_undone: usize,
@@ -463,11 +458,15 @@ async fn check_after_power_cut(
             let got = data.get(name).unwrap_or_else(|| {
                 panic!("{k}: the copy of {} is missing ({context})", name.display())
             });
-            if got == bytes {
-                fig.copies_intact += 1;
-            } else {
-                fig.copies_unsynced += 1;
-            }
+            assert!(
+                got == bytes,
+                "{k}: the agent's copy of {} is {} bytes, not the parent's {}, after the \
+                 power cut: the copy was acknowledged before it was durable ({context})",
+                name.display(),
+                got.len(),
+                bytes.len()
+            );
+            fig.copies_intact += 1;
         }
         let expected: BTreeSet<&PathBuf> = vol.own.keys().chain(vol.copied.keys()).collect();
         let extra: Vec<&PathBuf> = data.keys().filter(|n| !expected.contains(n)).collect();
