@@ -288,3 +288,63 @@ fn privilege_flip_of_a_volume_being_destroyed_is_refused() {
     let err = inv.set_privileged(&h("v"), false).expect_err("refused");
     assert!(matches!(err, InventoryError::Busy { .. }), "{err}");
 }
+
+#[test]
+fn copy_keeps_every_directorys_times_while_its_files_are_copied_in_parallel() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    let mut want = Vec::new();
+    for d in 0..8 {
+        let sub = src.join(format!("d{d}")).join("inner");
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        for f in 0..200 {
+            let p = sub.join(format!("f{f}"));
+            std::fs::write(&p, format!("{d}/{f}")).expect("write");
+            want.push(p);
+        }
+        for f in 0..50 {
+            std::fs::write(src.join(format!("d{d}/top{f}")), b"x").expect("write");
+        }
+    }
+    // Every directory's times set last, as an archive or a finished build leaves them.
+    let mut dirs: Vec<_> = want
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs.extend(
+        dirs.clone()
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf)),
+    );
+    dirs.push(src.clone());
+    for d in &dirs {
+        std::fs::File::open(d)
+            .and_then(|f| f.set_modified(old))
+            .expect("set dir mtime");
+    }
+
+    let dst = dir.path().join("dst");
+    let stats = volume_agent::contents::copy::copy_tree(&src, &dst).expect("copy");
+    assert_eq!(stats.files, 8 * 250);
+    for p in &want {
+        let rel = p.strip_prefix(&src).expect("rel");
+        assert_eq!(
+            std::fs::read(dst.join(rel)).expect("read copy"),
+            std::fs::read(p).expect("read source")
+        );
+    }
+    for d in &dirs {
+        let rel = d.strip_prefix(&src).expect("rel");
+        let m = std::fs::metadata(dst.join(rel)).expect("stat");
+        assert_eq!(
+            m.mtime(),
+            1_000_000_000,
+            "{} keeps its mtime (set after its files were made)",
+            rel.display()
+        );
+    }
+}

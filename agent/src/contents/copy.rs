@@ -21,6 +21,8 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::fsx::{
     self, Beneath, CopyMethod, Descend, Dir, Errno, FsxError, Kind, Meta, Name, NameBuf, Op,
@@ -65,17 +67,107 @@ impl Owners {
     }
 }
 
+/// Figures the file threads add to, and whether reflinks still work here.
+#[derive(Default)]
+struct Shared {
+    no_reflink: AtomicBool,
+    files: AtomicU64,
+    bytes: AtomicU64,
+    reflinked: AtomicU64,
+}
+
+/// Files of one destination directory still being copied on the file threads; the
+/// directory's own owner, mode and times are set once none is left (a file made after
+/// would change its times).
+#[derive(Default)]
+struct Pending {
+    n: Mutex<usize>,
+    zero: Condvar,
+}
+
+impl Pending {
+    fn add(self: &Arc<Self>) -> PendingGuard {
+        *self.n.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        PendingGuard(Arc::clone(self))
+    }
+
+    fn wait(&self) {
+        let mut n = self.n.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            n = self.zero.wait(n).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Held by a file's job; dropped when the job ran or was dropped unrun.
+struct PendingGuard(Arc<Pending>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut n = self.0.n.lock().unwrap_or_else(PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.zero.notify_all();
+        }
+    }
+}
+
+/// A destination directory being filled.
+struct Level {
+    dir: Arc<Dir>,
+    pending: Arc<Pending>,
+}
+
+impl Level {
+    fn new(dir: Dir) -> Level {
+        Level {
+            dir: Arc::new(dir),
+            pending: Arc::default(),
+        }
+    }
+}
+
+/// Copies the regular file `src` (`meta`) as `name` in `dst`: data, owner, mode (after
+/// the owner, so set-id bits survive), extended attributes, times. Returns the copy.
+fn copy_one(
+    src: &File,
+    meta: &Meta,
+    rel: &Path,
+    dst: &Dir,
+    name: Name<'_>,
+    owners: Owners,
+    shared: &Shared,
+) -> fsx::Result<File> {
+    let err = |op| move |source| FsxError::new(op, rel.to_owned(), source);
+    let out = dst.create_file(name, 0o600)?;
+    let reflink = !shared.no_reflink.load(Ordering::Relaxed);
+    match fsx::copy_data(src, &out, reflink).map_err(err(Op::Copy))? {
+        CopyMethod::Reflink => {
+            shared.reflinked.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => shared.no_reflink.store(true, Ordering::Relaxed),
+    }
+    let (uid, gid) = owners.map(meta);
+    std::os::unix::fs::fchown(&out, Some(uid), Some(gid)).map_err(err(Op::Chown))?;
+    out.set_permissions(std::fs::Permissions::from_mode(meta.mode))
+        .map_err(err(Op::Chmod))?;
+    fsx::copy_xattrs(src, &out).map_err(err(Op::Xattr))?;
+    fsx::set_times_fd(out.as_fd(), meta.atime, meta.mtime).map_err(err(Op::SetTimes))?;
+    shared.files.fetch_add(1, Ordering::Relaxed);
+    shared.bytes.fetch_add(meta.size, Ordering::Relaxed);
+    Ok(out)
+}
+
 struct Copier<'r> {
     src_root: &'r Dir,
     /// Destination directories, the one being filled on top; the destination root first.
-    dst: Vec<Dir>,
-    /// The destination root, for hard links (only while `dst` is empty it is gone).
+    dst: Vec<Level>,
     owners: Owners,
     follow: bool,
     /// Whether the root's own owner, mode and times are copied (not for an import,
     /// whose root the volume already owns).
     apply_root: bool,
-    reflink: bool,
+    shared: Arc<Shared>,
     /// First copy of each multiply linked inode: `(dev, ino)` → its relative path.
     links: HashMap<(u64, u64), PathBuf>,
     syncer: Syncer,
@@ -90,12 +182,20 @@ fn wrong(rel: PathBuf, what: &'static str) -> FsxError {
     }
 }
 
+fn threads_failed() -> FsxError {
+    FsxError::new(
+        Op::Copy,
+        PathBuf::new(),
+        io::Error::other("a file's copy failed on a copy thread"),
+    )
+}
+
 fn name_of(rel: &Path) -> io::Result<NameBuf> {
     NameBuf::new(rel.file_name().map(|n| n.as_bytes()).unwrap_or_default())
 }
 
 impl Copier<'_> {
-    fn dst(&self) -> fsx::Result<&Dir> {
+    fn level(&self) -> fsx::Result<&Level> {
         self.dst.last().ok_or_else(|| {
             FsxError::new(
                 Op::Copy,
@@ -103,6 +203,10 @@ impl Copier<'_> {
                 io::Error::other("copy stack empty (a bug)"),
             )
         })
+    }
+
+    fn dst(&self) -> fsx::Result<&Dir> {
+        Ok(&self.level()?.dir)
     }
 
     /// Makes `name` a hard link to the first copy of the same inode, if it was copied
@@ -116,10 +220,11 @@ impl Copier<'_> {
             self.links.insert(key, rel.to_owned());
             return Ok(false);
         };
-        let root = self
+        let root: &Dir = &self
             .dst
             .first()
-            .ok_or_else(|| wrong(rel.to_owned(), "no destination"))?;
+            .ok_or_else(|| wrong(rel.to_owned(), "no destination"))?
+            .dir;
         // Walk to the first copy's directory from the destination root, fd-relative.
         let mut holder: Option<Dir> = None;
         let comps: Vec<_> = first
@@ -141,25 +246,37 @@ impl Copier<'_> {
         Ok(true)
     }
 
+    /// Copies a regular file: on a file thread, or here when it has other hard links (a
+    /// later link to it must find the copy made).
     fn copy_file(&mut self, src: File, meta: Meta, rel: &Path, name: Name<'_>) -> fsx::Result<()> {
         if self.link_existing(&meta, rel, name)? {
             return Ok(());
         }
-        let err = |op| move |source| FsxError::new(op, rel.to_owned(), source);
-        let out = self.dst()?.create_file(name, 0o600)?;
-        match fsx::copy_data(&src, &out, self.reflink).map_err(err(Op::Copy))? {
-            CopyMethod::Reflink => self.stats.reflinked += 1,
-            _ => self.reflink = false,
+        if self.syncer.failed() {
+            return Err(threads_failed());
         }
-        let (uid, gid) = self.owners.map(&meta);
-        std::os::unix::fs::fchown(&out, Some(uid), Some(gid)).map_err(err(Op::Chown))?;
-        out.set_permissions(std::fs::Permissions::from_mode(meta.mode))
-            .map_err(err(Op::Chmod))?;
-        fsx::copy_xattrs(&src, &out).map_err(err(Op::Xattr))?;
-        fsx::set_times_fd(out.as_fd(), meta.atime, meta.mtime).map_err(err(Op::SetTimes))?;
-        self.stats.files += 1;
-        self.stats.bytes += meta.size;
-        self.syncer.push(out.into()).map_err(err(Op::Sync))
+        let level = self.level()?;
+        if meta.nlink > 1 {
+            let out = copy_one(
+                &src,
+                &meta,
+                rel,
+                &level.dir,
+                name,
+                self.owners,
+                &self.shared,
+            )?;
+            return self.syncer.push(out.into(), rel.to_owned());
+        }
+        let guard = level.pending.add();
+        let dst = Arc::clone(&level.dir);
+        let (owners, shared) = (self.owners, Arc::clone(&self.shared));
+        let (rel, name) = (rel.to_owned(), name.to_owned());
+        self.syncer.run(Box::new(move || {
+            let _guard = guard;
+            let out = copy_one(&src, &meta, &rel, &dst, name.as_name(), owners, &shared)?;
+            fsx::fsync_fd(out.as_fd()).map_err(|e| FsxError::new(Op::Sync, rel, e))
+        }))
     }
 
     /// Makes a symlink, fifo, socket or device node like `meta` (of `name` in `dir`).
@@ -295,7 +412,7 @@ impl Visitor for Copier<'_> {
         let name =
             name_of(child.rel()).map_err(|e| FsxError::new(Op::Open, child.rel().into(), e))?;
         let d = self.dst()?.open_dir(name.as_name())?;
-        self.dst.push(d);
+        self.dst.push(Level::new(d));
         Ok(())
     }
 
@@ -323,8 +440,13 @@ impl Visitor for Copier<'_> {
         let Some(dst) = self.dst.pop() else {
             return Err(wrong(dir.rel().to_owned(), "copy stack empty (a bug)"));
         };
+        // Its files first: their creation changes the directory's times.
+        dst.pending.wait();
+        if self.syncer.failed() {
+            return Err(threads_failed());
+        }
         if !is_root || self.apply_root {
-            self.finish_dir(dir, &dst)?;
+            self.finish_dir(dir, &dst.dir)?;
         }
         self.stats.dirs += 1;
         if is_root {
@@ -333,8 +455,7 @@ impl Visitor for Copier<'_> {
             return Ok(());
         }
         self.syncer
-            .push(dst.into_fd())
-            .map_err(|e| FsxError::new(Op::Sync, dir.rel().to_owned(), e))
+            .push(dst.dir.try_clone_fd()?, dir.rel().to_owned())
     }
 }
 
@@ -347,21 +468,26 @@ fn run(
 ) -> fsx::Result<CopyStats> {
     let mut c = Copier {
         src_root: src,
-        dst: vec![dst],
+        dst: vec![Level::new(dst)],
         owners,
         follow,
         apply_root,
-        reflink: true,
+        shared: Arc::default(),
         links: HashMap::new(),
         syncer: Syncer::new(),
         stats: CopyStats::default(),
     };
-    fsx::walk(src, &mut c)?;
-    let sync = |e| FsxError::new(Op::Sync, PathBuf::new(), e);
-    c.syncer.finish().map_err(sync)?;
+    let walked = fsx::walk(src, &mut c);
+    // The file threads' own failure first: the walk only saw that one happened.
+    c.syncer.finish()?;
+    walked?;
     for d in c.dst.drain(..) {
-        d.fsync()?;
+        d.dir.fsync()?;
     }
+    let shared = &c.shared;
+    c.stats.files += shared.files.load(Ordering::Relaxed);
+    c.stats.bytes += shared.bytes.load(Ordering::Relaxed);
+    c.stats.reflinked += shared.reflinked.load(Ordering::Relaxed);
     Ok(c.stats)
 }
 
