@@ -67,5 +67,7 @@ ALTER TABLE workers
     -- Bytes and caches evicted on the worker, all time.
     ADD COLUMN evicted_bytes     bigint NOT NULL DEFAULT 0,
     ADD COLUMN evictions         bigint NOT NULL DEFAULT 0,
+    -- The agent's own free-space floor from its last report (`gc.min_free` in bytes).
+    ADD COLUMN reported_min_free bigint NULL,
     -- Since when its reports say `pressure` (NULL: not under pressure).
     ADD COLUMN pressure_since    timestamptz NULL;

@@ -373,7 +373,8 @@ pub struct Eviction {
 }
 
 /// The eviction decision, one set-based statement: per worker, how many bytes must go
-/// (under pressure: up to `min_free` free, less what the worker is destroying already and
+/// (under pressure: up to `min_free` free — the worker's own setting, else the floor its
+/// agent reports, else the config's default — less what the worker is destroying already and
 /// has not reported freed; over budget: down to `cache_budget`), and, in eviction order
 /// (`drop` marks first, then `auto`, then `keep`; least recently used first), a running
 /// sum of each retained cache's bytes on the worker: a cache is evicted while the sum
@@ -397,8 +398,8 @@ tot AS (SELECT worker_name, sum(bytes)::bigint AS bytes FROM per GROUP BY 1),
 need AS MATERIALIZED (
     SELECT w.name,
            CASE WHEN COALESCE(w.pressure, false)
-                  OR w.disk_free_bytes < COALESCE(w.min_free, $1::bigint)
-                THEN GREATEST(COALESCE(COALESCE(w.min_free, $1::bigint) - w.disk_free_bytes, 0)
+                  OR w.disk_free_bytes < COALESCE(w.min_free, w.reported_min_free, $1::bigint)
+                THEN GREATEST(COALESCE(COALESCE(w.min_free, w.reported_min_free, $1::bigint) - w.disk_free_bytes, 0)
                                 - COALESCE(p.bytes, 0),
                               CASE WHEN COALESCE(p.bytes, 0) = 0 THEN 1 ELSE 0 END)
                 ELSE 0 END AS need_free,

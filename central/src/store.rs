@@ -306,6 +306,7 @@ pub async fn record_report_figures(
             "UPDATE workers SET last_report_at = now(), revision_seen = $2, volume_count = $3,
                     volume_bytes = $4, disk_total_bytes = $5, disk_free_bytes = $6,
                     pressure = $7, failed_count = $8, blocked_count = $9,
+                    reported_min_free = $10,
                     pressure_since = CASE WHEN $7::bool IS NULL THEN workers.pressure_since
                                           WHEN $7::bool THEN COALESCE(workers.pressure_since, now())
                                      END
@@ -324,6 +325,7 @@ pub async fn record_report_figures(
                 &disk.map(|d| d.pressure),
                 &i32::try_from(f.failed).unwrap_or(i32::MAX),
                 &i32::try_from(f.blocked).unwrap_or(i32::MAX),
+                &disk.and_then(|d| d.min_free_bytes).map(to_i64),
             ],
         )
         .await?;
@@ -1289,7 +1291,10 @@ pub struct WorkerRetention {
     /// Its own settings (absent: the default applies).
     pub cache_budget: Option<i64>,
     pub min_free: Option<i64>,
-    /// What the GC applies: its own setting, else the config's default; absent: no limit.
+    /// The free-space floor its agent reported (`gc.min_free` in bytes).
+    pub reported_min_free: Option<i64>,
+    /// What the GC applies: its own setting, else (for `min_free`) the floor its agent
+    /// reports, else the config's default; absent: no limit.
     pub effective_cache_budget: Option<i64>,
     pub effective_min_free: Option<i64>,
     /// Bytes of retained caches on it as the last GC pass counted them.
@@ -1314,7 +1319,7 @@ pub async fn worker_retention(
     let r = client
         .query_opt(
             "SELECT cache_budget, min_free, retained_bytes, disk_free_bytes, pressure,
-                    pressure_since, evictions, evicted_bytes
+                    pressure_since, evictions, evicted_bytes, reported_min_free
                FROM workers WHERE name = $1",
             &[&worker],
         )
@@ -1322,13 +1327,15 @@ pub async fn worker_retention(
         .ok_or_else(|| unknown_worker(worker))?;
     let budget: Option<i64> = r.get(0);
     let min_free: Option<i64> = r.get(1);
+    let reported_min_free: Option<i64> = r.get(8);
     let d = |n: Option<u64>| n.map(to_i64);
     Ok(WorkerRetention {
         worker: worker.to_string(),
         cache_budget: budget,
         min_free,
         effective_cache_budget: budget.or(d(defaults.cache_budget)),
-        effective_min_free: min_free.or(d(defaults.min_free)),
+        reported_min_free,
+        effective_min_free: min_free.or(reported_min_free).or(d(defaults.min_free)),
         retained_bytes: r.get(2),
         disk_free_bytes: r.get(3),
         pressure: r.get(4),

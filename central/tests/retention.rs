@@ -98,6 +98,7 @@ async fn report(db: &Db, worker: &str, volumes: &[(&str, u64)], free: u64, press
             free_bytes: free,
             free_inodes: 1000,
             pressure,
+            min_free_bytes: None,
         }),
         ..VolumeReport::default()
     };
@@ -316,6 +317,7 @@ async fn evicts_lru_retained_caches_under_pressure_until_free_above_min_free() {
             free_bytes: 350,
             free_inodes: 1000,
             pressure: false,
+            min_free_bytes: None,
         }),
         ..VolumeReport::default()
     };

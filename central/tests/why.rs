@@ -271,6 +271,7 @@ async fn workers_list_shows_each_workers_last_report() {
             free_bytes: 50,
             free_inodes: 10,
             pressure: true,
+            min_free_bytes: None,
         }),
         ..VolumeReport::default()
     };
