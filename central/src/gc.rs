@@ -374,7 +374,8 @@ pub struct Eviction {
 
 /// The eviction decision, one set-based statement: per worker, how many bytes must go
 /// (under pressure: up to `min_free` free — the worker's own setting, else the floor its
-/// agent reports, else the config's default — less what the worker is destroying already and
+/// agent reports, else the config's default — less what the worker is destroying or has
+/// had evicted already and
 /// has not reported freed; over budget: down to `cache_budget`), and, in eviction order
 /// (`drop` marks first, then `auto`, then `keep`; least recently used first), a running
 /// sum of each retained cache's bytes on the worker: a cache is evicted while the sum
@@ -383,18 +384,16 @@ pub struct Eviction {
 /// destroying already loses one cache per pass while nothing is in flight.
 /// `$1` the default `min_free`, `$2` the default `cache_budget` (NULL: none).
 const DECIDE: &str = "
-WITH retained AS MATERIALIZED (
-    SELECT rc.id, rc.retention, rc.last_used_at FROM resource_caches rc WHERE {RETAINED}),
-per AS MATERIALIZED (
-    SELECT v.worker_name, v.resource_cache_id AS cache,
+WITH per AS MATERIALIZED (
+    SELECT v.worker_name, v.resource_cache_id AS cache, rc.retention, rc.last_used_at,
            sum(COALESCE(v.bytes, 0))::bigint AS bytes, bool_and({EVICTABLE}) AS evictable
-      FROM volumes v JOIN retained r ON r.id = v.resource_cache_id
-     WHERE v.state <> 'destroying'
-     GROUP BY 1, 2),
+      FROM volumes v JOIN resource_caches rc ON rc.id = v.resource_cache_id
+     WHERE v.state <> 'destroying' AND {RETAINED}
+     GROUP BY v.worker_name, v.resource_cache_id, rc.retention, rc.last_used_at),
+tot AS (SELECT worker_name, sum(bytes)::bigint AS bytes FROM per GROUP BY 1),
 pending AS (
     SELECT v.worker_name, sum(COALESCE(v.bytes, 0))::bigint AS bytes
-      FROM volumes v WHERE v.state = 'destroying' GROUP BY 1),
-tot AS (SELECT worker_name, sum(bytes)::bigint AS bytes FROM per GROUP BY 1),
+      FROM volumes v WHERE v.state = 'destroying' OR v.evict_reason IS NOT NULL GROUP BY 1),
 need AS MATERIALIZED (
     SELECT w.name,
            CASE WHEN COALESCE(w.pressure, false)
@@ -407,23 +406,30 @@ need AS MATERIALIZED (
       FROM tot t JOIN workers w ON w.name = t.worker_name
       LEFT JOIN pending p ON p.worker_name = w.name),
 ranked AS (
-    SELECT p.worker_name, p.cache, p.bytes, r.retention, n.need_free, n.need_budget,
-           sum(p.bytes) OVER (PARTITION BY p.worker_name
-                              ORDER BY CASE r.retention WHEN 'drop' THEN 0 WHEN 'auto' THEN 1 ELSE 2 END,
-                                       r.last_used_at, p.cache
+    SELECT p.worker_name, p.cache, p.bytes, p.retention, n.need_free, n.need_budget,
+           sum(p.bytes) OVER (PARTITION BY p.worker_name COLLATE \"C\"
+                              ORDER BY CASE p.retention WHEN 'drop' THEN 0 WHEN 'auto' THEN 1 ELSE 2 END,
+                                       p.last_used_at, p.cache
                               ROWS UNBOUNDED PRECEDING) - p.bytes AS before
-      FROM per p JOIN retained r ON r.id = p.cache JOIN need n ON n.name = p.worker_name
+      FROM per p JOIN need n ON n.name = p.worker_name
      WHERE p.evictable AND (n.need_free > 0 OR n.need_budget > 0))
 SELECT worker_name, cache, bytes,
        CASE WHEN before < need_free THEN 'pressure' ELSE 'budget' END
   FROM ranked
  WHERE before < need_free OR (retention <> 'keep' AND before < need_budget)";
 
-fn decide_sql() -> String {
+/// The decision statement (`$1` default `min_free`, `$2` default `cache_budget`), for
+/// the benchmark's query plan.
+pub fn decide_sql() -> String {
     DECIDE
         .replace("{RETAINED}", RETAINED)
         .replace("{EVICTABLE}", EVICTABLE_VOLUME)
 }
+
+/// For the set-based retention statements: the planner's estimates over CTEs are far
+/// too high, which turned JIT compilation on (over a second of a 100,000-cache decision
+/// spent compiling), and the default `work_mem` spilled its sorts to disk.
+const SET_LOCAL: &str = "SET LOCAL jit = off; SET LOCAL work_mem = '64MB'";
 
 fn opt_i64(n: Option<u64>) -> Option<i64> {
     n.map(|n| i64::try_from(n).unwrap_or(i64::MAX))
@@ -431,13 +437,16 @@ fn opt_i64(n: Option<u64>) -> Option<i64> {
 
 /// What must leave which worker now ([`DECIDE`]), read without locking anything.
 pub async fn decide_evictions(db: &Db, budgets: &Budgets) -> Result<Vec<Eviction>> {
-    let client = db.client().await?;
-    let rows = client
+    let mut client = db.client().await?;
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.batch_execute(SET_LOCAL).await?;
+    let rows = tx
         .query(
             &decide_sql(),
             &[&opt_i64(budgets.min_free), &opt_i64(budgets.cache_budget)],
         )
         .await?;
+    tx.commit().await?;
     rows.iter()
         .map(|r| {
             let reason: &str = r.get(3);
@@ -469,6 +478,7 @@ pub async fn apply_evictions(db: &Db, decided: &[Eviction]) -> Result<Evictions>
     let mut client = db.client().await?;
     let work = async {
         let tx = client.transaction().await?;
+        tx.batch_execute(SET_LOCAL).await?;
         let rows = tx
             .query(
                 &format!(
@@ -525,11 +535,12 @@ pub async fn evict(db: &Db, budgets: &Budgets) -> Result<Evictions> {
 /// Counts each worker's bytes of retained caches again (`workers.retained_bytes`, read by
 /// `/metrics` and the retention view); rows change only where the figure did.
 pub async fn refresh_retained_bytes(db: &Db) -> Result<()> {
-    let client = db.client().await?;
-    client
-        .execute(
-            &format!(
-                "UPDATE workers w SET retained_bytes = COALESCE(t.bytes, 0)
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(SET_LOCAL).await?;
+    tx.execute(
+        &format!(
+            "UPDATE workers w SET retained_bytes = COALESCE(t.bytes, 0)
                    FROM workers w2 LEFT JOIN (
                         SELECT v.worker_name, sum(COALESCE(v.bytes, 0))::bigint AS bytes
                           FROM volumes v JOIN resource_caches rc ON rc.id = v.resource_cache_id
@@ -537,10 +548,11 @@ pub async fn refresh_retained_bytes(db: &Db) -> Result<()> {
                          GROUP BY 1) t ON t.worker_name = w2.name
                   WHERE w.name = w2.name
                     AND w.retained_bytes IS DISTINCT FROM COALESCE(t.bytes, 0)"
-            ),
-            &[],
-        )
-        .await?;
+        ),
+        &[],
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 
