@@ -320,6 +320,14 @@ pub enum MinFree {
 }
 
 impl MinFree {
+    /// The floor in bytes on a file system of `total` bytes.
+    pub fn bytes_of(&self, total: u64) -> u64 {
+        match *self {
+            MinFree::Percent(p) => ((total as f64) * p / 100.0).ceil() as u64,
+            MinFree::Bytes(b) => b,
+        }
+    }
+
     /// Whether `free` of `total` bytes is below the floor.
     pub fn is_below(&self, free: u64, total: u64) -> bool {
         match *self {
@@ -829,6 +837,14 @@ min_free = "10%"
         let err =
             parse(&format!("{MINIMAL}[api]\nimport_roots = [\"images\"]\n")).expect_err("relative");
         assert!(err.to_string().contains("api.import_roots"), "{err}");
+    }
+
+    #[test]
+    fn min_free_in_bytes_is_what_pressure_compares_against() {
+        assert_eq!(MinFree::Percent(10.0).bytes_of(1000), 100);
+        assert_eq!(MinFree::Bytes(7).bytes_of(1000), 7);
+        assert!(MinFree::Percent(10.0).is_below(99, 1000));
+        assert!(!MinFree::Percent(10.0).is_below(100, 1000));
     }
 
     #[test]

@@ -79,6 +79,77 @@ pub struct Config {
     /// `[log]`: `level` (a tracing filter; `RUST_LOG` wins) and `format` (`human`, `json`).
     #[serde(default)]
     pub log: protocol::settings::LogConfig,
+    /// `[retention]`: fleet-wide defaults of each worker's budgets.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: the defaults of the per-worker budgets the GC keeps retained caches
+/// within; a worker's own setting (`PUT /api/v1/workers/{w}/retention`) wins. Absent:
+/// no limit (a worker reporting `pressure` still gets room made).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Most bytes of retained caches per worker (`"50GiB"` or a number of bytes).
+    #[serde(default)]
+    pub cache_budget: Option<ByteSize>,
+    /// Free bytes to keep on each worker's volumes file system.
+    #[serde(default)]
+    pub min_free: Option<ByteSize>,
+}
+
+impl RetentionConfig {
+    pub fn budgets(&self) -> crate::gc::Budgets {
+        crate::gc::Budgets {
+            cache_budget: self.cache_budget.map(|b| b.0),
+            min_free: self.min_free.map(|b| b.0),
+        }
+    }
+}
+
+/// A number of bytes: an integer, or a string with a unit (`"512MiB"`, `"20GB"`: units
+/// are powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ByteSizeRepr")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSizeRepr {
+    Number(u64),
+    Text(String),
+}
+
+impl TryFrom<ByteSizeRepr> for ByteSize {
+    type Error = String;
+    fn try_from(r: ByteSizeRepr) -> Result<Self, String> {
+        match r {
+            ByteSizeRepr::Number(n) => Ok(ByteSize(n)),
+            ByteSizeRepr::Text(s) => parse_bytes(&s).map(ByteSize),
+        }
+    }
+}
+
+/// Parses `"123"`, `"20GiB"`, `"512 MB"` (units are powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size; use a number of bytes or a size like \"20GiB\"");
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        None => (t, ""),
+        Some(i) => (&t[..i], t[i..].trim()),
+    };
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(bad)
 }
 
 /// Whether `/api` requests need a credential.
@@ -139,6 +210,7 @@ impl Config {
             pool_size: default_pool_size(),
             http_workers: 0,
             log: Default::default(),
+            retention: RetentionConfig::default(),
         }
     }
 
@@ -315,6 +387,9 @@ key_file = "/etc/volume-central/key.pem"
             "[log]",
             "level",
             "format",
+            "[retention]",
+            "cache_budget",
+            "min_free",
         ];
         for key in keys {
             let named = text.lines().any(|l| {
@@ -323,6 +398,26 @@ key_file = "/etc/volume-central/key.pem"
             });
             assert!(named, "the packaged config does not show `{key}`");
         }
+    }
+
+    #[test]
+    fn retention_budgets_take_sizes_or_numbers_and_refuse_other_words() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "database_url = \"x\"\n[retention]\ncache_budget = \"2GiB\"\nmin_free = 1000",
+        )
+        .expect("valid");
+        assert_eq!(c.retention.budgets().cache_budget, Some(2 << 30));
+        assert_eq!(c.retention.budgets().min_free, Some(1000));
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "database_url = \"x\"\n[retention]\nmin_free = \"lots\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("20GiB"), "{err}");
+        let c = Config::parse(Path::new("c.toml"), "database_url = \"x\"").expect("valid");
+        assert_eq!(c.retention.budgets(), crate::gc::Budgets::default());
     }
 
     #[test]

@@ -328,12 +328,16 @@ mod tests {
                     failed: 1,
                     blocked: 0,
                 }),
+                retained_bytes: None,
+                evicted_bytes: 0,
             },
             WorkerRow {
                 name: "w2".into(),
                 revision: 1,
                 created_at: DateTime::<Utc>::UNIX_EPOCH,
                 last_report: None,
+                retained_bytes: None,
+                evicted_bytes: 0,
             },
         ];
         let text = workers_text(&workers, now);

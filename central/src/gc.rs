@@ -1,7 +1,10 @@
 //! The seed's volume GC, one replica at a time (a PostgreSQL advisory lock).
 //!
-//! A pass: delete resource caches without uses (their volumes lose `resource_cache_id`),
-//! then mark every *candidate* subtree `destroying` in one transaction. A candidate is a
+//! A pass: first [`evict`] retained resource caches on workers under disk pressure or over
+//! their cache budget (least recently used first, whole subtrees only, never a volume in
+//! use or with a live child), then [`delete_unused_caches`] (caches the scheduler marked
+//! `drop` once no build uses them, and retained caches no volume holds any more), then
+//! mark every *candidate* subtree `destroying` in one transaction. A candidate is a
 //! volume not yet `destroying` that is garbage (`resource_cache_id`,
 //! `worker_base_resource_type_id` and `container_id` all NULL) or missing from its worker
 //! for longer than `missing_grace`. A candidate is marked only when none of its
@@ -29,6 +32,94 @@ pub struct GcStats {
     pub marked: u64,
     /// Subtrees skipped because a concurrent change gave them a live child.
     pub skipped: u64,
+    /// Retained caches taken from workers, by reason.
+    pub evicted: Evictions,
+}
+
+/// Why a retained cache left a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EvictReason {
+    /// The worker reported `pressure`, or free bytes below its `min_free`.
+    Pressure,
+    /// The worker's retained caches held more than its `cache_budget`.
+    Budget,
+    /// The scheduler marked the cache `drop`.
+    Dropped,
+}
+
+impl EvictReason {
+    pub const ALL: [EvictReason; 3] = [
+        EvictReason::Pressure,
+        EvictReason::Budget,
+        EvictReason::Dropped,
+    ];
+
+    /// The word stored in `volumes.evict_reason` and used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictReason::Pressure => "pressure",
+            EvictReason::Budget => "budget",
+            EvictReason::Dropped => "dropped",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// Caches taken from workers (one per cache and worker) and the bytes they held there,
+/// as last reported.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub caches: u64,
+    pub bytes: u64,
+}
+
+/// [`Tally`] by [`EvictReason`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evictions {
+    pub pressure: Tally,
+    pub budget: Tally,
+    pub dropped: Tally,
+}
+
+impl Evictions {
+    pub fn get(&self, reason: EvictReason) -> Tally {
+        match reason {
+            EvictReason::Pressure => self.pressure,
+            EvictReason::Budget => self.budget,
+            EvictReason::Dropped => self.dropped,
+        }
+    }
+
+    fn add(&mut self, reason: EvictReason, bytes: u64) {
+        let t = match reason {
+            EvictReason::Pressure => &mut self.pressure,
+            EvictReason::Budget => &mut self.budget,
+            EvictReason::Dropped => &mut self.dropped,
+        };
+        t.caches += 1;
+        t.bytes += bytes;
+    }
+}
+
+/// Fleet-wide defaults of the per-worker budgets (`[retention]` in the config); a
+/// worker's own setting (`PUT /api/v1/workers/{w}/retention`) wins.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Budgets {
+    /// Most bytes of retained caches a worker keeps; `None`: no limit.
+    pub cache_budget: Option<u64>,
+    /// Free bytes a worker keeps on its volumes file system; `None`: only the worker's
+    /// own `pressure` flag starts an eviction.
+    pub min_free: Option<u64>,
+}
+
+/// What the GC needs besides the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcSettings {
+    pub missing_grace: Duration,
+    pub budgets: Budgets,
 }
 
 /// The outcome of [`run_pass`].
@@ -154,28 +245,315 @@ async fn defer(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         .await
 }
 
-/// Deletes resource caches that no build uses. Caches locked by a concurrent use insert
-/// are skipped until the next pass.
+/// Retained caches that may leave: no build uses them (`retained_since` is set in the
+/// same transaction as the last use goes, cleared in the same one as a use comes) and no
+/// custom resource type's config is built on them. On `resource_caches rc`. Checked again
+/// under the row lock: `retained_since` is a column of the locked row, so a use committed
+/// between the snapshot and the lock excludes the row (PostgreSQL re-checks the locked
+/// row's newest version), and the uses subquery catches the rest.
+const RETAINED: &str = "rc.retained_since IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM resource_cache_uses u WHERE u.resource_cache_id = rc.id)
+    AND NOT EXISTS (SELECT 1 FROM resource_configs c WHERE c.resource_cache_id = rc.id)";
+
+/// A volume `v` a retained cache may lose: not in use by anything else (container, base
+/// resource type), not being built, and without a live child.
+const EVICTABLE_VOLUME: &str = "(v.state IN ('created', 'initialized')
+    AND v.container_id IS NULL AND v.worker_base_resource_type_id IS NULL
+    AND NOT EXISTS (SELECT 1 FROM volumes k WHERE k.parent_id = v.id AND k.state <> 'destroying'))";
+
+/// Deletes the caches the scheduler marked `drop` once no build uses them (their volumes
+/// record why, then lose the cache and become garbage), and retained caches that no
+/// volume holds any more (nothing left to retain), unless marked `keep`. Caches locked by
+/// a concurrent use are skipped until the next pass. Returns the caches deleted and the
+/// dropped caches' volumes by worker.
 pub async fn delete_unused_caches(db: &Db) -> Result<u64> {
-    let client = db.client().await?;
-    let res = client
-        .execute(
-            "DELETE FROM resource_caches WHERE id IN (
-                 SELECT rc.id FROM resource_caches rc
-                  WHERE NOT EXISTS (SELECT 1 FROM resource_cache_uses u WHERE u.resource_cache_id = rc.id)
-                    AND NOT EXISTS (SELECT 1 FROM resource_configs c WHERE c.resource_cache_id = rc.id)
-                  FOR UPDATE SKIP LOCKED)",
-            &[],
-        )
-        .await;
-    match res {
-        Ok(n) => Ok(n),
+    Ok(delete_unused(db).await?.0)
+}
+
+async fn delete_unused(db: &Db) -> Result<(u64, Evictions)> {
+    let mut client = db.client().await?;
+    let work = async {
+        let tx = client.transaction().await?;
+        let locked: Vec<i64> = tx
+            .query(
+                &format!(
+                    "SELECT rc.id FROM resource_caches rc
+                      WHERE {RETAINED}
+                        AND (rc.retention = 'drop'
+                             OR (rc.retention = 'auto' AND NOT EXISTS (
+                                   SELECT 1 FROM volumes v WHERE v.resource_cache_id = rc.id
+                                      AND v.state <> 'destroying')))
+                      ORDER BY rc.id
+                      FOR UPDATE OF rc SKIP LOCKED"
+                ),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if locked.is_empty() {
+            tx.commit().await?;
+            return Ok((0, Evictions::default()));
+        }
+        // The dropped caches' volumes say why they lost their cache, per worker with the
+        // bytes the cache held there.
+        let rows = tx
+            .query(
+                "WITH per AS (
+                     SELECT v.worker_name, v.resource_cache_id AS cache,
+                            sum(COALESCE(v.bytes, 0))::bigint AS bytes
+                       FROM volumes v
+                      WHERE v.resource_cache_id = ANY($1) AND v.state <> 'destroying'
+                      GROUP BY 1, 2),
+                 upd AS (
+                     UPDATE volumes v SET evicted_cache_id = per.cache, evict_reason = 'dropped',
+                                          evicted_at = now(), evicted_cache_bytes = per.bytes
+                       FROM per
+                      WHERE v.resource_cache_id = per.cache AND v.worker_name = per.worker_name
+                        AND v.state <> 'destroying'
+                     RETURNING 1)
+                 SELECT worker_name, bytes FROM per",
+                &[&locked],
+            )
+            .await?;
+        let mut dropped = Evictions::default();
+        let mut by_worker: Vec<(String, i64)> = Vec::new();
+        for r in &rows {
+            let bytes: i64 = r.get(1);
+            dropped.add(EvictReason::Dropped, u64::try_from(bytes).unwrap_or(0));
+            by_worker.push((r.get(0), bytes));
+        }
+        record_worker_evictions(&tx, &by_worker).await?;
+        let n = tx
+            .execute("DELETE FROM resource_caches WHERE id = ANY($1)", &[&locked])
+            .await?;
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>((n, dropped))
+    };
+    match work.await {
+        Ok(done) => Ok(done),
         Err(err) if is_race(&err) => {
             tracing::info!("a cache got a use while the GC deleted it; retrying next pass: {err}");
-            Ok(0)
+            Ok((0, Evictions::default()))
         }
         Err(err) => Err(err.into()),
     }
+}
+
+/// Adds evictions to the workers' all-time figures.
+async fn record_worker_evictions(
+    tx: &Transaction<'_>,
+    by_worker: &[(String, i64)],
+) -> Result<(), tokio_postgres::Error> {
+    if by_worker.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = by_worker.iter().map(|(w, _)| w.as_str()).collect();
+    let bytes: Vec<i64> = by_worker.iter().map(|(_, b)| *b).collect();
+    tx.execute(
+        "UPDATE workers w SET evicted_bytes = w.evicted_bytes + e.bytes,
+                              evictions = w.evictions + e.n
+           FROM (SELECT name, sum(bytes)::bigint AS bytes, count(*) AS n
+                   FROM unnest($1::text[], $2::bigint[]) AS t(name, bytes) GROUP BY name) e
+          WHERE w.name = e.name",
+        &[&names, &bytes],
+    )
+    .await?;
+    Ok(())
+}
+
+/// One eviction the GC decided: cache `cache` leaves `worker`, where it held `bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    pub worker: String,
+    pub cache: i64,
+    pub bytes: i64,
+    pub reason: EvictReason,
+}
+
+/// The eviction decision, one set-based statement: per worker, how many bytes must go
+/// (under pressure: up to `min_free` free — the worker's own setting, else the floor its
+/// agent reports, else the config's default — less what the worker is destroying or has
+/// had evicted already and
+/// has not reported freed; over budget: down to `cache_budget`), and, in eviction order
+/// (`drop` marks first, then `auto`, then `keep`; least recently used first), a running
+/// sum of each retained cache's bytes on the worker: a cache is evicted while the sum
+/// before it is below what must go. `keep` caches leave only under pressure. A worker
+/// under pressure whose need is unknown (no `min_free`) or covered by what it is
+/// destroying already loses one cache per pass while nothing is in flight.
+/// `$1` the default `min_free`, `$2` the default `cache_budget` (NULL: none).
+const DECIDE: &str = "
+WITH per AS MATERIALIZED (
+    SELECT v.worker_name, v.resource_cache_id AS cache, rc.retention, rc.last_used_at,
+           sum(COALESCE(v.bytes, 0))::bigint AS bytes, bool_and({EVICTABLE}) AS evictable
+      FROM volumes v JOIN resource_caches rc ON rc.id = v.resource_cache_id
+     WHERE v.state <> 'destroying' AND {RETAINED}
+     GROUP BY v.worker_name, v.resource_cache_id, rc.retention, rc.last_used_at),
+tot AS (SELECT worker_name, sum(bytes)::bigint AS bytes FROM per GROUP BY 1),
+pending AS (
+    SELECT v.worker_name, sum(COALESCE(v.bytes, 0))::bigint AS bytes
+      FROM volumes v WHERE v.state = 'destroying' OR v.evict_reason IS NOT NULL GROUP BY 1),
+need AS MATERIALIZED (
+    SELECT w.name,
+           CASE WHEN COALESCE(w.pressure, false)
+                  OR w.disk_free_bytes < COALESCE(w.min_free, w.reported_min_free, $1::bigint)
+                THEN GREATEST(COALESCE(COALESCE(w.min_free, w.reported_min_free, $1::bigint) - w.disk_free_bytes, 0)
+                                - COALESCE(p.bytes, 0),
+                              CASE WHEN COALESCE(p.bytes, 0) = 0 THEN 1 ELSE 0 END)
+                ELSE 0 END AS need_free,
+           GREATEST(t.bytes - COALESCE(w.cache_budget, $2::bigint), 0) AS need_budget
+      FROM tot t JOIN workers w ON w.name = t.worker_name
+      LEFT JOIN pending p ON p.worker_name = w.name),
+ranked AS (
+    SELECT p.worker_name, p.cache, p.bytes, p.retention, n.need_free, n.need_budget,
+           sum(p.bytes) OVER (PARTITION BY p.worker_name COLLATE \"C\"
+                              ORDER BY CASE p.retention WHEN 'drop' THEN 0 WHEN 'auto' THEN 1 ELSE 2 END,
+                                       p.last_used_at, p.cache
+                              ROWS UNBOUNDED PRECEDING) - p.bytes AS before
+      FROM per p JOIN need n ON n.name = p.worker_name
+     WHERE p.evictable AND (n.need_free > 0 OR n.need_budget > 0))
+SELECT worker_name, cache, bytes,
+       CASE WHEN before < need_free THEN 'pressure' ELSE 'budget' END
+  FROM ranked
+ WHERE before < need_free OR (retention <> 'keep' AND before < need_budget)";
+
+/// The decision statement (`$1` default `min_free`, `$2` default `cache_budget`), for
+/// the benchmark's query plan.
+pub fn decide_sql() -> String {
+    DECIDE
+        .replace("{RETAINED}", RETAINED)
+        .replace("{EVICTABLE}", EVICTABLE_VOLUME)
+}
+
+/// For the set-based retention statements: the planner's estimates over CTEs are far
+/// too high, which turned JIT compilation on (over a second of a 100,000-cache decision
+/// spent compiling), and the default `work_mem` spilled its sorts to disk.
+const SET_LOCAL: &str = "SET LOCAL jit = off; SET LOCAL work_mem = '64MB'";
+
+fn opt_i64(n: Option<u64>) -> Option<i64> {
+    n.map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// What must leave which worker now ([`DECIDE`]), read without locking anything.
+pub async fn decide_evictions(db: &Db, budgets: &Budgets) -> Result<Vec<Eviction>> {
+    let mut client = db.client().await?;
+    let tx = client.build_transaction().read_only(true).start().await?;
+    tx.batch_execute(SET_LOCAL).await?;
+    let rows = tx
+        .query(
+            &decide_sql(),
+            &[&opt_i64(budgets.min_free), &opt_i64(budgets.cache_budget)],
+        )
+        .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|r| {
+            let reason: &str = r.get(3);
+            Ok(Eviction {
+                worker: r.get(0),
+                cache: r.get(1),
+                bytes: r.get(2),
+                reason: EvictReason::parse(reason)
+                    .ok_or_else(|| Error::Database(format!("unknown eviction reason {reason}")))?,
+            })
+        })
+        .collect()
+}
+
+/// Applies `decided` in one transaction: locks the caches (`FOR UPDATE SKIP LOCKED`: one
+/// a concurrent use holds is left for the next pass), checks again that no build uses
+/// them, and takes each from its worker's volumes that are still evictable, recording
+/// on them which cache left, why, when and the bytes it held there. The volumes, now
+/// unowned, are marked `destroying` by the rest of the pass. A use that comes after the
+/// commit revives the cache (on the workers that still hold it).
+pub async fn apply_evictions(db: &Db, decided: &[Eviction]) -> Result<Evictions> {
+    if decided.is_empty() {
+        return Ok(Evictions::default());
+    }
+    let workers: Vec<&str> = decided.iter().map(|e| e.worker.as_str()).collect();
+    let caches: Vec<i64> = decided.iter().map(|e| e.cache).collect();
+    let bytes: Vec<i64> = decided.iter().map(|e| e.bytes).collect();
+    let reasons: Vec<&str> = decided.iter().map(|e| e.reason.as_str()).collect();
+    let mut client = db.client().await?;
+    let work = async {
+        let tx = client.transaction().await?;
+        tx.batch_execute(SET_LOCAL).await?;
+        let rows = tx
+            .query(
+                &format!(
+                    "WITH d AS (
+                         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[])
+                                AS d(worker, cache, bytes, reason)),
+                     locked AS MATERIALIZED (
+                         SELECT rc.id FROM resource_caches rc
+                          WHERE rc.id IN (SELECT cache FROM d) AND {RETAINED}
+                          ORDER BY rc.id
+                          FOR UPDATE OF rc SKIP LOCKED),
+                     upd AS (
+                         UPDATE volumes v SET resource_cache_id = NULL, evicted_cache_id = d.cache,
+                                evict_reason = d.reason, evicted_at = now(),
+                                evicted_cache_bytes = d.bytes
+                           FROM d JOIN locked l ON l.id = d.cache
+                          WHERE v.resource_cache_id = d.cache AND v.worker_name = d.worker
+                            AND v.state <> 'destroying' AND {EVICTABLE_VOLUME}
+                         RETURNING d.worker, d.cache)
+                     SELECT DISTINCT d.worker, d.cache, d.bytes, d.reason
+                       FROM d JOIN upd u ON u.worker = d.worker AND u.cache = d.cache"
+                ),
+                &[&workers, &caches, &bytes, &reasons],
+            )
+            .await?;
+        let mut done = Evictions::default();
+        let mut by_worker = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let b: i64 = r.get(2);
+            let reason = EvictReason::parse(r.get(3)).unwrap_or(EvictReason::Pressure);
+            done.add(reason, u64::try_from(b).unwrap_or(0));
+            by_worker.push((r.get::<_, String>(0), b));
+        }
+        record_worker_evictions(&tx, &by_worker).await?;
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>(done)
+    };
+    match work.await {
+        Ok(done) => Ok(done),
+        Err(err) if is_race(&err) => {
+            tracing::info!("an eviction raced a concurrent change; retrying next pass: {err}");
+            Ok(Evictions::default())
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// [`decide_evictions`] then [`apply_evictions`].
+pub async fn evict(db: &Db, budgets: &Budgets) -> Result<Evictions> {
+    let decided = decide_evictions(db, budgets).await?;
+    apply_evictions(db, &decided).await
+}
+
+/// Counts each worker's bytes of retained caches again (`workers.retained_bytes`, read by
+/// `/metrics` and the retention view); rows change only where the figure did.
+pub async fn refresh_retained_bytes(db: &Db) -> Result<()> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(SET_LOCAL).await?;
+    tx.execute(
+        &format!(
+            "UPDATE workers w SET retained_bytes = COALESCE(t.bytes, 0)
+                   FROM workers w2 LEFT JOIN (
+                        SELECT v.worker_name, sum(COALESCE(v.bytes, 0))::bigint AS bytes
+                          FROM volumes v JOIN resource_caches rc ON rc.id = v.resource_cache_id
+                         WHERE v.state <> 'destroying' AND {RETAINED}
+                         GROUP BY 1) t ON t.worker_name = w2.name
+                  WHERE w.name = w2.name
+                    AND w.retained_bytes IS DISTINCT FROM COALESCE(t.bytes, 0)"
+        ),
+        &[],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Marks every candidate subtree without a live descendant `destroying`: all of them in
@@ -231,9 +609,24 @@ pub async fn mark_garbage(db: &Db, missing_grace: Duration) -> Result<(u64, u64)
     Ok((marked, skipped))
 }
 
-/// One GC pass under the advisory lock. [`PassOutcome::Locked`] when another replica
-/// is running one.
+/// One GC pass under the advisory lock, without fleet-wide budget defaults (a worker's
+/// own settings and `pressure` still apply). [`PassOutcome::Locked`] when another
+/// replica is running one.
 pub async fn run_pass(db: &Db, missing_grace: Duration) -> Result<PassOutcome> {
+    run_pass_with(
+        db,
+        &GcSettings {
+            missing_grace,
+            budgets: Budgets::default(),
+        },
+    )
+    .await
+}
+
+/// One GC pass under the advisory lock: evictions first (a worker under pressure waits
+/// for nothing else), then unused caches, then marking, then the retained bytes.
+pub async fn run_pass_with(db: &Db, settings: &GcSettings) -> Result<PassOutcome> {
+    let missing_grace = settings.missing_grace;
     let client = db.client().await?;
     let got: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&GC_LOCK])
@@ -247,12 +640,16 @@ pub async fn run_pass(db: &Db, missing_grace: Duration) -> Result<PassOutcome> {
     // releases the lock.
     let guard = LockGuard(Some(client));
     let result = async {
-        let caches_deleted = delete_unused_caches(db).await?;
+        let mut evicted = evict(db, &settings.budgets).await?;
+        let (caches_deleted, dropped) = delete_unused(db).await?;
+        evicted.dropped = dropped.dropped;
         let (marked, skipped) = mark_garbage(db, missing_grace).await?;
+        refresh_retained_bytes(db).await?;
         Ok::<_, Error>(GcStats {
             caches_deleted,
             marked,
             skipped,
+            evicted,
         })
     }
     .await;

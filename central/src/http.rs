@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::store::{
     self, CreateResourceCache, CreateResourceConfig, CreateVolume, Desired, ReportSets,
+    SetRetention, SetWorkerRetention,
 };
 
 /// Largest request body accepted (a report of a very large worker).
@@ -41,6 +42,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Most handles one report may name.
     pub max_report_handles: usize,
+    /// The `[retention]` defaults of the per-worker budgets.
+    pub budgets: crate::gc::Budgets,
 }
 
 impl ResponseError for Error {
@@ -174,8 +177,11 @@ async fn put_report(
     let limit = st.max_report_handles;
     let report = off_loop(body, move |b| reduce_report(&b, limit)).await?;
     let out = store::apply_report_sets(&st.db, worker, &report.sets).await?;
-    store::record_report_figures(&st.db, worker, &report.figures).await?;
+    let cleared = store::record_report_figures(&st.db, worker, &report.figures).await?;
     let m = &st.metrics;
+    if let Some(took) = cleared {
+        m.pressure_cleared_seconds.observe(took.as_secs_f64());
+    }
     m.reports.inc();
     m.reported_destroyed_deleted.inc_by(out.deleted);
     m.reported_failed.inc_by(report.failed.len() as u64);
@@ -336,6 +342,62 @@ async fn delete_cache_use(
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// A resource cache id from the URL path, with the fix when it is not one.
+fn cache_id(raw: &str) -> Result<i64, Error> {
+    raw.parse::<i64>().map_err(|_| {
+        Error::BadRequest(format!(
+            "resource cache id {:?} is not a number; use the id POST /api/v1/resource-caches answered",
+            raw.chars().take(40).collect::<String>()
+        ))
+    })
+}
+
+/// `GET /api/v1/resource-caches/{id}/workers`: the cache's retention state and the
+/// workers holding a volume of it, so the scheduler can place the next build there.
+async fn get_cache_workers(
+    _: Caller<SchedulerOrOperator>,
+    st: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Reply {
+    let id = cache_id(&id)?;
+    Ok(HttpResponse::Ok().json(store::cache_retention(&st.db, id).await?))
+}
+
+/// `PUT /api/v1/resource-caches/{id}/retention` `{"retention": "auto"|"keep"|"drop"}`.
+async fn put_cache_retention(
+    _: Caller<SchedulerOnly>,
+    st: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> Reply {
+    let id = cache_id(&id)?;
+    let req: SetRetention = decode("retention", &body)?;
+    Ok(HttpResponse::Ok().json(store::set_cache_retention(&st.db, id, req.retention).await?))
+}
+
+/// `GET /api/v1/workers/{w}/retention`: the worker's budgets and retained bytes.
+async fn get_worker_retention(
+    _: Caller<SchedulerOrOperator>,
+    st: web::Data<AppState>,
+    worker: web::Path<String>,
+) -> Reply {
+    let worker = worker_of(&worker)?;
+    Ok(HttpResponse::Ok().json(store::worker_retention(&st.db, worker, &st.budgets).await?))
+}
+
+/// `PUT /api/v1/workers/{w}/retention` `{"cache_budget": N|null, "min_free": N|null}`.
+async fn put_worker_retention(
+    _: Caller<SchedulerOnly>,
+    st: web::Data<AppState>,
+    worker: web::Path<String>,
+    body: web::Bytes,
+) -> Reply {
+    let worker = worker_of(&worker)?;
+    let req: SetWorkerRetention = decode("worker retention", &body)?;
+    Ok(HttpResponse::Ok()
+        .json(store::set_worker_retention(&st.db, worker, &req, &st.budgets).await?))
+}
+
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().body("ok\n")
 }
@@ -489,6 +551,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(
                     "/resource-caches/{id}/uses/{build}",
                     web::delete().to(delete_cache_use),
+                )
+                .route(
+                    "/resource-caches/{id}/workers",
+                    web::get().to(get_cache_workers),
+                )
+                .route(
+                    "/resource-caches/{id}/retention",
+                    web::put().to(put_cache_retention),
+                )
+                .route(
+                    "/workers/{w}/retention",
+                    web::get().to(get_worker_retention),
+                )
+                .route(
+                    "/workers/{w}/retention",
+                    web::put().to(put_worker_retention),
                 ),
         );
 }

@@ -37,7 +37,7 @@ use std::time::Instant;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 
-pub use config::{AuthMode, Config, ConfigError, TlsConfig};
+pub use config::{AuthMode, ByteSize, Config, ConfigError, RetentionConfig, TlsConfig};
 pub use db::Db;
 pub use error::Error;
 pub use metrics::{GcOutcome, Metrics};
@@ -168,11 +168,13 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     metrics
         .gc_interval_seconds
         .set(config.gc_interval.as_secs_f64());
+    let budgets = config.retention.budgets();
     let state = web::Data::new(http::AppState {
         db: db.clone(),
         auth: auth::Authenticator::new(db.clone(), auth_on, config.credential_cache),
         metrics: metrics.clone(),
         max_report_handles: config.max_report_handles,
+        budgets,
     });
     let listener =
         std::net::TcpListener::bind(config.listen).map_err(|source| StartError::Bind {
@@ -206,7 +208,10 @@ pub async fn start(config: &Config) -> Result<Server, StartError> {
     let gc = tokio::spawn(gc_loop(
         db.clone(),
         config.gc_interval,
-        config.missing_grace,
+        gc::GcSettings {
+            missing_grace: config.missing_grace,
+            budgets,
+        },
         metrics.clone(),
     ));
     let warn = (!auth_on).then(|| {
@@ -383,7 +388,7 @@ impl StopSignals {
 async fn gc_loop(
     db: Db,
     interval: std::time::Duration,
-    missing_grace: std::time::Duration,
+    settings: gc::GcSettings,
     metrics: Arc<Metrics>,
 ) {
     let mut tick = tokio::time::interval(interval);
@@ -391,7 +396,7 @@ async fn gc_loop(
     loop {
         tick.tick().await;
         let started = Instant::now();
-        match gc::run_pass(&db, missing_grace).await {
+        match gc::run_pass_with(&db, &settings).await {
             Ok(gc::PassOutcome::Ran(stats)) => {
                 let took = started.elapsed().as_secs_f64();
                 metrics.db_up.set(1);
@@ -399,6 +404,7 @@ async fn gc_loop(
                 metrics.gc_marked.inc_by(stats.marked);
                 metrics.gc_skipped.inc_by(stats.skipped);
                 metrics.gc_caches_deleted.inc_by(stats.caches_deleted);
+                metrics.evictions(&stats.evicted);
                 metrics.gc_last_pass_seconds.set(took);
                 metrics.gc_pass_duration.observe(took);
                 metrics

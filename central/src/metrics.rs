@@ -53,6 +53,16 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Upper bounds (seconds) of the time a worker spends under pressure.
+const PRESSURE_BUCKETS: [f64; 12] = [
+    5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
     worker: String,
 }
@@ -66,6 +76,8 @@ struct WorkerFamilies {
     pressure: Family<WorkerLabels, U64Gauge>,
     revision_lag: Family<WorkerLabels, U64Gauge>,
     last_report: Family<WorkerLabels, F64Gauge>,
+    retained_bytes: Family<WorkerLabels, U64Gauge>,
+    evicted_bytes: Family<WorkerLabels, U64Gauge>,
 }
 
 /// How one GC tick ended.
@@ -121,6 +133,10 @@ pub struct Metrics {
     pub auth_disabled: Gauge,
     volumes: Family<StateLabels, U64Gauge>,
     workers: WorkerFamilies,
+    evictions: Family<ReasonLabels, Counter>,
+    evicted_bytes: Family<ReasonLabels, Counter>,
+    /// How long workers were under pressure, observed when a report clears it.
+    pub pressure_cleared_seconds: Histogram,
     registry: Registry,
 }
 
@@ -154,8 +170,18 @@ impl Metrics {
             auth_disabled: Gauge::default(),
             volumes: Family::default(),
             workers: WorkerFamilies::default(),
+            evictions: Family::default(),
+            evicted_bytes: Family::default(),
+            pressure_cleared_seconds: Histogram::new(PRESSURE_BUCKETS),
             registry: Registry::default(),
         };
+        for reason in crate::gc::EvictReason::ALL {
+            let l = ReasonLabels {
+                reason: reason.as_str(),
+            };
+            let _ = m.evictions.get_or_create_owned(&l);
+            let _ = m.evicted_bytes.get_or_create_owned(&l);
+        }
         for class in CLASSES {
             let _ = m.http_responses.get_or_create_owned(&ClassLabels { class });
         }
@@ -277,7 +303,32 @@ impl Metrics {
             "Volume rows by state, counted at scrape time",
             self.volumes.clone(),
         );
+        r.register(
+            "volume_central_gc_evictions",
+            "Retained resource caches the GC took from a worker, by reason (pressure, budget, dropped)",
+            self.evictions.clone(),
+        );
+        r.register(
+            "volume_central_gc_evicted_bytes",
+            "Bytes the evicted caches held on their workers (last reported), by reason",
+            self.evicted_bytes.clone(),
+        );
+        r.register(
+            "volume_central_pressure_cleared_seconds",
+            "Time from a worker first reporting pressure to a report clearing it",
+            self.pressure_cleared_seconds.clone(),
+        );
         let w = &self.workers;
+        r.register(
+            "volume_central_worker_retained_bytes",
+            "Bytes of retained resource caches on a worker, as the last GC pass counted them",
+            w.retained_bytes.clone(),
+        );
+        r.register(
+            "volume_central_worker_evicted_bytes",
+            "Bytes of caches evicted from a worker since it was registered (all replicas)",
+            w.evicted_bytes.clone(),
+        );
         r.register(
             "volume_central_worker_volume_bytes",
             "Bytes of a worker's volumes, from its last report",
@@ -366,6 +417,27 @@ impl Metrics {
             .get()
     }
 
+    /// Counts the evictions of one GC pass.
+    pub fn evictions(&self, e: &crate::gc::Evictions) {
+        for reason in crate::gc::EvictReason::ALL {
+            let t = e.get(reason);
+            let l = ReasonLabels {
+                reason: reason.as_str(),
+            };
+            self.evictions.get_or_create(&l).inc_by(t.caches);
+            self.evicted_bytes.get_or_create(&l).inc_by(t.bytes);
+        }
+    }
+
+    /// Caches evicted by this replica for `reason`.
+    pub fn evicted(&self, reason: crate::gc::EvictReason) -> u64 {
+        self.evictions
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .get()
+    }
+
     /// The rows by state (every state exported, 0 when absent); `None` when they could
     /// not be counted, which removes the series rather than leave old figures.
     pub fn set_volumes_by_state(&self, counts: Option<&BTreeMap<String, u64>>) {
@@ -391,17 +463,23 @@ impl Metrics {
             &w.disk_free_bytes,
             &w.pressure,
             &w.revision_lag,
+            &w.retained_bytes,
+            &w.evicted_bytes,
         ] {
             family.clear();
         }
         w.last_report.clear();
         let u = |v: i64| u64::try_from(v).unwrap_or(0);
         for row in rows.unwrap_or_default() {
-            let Some(r) = &row.last_report else {
-                continue;
-            };
             let l = WorkerLabels {
                 worker: row.name.clone(),
+            };
+            w.retained_bytes
+                .get_or_create(&l)
+                .set(u(row.retained_bytes.unwrap_or(0)));
+            w.evicted_bytes.get_or_create(&l).set(u(row.evicted_bytes));
+            let Some(r) = &row.last_report else {
+                continue;
             };
             w.volume_bytes.get_or_create(&l).set(u(r.volume_bytes));
             if let Some(total) = r.disk_total_bytes {

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "operator_view",
         include_str!("../migrations/0004_operator_view.sql"),
     ),
+    (
+        5,
+        "retention",
+        include_str!("../migrations/0005_retention.sql"),
+    ),
 ];
 
 /// The highest migration version this build knows.

@@ -179,6 +179,12 @@ pub struct WorkerRow {
     /// What the worker's last report said; absent before its first report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report: Option<WorkerFigures>,
+    /// Bytes of retained caches on the worker as the last GC pass counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_bytes: Option<i64>,
+    /// Bytes of caches evicted from the worker, all time.
+    #[serde(default)]
+    pub evicted_bytes: i64,
 }
 
 /// A worker's figures from its last volume report.
@@ -205,7 +211,7 @@ pub async fn list_workers(db: &Db) -> Result<Vec<WorkerRow>> {
         .query(
             "SELECT name, revision, created_at, last_report_at, revision_seen, volume_count,
                     volume_bytes, disk_total_bytes, disk_free_bytes, pressure, failed_count,
-                    blocked_count
+                    blocked_count, retained_bytes, evicted_bytes
                FROM workers ORDER BY name",
             &[],
         )
@@ -228,6 +234,8 @@ pub async fn list_workers(db: &Db) -> Result<Vec<WorkerRow>> {
                     failed: r.get::<_, Option<i32>>(10).unwrap_or(0),
                     blocked: r.get::<_, Option<i32>>(11).unwrap_or(0),
                 }),
+            retained_bytes: r.get(12),
+            evicted_bytes: r.get(13),
         })
         .collect())
 }
@@ -241,11 +249,21 @@ pub struct ReportFigures {
     pub disk: Option<protocol::native::DiskReport>,
     pub failed: usize,
     pub blocked: usize,
+    /// Handles and bytes of the volumes the report measured.
+    pub measured_handles: Vec<String>,
+    pub measured_bytes: Vec<i64>,
 }
 
 impl ReportFigures {
     pub fn new(report: &VolumeReport) -> Self {
+        let (measured_handles, measured_bytes) = report
+            .volumes
+            .iter()
+            .filter_map(|v| Some((v.handle.as_str().to_string(), to_i64(v.bytes?))))
+            .unzip();
         ReportFigures {
+            measured_handles,
+            measured_bytes,
             revision_seen: report.revision_seen,
             volumes: report.volumes.len() as u64,
             volume_bytes: report.volumes.iter().filter_map(|v| v.bytes).sum(),
@@ -260,16 +278,43 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Records the figures of a report `worker` sent (one row; after the report applied).
-pub async fn record_report_figures(db: &Db, worker: &str, f: &ReportFigures) -> Result<()> {
+/// Records the figures of a report `worker` sent (one row; after the report applied),
+/// and the measured bytes of its resource cache volumes (the bytes retention weighs;
+/// only rows whose figure changed are written). Returns how long the worker was under
+/// pressure when this report clears it.
+pub async fn record_report_figures(
+    db: &Db,
+    worker: &str,
+    f: &ReportFigures,
+) -> Result<Option<std::time::Duration>> {
     let client = db.client().await?;
+    if !f.measured_handles.is_empty() {
+        client
+            .execute(
+                "UPDATE volumes v SET bytes = t.bytes
+                   FROM unnest($2::text[], $3::bigint[]) AS t(handle, bytes)
+                  WHERE v.worker_name = $1 AND v.handle = t.handle
+                    AND v.resource_cache_id IS NOT NULL
+                    AND v.bytes IS DISTINCT FROM t.bytes",
+                &[&worker, &f.measured_handles, &f.measured_bytes],
+            )
+            .await?;
+    }
     let disk = f.disk.as_ref();
-    client
-        .execute(
+    let row = client
+        .query_opt(
             "UPDATE workers SET last_report_at = now(), revision_seen = $2, volume_count = $3,
                     volume_bytes = $4, disk_total_bytes = $5, disk_free_bytes = $6,
-                    pressure = $7, failed_count = $8, blocked_count = $9
-              WHERE name = $1",
+                    pressure = $7, failed_count = $8, blocked_count = $9,
+                    reported_min_free = $10,
+                    pressure_since = CASE WHEN $7::bool IS NULL THEN workers.pressure_since
+                                          WHEN $7::bool THEN COALESCE(workers.pressure_since, now())
+                                     END
+               FROM (SELECT pressure_since AS since FROM workers WHERE name = $1) old
+              WHERE name = $1
+             RETURNING CASE WHEN NOT $7::bool
+                            THEN extract(epoch FROM now() - old.since)::float8
+                       END",
             &[
                 &worker,
                 &f.revision_seen.map(to_i64),
@@ -280,10 +325,13 @@ pub async fn record_report_figures(db: &Db, worker: &str, f: &ReportFigures) -> 
                 &disk.map(|d| d.pressure),
                 &i32::try_from(f.failed).unwrap_or(i32::MAX),
                 &i32::try_from(f.blocked).unwrap_or(i32::MAX),
+                &disk.and_then(|d| d.min_free_bytes).map(to_i64),
             ],
         )
         .await?;
-    Ok(())
+    Ok(row
+        .and_then(|r| r.get::<_, Option<f64>>(0))
+        .map(|secs| std::time::Duration::from_secs_f64(secs.max(0.0))))
 }
 
 /// Volume rows by state, for `volume_central_volumes`.
@@ -1062,6 +1110,264 @@ pub async fn delete_cache_use(db: &Db, cache: i64, build: i64) -> Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// The scheduler's mark on a resource cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Retention {
+    /// Retained while its workers have room once no build uses it; evicted least
+    /// recently used first under pressure or over a worker's cache budget.
+    Auto,
+    /// Kept for reuse: never evicted for a budget, only under disk pressure (after every
+    /// `auto` cache of the worker).
+    Keep,
+    /// Deleted at the next GC pass once no build uses it.
+    Drop,
+}
+
+impl Retention {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retention::Auto => "auto",
+            Retention::Keep => "keep",
+            Retention::Drop => "drop",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Retention::Auto),
+            "keep" => Ok(Retention::Keep),
+            "drop" => Ok(Retention::Drop),
+            other => Err(Error::Database(format!("unknown retention {other:?}"))),
+        }
+    }
+}
+
+/// `PUT /api/v1/resource-caches/{id}/retention`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRetention {
+    pub retention: Retention,
+}
+
+/// One volume of a cache on a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheVolume {
+    pub handle: Handle,
+    pub state: VolumeState,
+    /// Real bytes from the worker's last report that measured it.
+    pub bytes: Option<i64>,
+}
+
+/// A worker holding a cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheWorker {
+    pub worker: String,
+    pub volumes: Vec<CacheVolume>,
+    /// Sum of the volumes' measured bytes.
+    pub bytes: i64,
+}
+
+/// A resource cache's retention state and the workers that hold it
+/// (`GET /api/v1/resource-caches/{id}/workers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheRetention {
+    pub resource_cache: i64,
+    pub version: String,
+    pub retention: Retention,
+    /// Builds using it now; 0 when it is retained.
+    pub uses: i64,
+    /// Since when no build uses it (absent while one does).
+    pub retained_since: Option<DateTime<Utc>>,
+    pub last_used_at: DateTime<Utc>,
+    /// Workers with a volume of the cache that is not being destroyed, the ones with an
+    /// `initialized` volume first (a build can start there now), then by name.
+    pub workers: Vec<CacheWorker>,
+}
+
+fn unknown_cache(id: i64) -> Error {
+    Error::NotFound(format!(
+        "resource cache {id} is unknown (never created, or deleted after its last use went); create it with POST /api/v1/resource-caches"
+    ))
+}
+
+/// `GET /api/v1/resource-caches/{id}/workers`: one snapshot.
+pub async fn cache_retention(db: &Db, id: i64) -> Result<CacheRetention> {
+    let mut client = db.client().await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let row = tx
+        .query_opt(
+            "SELECT rc.version, rc.retention, rc.retained_since, rc.last_used_at,
+                    (SELECT count(*) FROM resource_cache_uses u WHERE u.resource_cache_id = rc.id)
+               FROM resource_caches rc WHERE rc.id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| unknown_cache(id))?;
+    let vols = tx
+        .query(
+            "SELECT worker_name, handle, state, bytes FROM volumes
+              WHERE resource_cache_id = $1 AND state <> 'destroying'
+              ORDER BY worker_name, handle",
+            &[&id],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut workers: Vec<CacheWorker> = Vec::new();
+    for v in &vols {
+        let worker: String = v.get(0);
+        let state: String = v.get(2);
+        let vol = CacheVolume {
+            handle: stored_handle(v.get(1))?,
+            state: state.parse().map_err(Error::Database)?,
+            bytes: v.get(3),
+        };
+        match workers.last_mut() {
+            Some(w) if w.worker == worker => {
+                w.bytes += vol.bytes.unwrap_or(0);
+                w.volumes.push(vol);
+            }
+            _ => workers.push(CacheWorker {
+                worker,
+                bytes: vol.bytes.unwrap_or(0),
+                volumes: vec![vol],
+            }),
+        }
+    }
+    workers.sort_by_key(|w| {
+        !w.volumes
+            .iter()
+            .any(|v| v.state == VolumeState::Initialized)
+    });
+    Ok(CacheRetention {
+        resource_cache: id,
+        version: row.get(0),
+        retention: Retention::parse(row.get(1))?,
+        retained_since: row.get(2),
+        last_used_at: row.get(3),
+        uses: row.get(4),
+        workers,
+    })
+}
+
+/// `PUT /api/v1/resource-caches/{id}/retention`.
+pub async fn set_cache_retention(db: &Db, id: i64, retention: Retention) -> Result<CacheRetention> {
+    let client = db.client().await?;
+    let n = client
+        .execute(
+            "UPDATE resource_caches SET retention = $2 WHERE id = $1",
+            &[&id, &retention.as_str()],
+        )
+        .await?;
+    if n == 0 {
+        return Err(unknown_cache(id));
+    }
+    drop(client);
+    cache_retention(db, id).await
+}
+
+/// `PUT /api/v1/workers/{w}/retention`: the worker's own budgets (absent or null: the
+/// config's `[retention]` default).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetWorkerRetention {
+    #[serde(default)]
+    pub cache_budget: Option<u64>,
+    #[serde(default)]
+    pub min_free: Option<u64>,
+}
+
+/// A worker's budgets and what retention does on it (`GET /api/v1/workers/{w}/retention`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRetention {
+    pub worker: String,
+    /// Its own settings (absent: the default applies).
+    pub cache_budget: Option<i64>,
+    pub min_free: Option<i64>,
+    /// The free-space floor its agent reported (`gc.min_free` in bytes).
+    pub reported_min_free: Option<i64>,
+    /// What the GC applies: its own setting, else (for `min_free`) the floor its agent
+    /// reports, else the config's default; absent: no limit.
+    pub effective_cache_budget: Option<i64>,
+    pub effective_min_free: Option<i64>,
+    /// Bytes of retained caches on it as the last GC pass counted them.
+    pub retained_bytes: Option<i64>,
+    /// From its last report.
+    pub disk_free_bytes: Option<i64>,
+    pub pressure: Option<bool>,
+    /// Since when its reports say `pressure`.
+    pub pressure_since: Option<DateTime<Utc>>,
+    /// Caches evicted from it and the bytes they held, all time.
+    pub evictions: i64,
+    pub evicted_bytes: i64,
+}
+
+/// `GET /api/v1/workers/{w}/retention`.
+pub async fn worker_retention(
+    db: &Db,
+    worker: &str,
+    defaults: &crate::gc::Budgets,
+) -> Result<WorkerRetention> {
+    let client = db.client().await?;
+    let r = client
+        .query_opt(
+            "SELECT cache_budget, min_free, retained_bytes, disk_free_bytes, pressure,
+                    pressure_since, evictions, evicted_bytes, reported_min_free
+               FROM workers WHERE name = $1",
+            &[&worker],
+        )
+        .await?
+        .ok_or_else(|| unknown_worker(worker))?;
+    let budget: Option<i64> = r.get(0);
+    let min_free: Option<i64> = r.get(1);
+    let reported_min_free: Option<i64> = r.get(8);
+    let d = |n: Option<u64>| n.map(to_i64);
+    Ok(WorkerRetention {
+        worker: worker.to_string(),
+        cache_budget: budget,
+        min_free,
+        effective_cache_budget: budget.or(d(defaults.cache_budget)),
+        reported_min_free,
+        effective_min_free: min_free.or(reported_min_free).or(d(defaults.min_free)),
+        retained_bytes: r.get(2),
+        disk_free_bytes: r.get(3),
+        pressure: r.get(4),
+        pressure_since: r.get(5),
+        evictions: r.get(6),
+        evicted_bytes: r.get(7),
+    })
+}
+
+/// `PUT /api/v1/workers/{w}/retention`.
+pub async fn set_worker_retention(
+    db: &Db,
+    worker: &str,
+    req: &SetWorkerRetention,
+    defaults: &crate::gc::Budgets,
+) -> Result<WorkerRetention> {
+    let client = db.client().await?;
+    let n = client
+        .execute(
+            "UPDATE workers SET cache_budget = $2, min_free = $3 WHERE name = $1",
+            &[
+                &worker,
+                &req.cache_budget.map(to_i64),
+                &req.min_free.map(to_i64),
+            ],
+        )
+        .await?;
+    if n == 0 {
+        return Err(unknown_worker(worker));
+    }
+    drop(client);
+    worker_retention(db, worker, defaults).await
 }
 
 #[cfg(test)]

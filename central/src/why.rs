@@ -31,6 +31,12 @@ pub enum Owner {
         builds: Vec<i64>,
         /// Resource configs of custom resource types built on this cache.
         configs: i64,
+        /// Since when no build uses it: retained while its worker has room.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retained_since: Option<DateTime<Utc>>,
+        /// The scheduler's mark: `auto`, `keep` or `drop`.
+        #[serde(default)]
+        retention: String,
     },
     /// The volume is the worker's copy of a base resource type it still reports.
     BaseResourceType { name: String, version: String },
@@ -54,6 +60,38 @@ pub struct Facts {
     /// Direct owners and children (children in any state; `verdict` sorts them out).
     pub owners: Vec<Owner>,
     pub destroying_children: Vec<Handle>,
+    /// Set when the GC took the volume from its resource cache.
+    pub eviction: Option<EvictionFacts>,
+}
+
+/// Which cache the GC took from the volume, why, when, and the bytes it held on the worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictionFacts {
+    pub resource_cache: i64,
+    /// `pressure`, `budget` or `dropped`.
+    pub reason: String,
+    pub at: DateTime<Utc>,
+    /// Bytes of the cache on the worker at the eviction (last reported).
+    pub bytes: Option<i64>,
+}
+
+fn eviction_text(e: &EvictionFacts, worker: &str) -> String {
+    let why = match e.reason.as_str() {
+        "pressure" => format!("evicted under disk pressure on worker {worker}"),
+        "budget" => format!(
+            "evicted because worker {worker} held more retained cache bytes than its cache_budget"
+        ),
+        "dropped" => "dropped (the scheduler marked it `drop` and no build used it)".to_string(),
+        other => format!("evicted ({other})"),
+    };
+    let bytes = e
+        .bytes
+        .map(|b| format!(", freeing about {b} bytes on this worker"))
+        .unwrap_or_default();
+    format!(
+        "its resource cache {} was {why} at {}{bytes}",
+        e.resource_cache, e.at
+    )
 }
 
 /// What the volume's fate is.
@@ -86,6 +124,9 @@ pub struct Why {
     pub created_at: DateTime<Utc>,
     /// The answer in one or two sentences.
     pub explanation: String,
+    /// Set when the GC evicted the volume's resource cache from its worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eviction: Option<EvictionFacts>,
 }
 
 fn owner_text(o: &Owner) -> String {
@@ -96,12 +137,21 @@ fn owner_text(o: &Owner) -> String {
             version,
             uses,
             configs,
+            retained_since,
+            retention,
             ..
         } => {
             let mut s = format!("resource cache {id} (version {version}): ");
             match (uses, configs) {
                 (0, 0) => {
-                    s.push_str("no build uses it any more; the next GC pass deletes the cache")
+                    let since = retained_since
+                        .map(|t| format!(" since {t}"))
+                        .unwrap_or_default();
+                    s.push_str(&match retention.as_str() {
+                        "drop" => format!("no build uses it{since} and the scheduler marked it `drop`; the next GC pass deletes the cache"),
+                        "keep" => format!("retained{since}, marked `keep` by the scheduler: no build uses it, it is evicted only under disk pressure"),
+                        _ => format!("retained{since}: no build uses it, it is kept while its worker has room and evicted least recently used first under disk pressure or over the worker's cache_budget"),
+                    })
                 }
                 (u, 0) => s.push_str(&format!("used by {u} build(s)")),
                 (0, c) => s.push_str(&format!(
@@ -139,9 +189,13 @@ pub fn verdict(f: Facts) -> Why {
         .missing_since
         .map(|t| format!(" The worker last reported it missing (directory gone) since {t}."))
         .unwrap_or_default();
+    let evicted = f.eviction.as_ref().map(|e| eviction_text(e, &f.worker));
     let (status, since, owners, explanation) = if f.state == VolumeState::Destroying {
         let why = match f.destroy_reason.as_deref() {
-            Some("unowned") => "nothing owned it any more".to_string(),
+            Some("unowned") => match &evicted {
+                Some(e) => format!("nothing owned it any more: {e}"),
+                None => "nothing owned it any more".to_string(),
+            },
             Some("missing") => {
                 "its worker reported it missing for longer than the GC's missing grace".to_string()
             }
@@ -170,12 +224,13 @@ pub fn verdict(f: Facts) -> Why {
             .unowned_since
             .map(|t| format!(" since {t}"))
             .unwrap_or_default();
+        let evicted = evicted.map(|e| format!(" ({e})")).unwrap_or_default();
         (
             Status::Garbage,
             f.unowned_since,
             live,
             format!(
-                "Garbage: no container, resource cache, base resource type or live child keeps it{since}; the next GC pass marks it destroying and worker {} then destroys it.",
+                "Garbage: no container, resource cache, base resource type or live child keeps it{since}{evicted}; the next GC pass marks it destroying and worker {} then destroys it.",
                 f.worker
             ),
         )
@@ -199,6 +254,7 @@ pub fn verdict(f: Facts) -> Why {
         missing_since: f.missing_since,
         created_at: f.created_at,
         explanation: format!("{explanation}{missing}"),
+        eviction: f.eviction,
     }
 }
 
@@ -220,7 +276,9 @@ pub async fn facts(db: &Db, handle: &Handle) -> Result<Facts> {
         .query_opt(
             "SELECT v.id, v.worker_name, v.state, p.handle, v.created_at, v.missing_since,
                     v.unowned_since, v.destroying_since, v.destroy_reason,
-                    c.handle, v.resource_cache_id, rc.version, b.name, b.version
+                    c.handle, v.resource_cache_id, rc.version, b.name, b.version,
+                    rc.retained_since, rc.retention, v.evicted_cache_id, v.evict_reason,
+                    v.evicted_at, v.evicted_cache_bytes
                FROM volumes v
                LEFT JOIN volumes p ON p.id = v.parent_id
                LEFT JOIN containers c ON c.id = v.container_id
@@ -274,6 +332,8 @@ pub async fn facts(db: &Db, handle: &Handle) -> Result<Facts> {
             uses,
             builds,
             configs,
+            retained_since: row.get(14),
+            retention: row.get::<_, Option<String>>(15).unwrap_or_default(),
         });
     }
     if let (Some(name), Some(version)) = (
@@ -315,6 +375,19 @@ pub async fn facts(db: &Db, handle: &Handle) -> Result<Facts> {
         destroy_reason: row.get(8),
         owners,
         destroying_children,
+        eviction: match (
+            row.get::<_, Option<i64>>(16),
+            row.get::<_, Option<String>>(17),
+            row.get::<_, Option<DateTime<Utc>>>(18),
+        ) {
+            (Some(resource_cache), Some(reason), Some(at)) => Some(EvictionFacts {
+                resource_cache,
+                reason,
+                at,
+                bytes: row.get(19),
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -344,6 +417,7 @@ mod tests {
             destroy_reason: None,
             owners,
             destroying_children: Vec::new(),
+            eviction: None,
         }
     }
 
@@ -361,6 +435,8 @@ mod tests {
                     uses: 2,
                     builds: vec![10, 11],
                     configs: 0,
+                    retained_since: None,
+                    retention: "auto".into(),
                 },
                 Owner::BaseResourceType {
                     name: "git".into(),
@@ -442,23 +518,52 @@ mod tests {
         );
     }
 
+    fn unused_cache(retention: &str) -> Owner {
+        Owner::ResourceCache {
+            id: 3,
+            version: "v".into(),
+            uses: 0,
+            builds: Vec::new(),
+            configs: 0,
+            retained_since: Some(DateTime::<Utc>::UNIX_EPOCH),
+            retention: retention.into(),
+        }
+    }
+
     #[test]
-    fn an_unused_cache_is_named_with_its_coming_deletion() {
-        let why = verdict(facts(
-            VolumeState::Initialized,
-            vec![Owner::ResourceCache {
-                id: 3,
-                version: "v".into(),
-                uses: 0,
-                builds: Vec::new(),
-                configs: 0,
-            }],
-        ));
+    fn an_unused_cache_is_retained_unless_marked_drop() {
+        let why = verdict(facts(VolumeState::Initialized, vec![unused_cache("auto")]));
         assert_eq!(why.status, Status::Kept);
+        assert!(
+            why.explanation.contains("retained since") && why.explanation.contains("has room"),
+            "{}",
+            why.explanation
+        );
+        let why = verdict(facts(VolumeState::Initialized, vec![unused_cache("drop")]));
         assert!(
             why.explanation.contains("deletes the cache"),
             "{}",
             why.explanation
         );
+    }
+
+    #[test]
+    fn an_evicted_volume_says_which_cache_left_why_when_and_what_it_freed() {
+        let mut f = facts(VolumeState::Destroying, Vec::new());
+        f.destroy_reason = Some("unowned".into());
+        f.eviction = Some(EvictionFacts {
+            resource_cache: 9,
+            reason: "pressure".into(),
+            at: DateTime::<Utc>::UNIX_EPOCH,
+            bytes: Some(4096),
+        });
+        let why = verdict(f);
+        for part in ["resource cache 9", "disk pressure", "4096 bytes"] {
+            assert!(
+                why.explanation.contains(part),
+                "{part}: {}",
+                why.explanation
+            );
+        }
     }
 }

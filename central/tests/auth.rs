@@ -260,10 +260,34 @@ async fn every_route_answers_each_kind_of_caller_as_the_trust_rules_say() {
             None,
             [401, 401, 401, 403, 204, 403],
         ),
+        (
+            Method::PUT,
+            format!("/api/v1/resource-caches/{cache}/retention"),
+            Some(json!({"retention": "keep"})),
+            [401, 401, 401, 403, 200, 403],
+        ),
+        (
+            Method::PUT,
+            "/api/v1/workers/wa/retention".into(),
+            Some(json!({"cache_budget": 1000})),
+            [401, 401, 401, 403, 200, 403],
+        ),
         // Read-only views: the scheduler and operators.
         (
             Method::GET,
             "/api/v1/workers".into(),
+            None,
+            [401, 401, 401, 403, 200, 200],
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/resource-caches/{cache}/workers"),
+            None,
+            [401, 401, 401, 403, 200, 200],
+        ),
+        (
+            Method::GET,
+            "/api/v1/workers/wa/retention".into(),
             None,
             [401, 401, 401, 403, 200, 200],
         ),

@@ -136,8 +136,10 @@ async fn every_gc_step_applied_twice_gives_the_same_end_state() {
     );
 }
 
+/// A cache whose last use goes is retained (its volume kept); marked `drop`, it is
+/// deleted at the next pass and its volumes become garbage, marked in the same pass.
 #[tokio::test]
-async fn unused_resource_caches_are_deleted_and_their_volumes_become_garbage() {
+async fn unused_resource_caches_marked_drop_are_deleted_and_their_volumes_become_garbage() {
     let (_c, db) = fresh_db().await;
     register(&db, "w1", "1.0").await;
     let config = store::create_resource_config(
@@ -182,8 +184,18 @@ async fn unused_resource_caches_are_deleted_and_their_volumes_become_garbage() {
     store::delete_cache_use(&db, cache, 7)
         .await
         .expect("delete use");
+    assert_eq!(
+        pass(&db).await,
+        gc::GcStats::default(),
+        "an unused cache is retained while there is room"
+    );
+    assert_eq!(state_of(&db, "cached").await.as_deref(), Some("creating"));
+    store::set_cache_retention(&db, cache, store::Retention::Drop)
+        .await
+        .expect("drop");
     let stats = pass(&db).await;
     assert_eq!(stats.caches_deleted, 1);
+    assert_eq!(stats.evicted.dropped.caches, 1);
     assert_eq!(stats.marked, 1);
     assert_eq!(state_of(&db, "cached").await.as_deref(), Some("destroying"));
     assert_eq!(count(&db, "SELECT count(*) FROM resource_caches").await, 0);

@@ -154,10 +154,23 @@ async fn why_names_every_kind_of_owner_then_says_since_when_it_is_garbage() {
         "{v}"
     );
 
-    // The build's use goes: the cache is still there until the GC deletes it.
+    // The build's use goes: the cache is retained while there is room; once the
+    // scheduler marks it `drop`, the next GC pass deletes it.
     store::delete_cache_use(&db, cache, 42)
         .await
         .expect("delete use");
+    let (_, v) = why(&base, "cached").await;
+    assert_eq!(v["status"], "kept", "{v}");
+    assert!(
+        v["explanation"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("retained since"),
+        "{v}"
+    );
+    store::set_cache_retention(&db, cache, store::Retention::Drop)
+        .await
+        .expect("drop");
     let (_, v) = why(&base, "cached").await;
     assert_eq!(v["status"], "kept", "{v}");
     assert!(
@@ -258,6 +271,7 @@ async fn workers_list_shows_each_workers_last_report() {
             free_bytes: 50,
             free_inodes: 10,
             pressure: true,
+            min_free_bytes: None,
         }),
         ..VolumeReport::default()
     };

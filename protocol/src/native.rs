@@ -115,6 +115,10 @@ pub struct DiskReport {
     pub free_bytes: u64,
     pub free_inodes: u64,
     pub pressure: bool,
+    /// The agent's free-space floor (`gc.min_free`) in bytes: `pressure` is true below
+    /// it. The central side makes room up to it. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free_bytes: Option<u64>,
 }
 
 /// `PUT /api/v1/workers/{worker}/volumes/report`.

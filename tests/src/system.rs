@@ -310,6 +310,12 @@ impl Worker {
     /// `central` with that token (polls every 200 ms, reports every 300 ms, resource types
     /// rescanned and drift scanned every 200 ms).
     pub async fn start(central: &Central, name: &str) -> Worker {
+        Worker::start_with(central, name, "").await
+    }
+
+    /// [`Worker::start`] with `gc_extra` added to the agent's `[gc]` section (e.g.
+    /// `min_free = "100%"`).
+    pub async fn start_with(central: &Central, name: &str, gc_extra: &str) -> Worker {
         let token_dir = tempfile::tempdir().expect("tempdir");
         let token_file = token_dir.path().join("token");
         std::fs::write(&token_file, central.worker_token(name).await).expect("write token");
@@ -319,6 +325,7 @@ impl Worker {
             report_interval: "300ms",
             token_file: Some(token_file),
             scan_interval: Some("200ms"),
+            extra: gc_extra.into(),
             ..AgentSettings::default()
         };
         let agent = Agent::start(&central.url(), &settings);

@@ -485,11 +485,14 @@ async fn disk_pressure_is_reported_and_polls_at_once_without_destroying() {
     let local = Local::new(&agent);
     local.make("keep-me", None).await;
     script.set(&[("keep-me", None)], &[]);
-    eventually("pressure reported", || async {
-        reports(&server)
-            .await
-            .iter()
-            .any(|r| r.disk.as_ref().is_some_and(|d| d.pressure))
+    // With the floor in bytes (100 % of the disk), so the central side knows how much
+    // room to make.
+    eventually("pressure reported with the floor", || async {
+        reports(&server).await.iter().any(|r| {
+            r.disk
+                .as_ref()
+                .is_some_and(|d| d.pressure && d.min_free_bytes == Some(d.total_bytes))
+        })
     })
     .await;
     // Polls are an hour apart: the one at start-up, then one as soon as pressure is seen.

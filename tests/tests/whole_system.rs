@@ -168,9 +168,9 @@ async fn base_resource_type_version_change_retires_the_old_volume_child_first() 
 }
 
 #[actix_rt::test]
-async fn resource_cache_losing_its_last_use_is_collected_on_the_worker() {
+async fn resource_cache_losing_its_last_use_is_retained_then_collected_when_dropped() {
     let central = Central::start().await;
-    let w = Worker::start(&central, "w1").await;
+    let w = Worker::start_with(&central, "w1", "min_free = \"0%\"\n").await;
     w.set_base_resource_type("git", "1.0");
     wait_base_type(&central, "w1", "git", "1.0").await;
     // Two versions of one resource: v1 used by build 1, v2 by builds 2 and 3. Build 1's
@@ -193,12 +193,32 @@ async fn resource_cache_losing_its_last_use_is_collected_on_the_worker() {
     .await;
 
     // Build 2 ends (v2 keeps build 3's use), then build 1 ends: its container and its
-    // cache use go, and v1 has no use left.
+    // cache use go, and v1 has no use left: it is retained while the worker has room
+    // (the agent's floor is 0 %), its container's child goes.
     central.end_cache_use(new, 2).await;
     central.end_container("w1", "build-1").await;
     central.end_cache_use(old, 1).await;
     eventually(
-        "the unused cache's volumes are gone from disk and DB",
+        "the container's volume is gone from disk and DB",
+        || async {
+            w.local.handles().await == ["cache-v1", "cache-v2"]
+                && central.handles("w1").await == ["cache-v1", "cache-v2"]
+        },
+    )
+    .await;
+    central.wait_gc_passes(3).await;
+    assert_eq!(central.handles("w1").await, ["cache-v1", "cache-v2"]);
+    assert_eq!(central.resource_cache_ids().await, [old, new]);
+    // The scheduler lets v1 go: the next pass deletes it and the worker destroys it.
+    central
+        .ok(
+            Method::PUT,
+            &format!("/resource-caches/{old}/retention"),
+            Some(json!({"retention": "drop"})),
+        )
+        .await;
+    eventually(
+        "the dropped cache's volumes are gone from disk and DB",
         || async {
             w.local.handles().await == ["cache-v2"] && central.handles("w1").await == ["cache-v2"]
         },

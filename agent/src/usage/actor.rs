@@ -121,6 +121,7 @@ impl AccountingActor {
                 free_bytes: figures.free_bytes,
                 free_inodes: figures.free_inodes,
                 pressure,
+                min_free_bytes: Some(act.min_free.bytes_of(figures.total_bytes)),
             });
         }));
     }
