@@ -466,6 +466,24 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
     // Warm up: every worker's first poll (spread over one interval) and a little more.
     let warm = opts.poll_interval.mul_f64(1.2) + Duration::from_secs(1);
     idle(&fleet, &rec, warm, &mut pg_pid).await;
+    // A large fleet's first contact (resource types, a full answer, a full report from
+    // every worker) is a storm of its own: the steady window starts once it is over
+    // (5 s without a 503 or an agent request over 1 s), or after 10 minutes.
+    let settle_end = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < settle_end {
+        let now = rec.now();
+        let calm = rec
+            .events()
+            .iter()
+            .rev()
+            .take_while(|e| e.t >= now - 5.0)
+            .all(|e| !e.kind.is_agent() || (e.ms < 1000.0 && e.code != 503 && e.code != 0));
+        if calm {
+            break;
+        }
+        idle(&fleet, &rec, Duration::from_secs(5), &mut pg_pid).await;
+    }
+    rec.mark("steady window starts");
     let a = rec.now();
     idle(&fleet, &rec, opts.duration, &mut pg_pid).await;
     let b = rec.now();
@@ -627,6 +645,9 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
 
     // Drain: the scheduler releases every build left; wait for all of it to go.
     let _ = sched_tx.send(true);
+    while !sched.is_finished() {
+        idle(&fleet, &rec, Duration::from_secs(1), &mut pg_pid).await;
+    }
     let _ = sched.await;
     rec.mark("scheduler stopped; draining");
     let drain_limit = opts.gc_interval * 3 + opts.poll_interval * 3 + Duration::from_secs(30);
