@@ -414,6 +414,10 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
     let urls = fleet.replica_urls();
     let mut pg_pid = None;
 
+    // The seeded garbage (marked by the passes above) counts as released from here,
+    // before any worker can poll.
+    rec.release(&garbage);
+
     // The fleet.
     let (stop_tx, stop_rx) = watch::channel(false);
     let http = CentralClient::http_builder(Duration::from_secs(5), Duration::from_secs(30))
@@ -460,8 +464,6 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
         sched_rx,
     ));
     rec.mark("fleet started");
-    // The seeded garbage counts as released when the fleet starts (it is already marked).
-    rec.release(&garbage);
 
     // Warm up: every worker's first poll (spread over one interval) and a little more.
     let warm = opts.poll_interval.mul_f64(1.2) + Duration::from_secs(1);
