@@ -52,6 +52,42 @@ pub enum Heard {
     Unchanged,
 }
 
+/// The wait before the next poll: the interval with ±10% jitter, or, after `errors`
+/// consecutive failures, exponential backoff from `min(interval, 1 s)` doubling per
+/// failure up to `max_backoff`, with the same jitter. Pure but for the random jitter, so
+/// a fleet simulator polls exactly as the agent does.
+pub fn poll_delay(interval: Duration, max_backoff: Duration, errors: u32) -> Duration {
+    let base = if errors == 0 {
+        interval
+    } else {
+        let factor = 2u32.saturating_pow(errors.min(16));
+        interval
+            .min(Duration::from_secs(1))
+            .saturating_mul(factor)
+            .min(max_backoff)
+    };
+    let jitter = rand::thread_rng().gen_range(0.9..1.1);
+    base.mul_f64(jitter)
+}
+
+/// Why a fresh desired set must be ignored: it is for another worker, or its revision
+/// is lower than `highest`, the highest applied. `None`: apply it.
+pub fn stale(set: &DesiredSet, worker: &str, highest: Option<u64>) -> Option<String> {
+    if set.worker != worker {
+        return Some(format!(
+            "it is for worker {:?}, this is {worker:?}",
+            set.worker
+        ));
+    }
+    match highest {
+        Some(h) if set.revision < h => Some(format!(
+            "revision {} is older than {h}, the highest applied; if the central database was restored from a backup, run `volume-agent gc reset-revision`",
+            set.revision
+        )),
+        _ => None,
+    }
+}
+
 pub struct DesiredStateActor {
     client: CentralClient,
     dialect: Dialect,
@@ -103,20 +139,8 @@ impl DesiredStateActor {
         }
     }
 
-    /// The wait before the next poll: the interval with ±10% jitter, or exponential
-    /// backoff (capped) after errors.
     fn next_delay(&self) -> Duration {
-        let base = if self.errors == 0 {
-            self.interval
-        } else {
-            let factor = 2u32.saturating_pow(self.errors.min(16));
-            self.interval
-                .min(Duration::from_secs(1))
-                .saturating_mul(factor)
-                .min(self.max_backoff)
-        };
-        let jitter = rand::thread_rng().gen_range(0.9..1.1);
-        base.mul_f64(jitter)
+        poll_delay(self.interval, self.max_backoff, self.errors)
     }
 
     fn schedule(&mut self, ctx: &mut Context<Self>) {
@@ -226,20 +250,7 @@ impl DesiredStateActor {
     }
 
     fn stale(&self, set: &DesiredSet) -> Option<String> {
-        if set.worker != self.client.worker() {
-            return Some(format!(
-                "it is for worker {:?}, this is {:?}",
-                set.worker,
-                self.client.worker()
-            ));
-        }
-        match self.highest {
-            Some(h) if set.revision < h => Some(format!(
-                "revision {} is older than {h}, the highest applied; if the central database was restored from a backup, run `volume-agent gc reset-revision`",
-                set.revision
-            )),
-            _ => None,
-        }
+        stale(set, self.client.worker(), self.highest)
     }
 
     fn apply(&mut self, set: DesiredSet, etag: Option<String>, ctx: &mut Context<Self>) {

@@ -128,10 +128,7 @@ impl CentralClient {
         max_body: u64,
         ca_file: Option<&Path>,
     ) -> Result<CentralClient, ClientError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .timeout(request_timeout)
-            .user_agent(concat!("volume-agent/", env!("CARGO_PKG_VERSION")));
+        let mut builder = CentralClient::http_builder(connect_timeout, request_timeout);
         if let Some(path) = ca_file {
             for cert in tls::load_ca_file(path).map_err(|e| ClientError::Build(e.to_string()))? {
                 builder = builder.add_root_certificate(cert);
@@ -152,6 +149,37 @@ impl CentralClient {
             token,
             max_body,
         })
+    }
+
+    /// A client on an existing reqwest client, sharing its connection pool and settings
+    /// (timeouts, user agent): many workers' calls from one process, as the fleet
+    /// simulator makes them. Every request is the same as [`CentralClient::new`]'s.
+    pub fn with_http(
+        http: reqwest::Client,
+        base: &str,
+        worker: &str,
+        token: Option<String>,
+        max_body: u64,
+    ) -> CentralClient {
+        CentralClient {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            worker: worker.to_string(),
+            token,
+            max_body,
+        }
+    }
+
+    /// The reqwest client builder [`CentralClient::new`] starts from: timeouts and the
+    /// agent's user agent.
+    pub fn http_builder(
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(request_timeout)
+            .user_agent(concat!("volume-agent/", env!("CARGO_PKG_VERSION")))
     }
 
     pub fn worker(&self) -> &str {
