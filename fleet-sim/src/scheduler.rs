@@ -2,7 +2,8 @@
 //! has a container owning an empty volume and a copy-on-write chain (a parent made
 //! `initialized`, then its child); every third build also fetches a resource cache (a
 //! volume owned by the cache, used by the build). A build is released after its lifetime:
-//! its container deleted and its cache use dropped, so the GC makes its volumes garbage.
+//! its container deleted, its cache marked `drop` (not retained) and its use dropped, so
+//! the GC makes its volumes garbage.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -225,6 +226,18 @@ async fn release(api: &Api, b: &Build) -> bool {
         return false;
     }
     if let Some((cache, build)) = b.cache_use {
+        // Dropped, not retained: a released chain must be gone at the end (retention would
+        // keep the cache's volume while its worker has room).
+        let r = api
+            .call(
+                Method::PUT,
+                format!("/api/v1/resource-caches/{cache}/retention"),
+                Some(json!({"retention": "drop"})),
+            )
+            .await;
+        if matches!(r, Err(c) if c != 404) {
+            return false;
+        }
         let r = api
             .call(
                 Method::DELETE,
