@@ -52,22 +52,42 @@ pub enum Heard {
     Unchanged,
 }
 
-/// The wait before the next poll: the interval with ±10% jitter, or, after `errors`
-/// consecutive failures, exponential backoff from `min(interval, 1 s)` doubling per
-/// failure up to `max_backoff`, with the same jitter. Pure but for the random jitter, so
-/// a fleet simulator polls exactly as the agent does.
+/// Failed polls retried at the steady pace (half to one interval after the failure)
+/// before the wait starts to grow.
+pub const STEADY_RETRIES: u32 = 4;
+
+/// The wait before the next poll: the interval with ±10% jitter; after `errors`
+/// consecutive failures, see [`poll_delay_at`]. Pure but for the random draw, so a fleet
+/// simulator polls exactly as the agent does.
 pub fn poll_delay(interval: Duration, max_backoff: Duration, errors: u32) -> Duration {
-    let base = if errors == 0 {
-        interval
-    } else {
-        let factor = 2u32.saturating_pow(errors.min(16));
-        interval
-            .min(Duration::from_secs(1))
-            .saturating_mul(factor)
-            .min(max_backoff)
-    };
-    let jitter = rand::thread_rng().gen_range(0.9..1.1);
-    base.mul_f64(jitter)
+    poll_delay_at(
+        interval,
+        max_backoff,
+        errors,
+        rand::thread_rng().gen_range(0.0..1.0),
+    )
+}
+
+/// [`poll_delay`] for the draw `r` in `[0, 1)`.
+///
+/// Without errors: `interval` × (0.9 + 0.2 r). After a failure the wait is spread over
+/// half to all of a ceiling ("full" jitter, not ±10 %), so a fleet that failed together
+/// (a central replica restarted, PostgreSQL away) comes back spread over that span
+/// instead of together. The ceiling is the interval for the first [`STEADY_RETRIES`]
+/// failures: no agent polls faster than it does when all is well, and one whose central
+/// side comes back within that time is back within one interval. After that it doubles
+/// per failure up to `max_backoff` (never below the interval), so a long outage is not
+/// polled at full rate by the whole fleet.
+pub fn poll_delay_at(interval: Duration, max_backoff: Duration, errors: u32, r: f64) -> Duration {
+    let r = r.clamp(0.0, 1.0);
+    if errors == 0 {
+        return interval.mul_f64(0.9 + 0.2 * r);
+    }
+    let doublings = errors.saturating_sub(STEADY_RETRIES).min(16);
+    let ceiling = interval
+        .saturating_mul(2u32.pow(doublings))
+        .min(max_backoff.max(interval));
+    ceiling.mul_f64(0.5 + 0.5 * r)
 }
 
 /// Why a fresh desired set must be ignored: it is for another worker, or its revision
@@ -344,5 +364,62 @@ impl Handler<ResetRevision> for DesiredStateActor {
                     Err(e) => Err(RevisionFailure(e.to_string())),
                 }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const I: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn polls_every_interval_with_ten_percent_jitter_when_all_is_well() {
+        assert_eq!(poll_delay_at(I, MAX, 0, 0.0), Duration::from_secs(27));
+        assert_eq!(poll_delay_at(I, MAX, 0, 1.0), Duration::from_secs(33));
+    }
+
+    #[test]
+    fn first_failures_retry_within_one_interval_and_never_faster_than_half() {
+        for errors in 1..=STEADY_RETRIES {
+            assert_eq!(poll_delay_at(I, MAX, errors, 0.0), Duration::from_secs(15));
+            assert_eq!(poll_delay_at(I, MAX, errors, 1.0), I);
+        }
+    }
+
+    #[test]
+    fn later_failures_double_the_ceiling_up_to_max_backoff() {
+        let at = |errors| poll_delay_at(I, MAX, errors, 1.0);
+        assert_eq!(at(STEADY_RETRIES + 1), Duration::from_secs(60));
+        assert_eq!(at(STEADY_RETRIES + 2), Duration::from_secs(120));
+        assert_eq!(at(STEADY_RETRIES + 3), Duration::from_secs(240));
+        assert_eq!(at(STEADY_RETRIES + 4), MAX);
+        assert_eq!(at(u32::MAX), MAX);
+        assert_eq!(poll_delay_at(I, MAX, u32::MAX, 0.0), MAX / 2);
+    }
+
+    #[test]
+    fn max_backoff_below_the_interval_never_polls_faster_than_the_interval_allows() {
+        let small = Duration::from_secs(5);
+        assert_eq!(poll_delay_at(I, small, 10, 1.0), I);
+        assert_eq!(poll_delay_at(I, small, 10, 0.0), I / 2);
+    }
+
+    #[test]
+    fn a_fleet_failing_together_comes_back_spread_over_half_an_interval() {
+        // 1,000 agents that failed at the same moment, each with its own draw.
+        let mut delays: Vec<Duration> = (0..1000)
+            .map(|i| poll_delay_at(I, MAX, 1, f64::from(i) / 1000.0))
+            .collect();
+        delays.sort();
+        let span = delays[999] - delays[0];
+        assert!(span >= Duration::from_secs(14), "spread over {span:?}");
+        // No second holds more than a tenth of them (±10 % jitter put them in 6 s).
+        let mut per_second = std::collections::BTreeMap::new();
+        for d in &delays {
+            *per_second.entry(d.as_secs()).or_insert(0u32) += 1;
+        }
+        assert!(per_second.values().all(|&n| n <= 100), "{per_second:?}");
     }
 }
