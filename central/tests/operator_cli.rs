@@ -28,16 +28,17 @@ fn stdout(out: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_show_workers_volumes_as_a_tree_and_why() {
     let (mut config, db) = fresh_db_with_auth().await;
-    // No GC pass may mark the unowned parent before its child is made.
+    // The server's GC loop runs a pass as it starts: the unowned parent and its owned
+    // child exist before that, so the child keeps the parent (no race with the pass).
     config.gc_interval = std::time::Duration::from_secs(3600);
-    // The server refuses to start with credentials on and none issued.
-    let issued = auth::issue(&db, &Subject::Operator).await.expect("issue");
-    let server = volume_central::start(&config).await.expect("start");
-    let url = server.url();
     register(&db, "w1", "1.0").await;
     container(&db, "w1", "c1").await;
     initialized(&db, "w1", "base", None, None).await;
     initialized(&db, "w1", "kid", Some("base"), Some("c1")).await;
+    // The server refuses to start with credentials on and none issued.
+    let issued = auth::issue(&db, &Subject::Operator).await.expect("issue");
+    let server = volume_central::start(&config).await.expect("start");
+    let url = server.url();
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("operator.token");
     std::fs::write(&token, format!("{}\n", issued.token)).expect("token");
