@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use volume_central::gc::{self, PassOutcome, GC_LOCK};
-use volume_central::store::{self, CreateResourceCache, CreateResourceConfig, CreateVolume};
+use volume_central::store::{self, CreateVolume};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -142,27 +142,7 @@ async fn every_gc_step_applied_twice_gives_the_same_end_state() {
 async fn unused_resource_caches_marked_drop_are_deleted_and_their_volumes_become_garbage() {
     let (_c, db) = fresh_db().await;
     register(&db, "w1", "1.0").await;
-    let config = store::create_resource_config(
-        &db,
-        &CreateResourceConfig {
-            base_resource_type: Some("git".into()),
-            resource_cache: None,
-            source_hash: "s".into(),
-            params_hash: String::new(),
-        },
-    )
-    .await
-    .expect("config");
-    let cache = store::create_resource_cache(
-        &db,
-        &CreateResourceCache {
-            resource_config: config,
-            version: "v1".into(),
-            build: Some(7),
-        },
-    )
-    .await
-    .expect("cache");
+    let cache = cache(&db, "v1", Some(7)).await;
     store::create_volume(
         &db,
         "w1",

@@ -13,9 +13,7 @@ use protocol::native::{DiskReport, ReportedVolume, VolumeReport};
 use protocol::VolumeState;
 use serde_json::{json, Value};
 use volume_central::gc::{self, Budgets, EvictReason, GcSettings, GcStats, PassOutcome};
-use volume_central::store::{
-    self, CreateResourceCache, CreateResourceConfig, CreateVolume, Retention, SetWorkerRetention,
-};
+use volume_central::store::{self, CreateVolume, Retention, SetWorkerRetention};
 use volume_central::Db;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -35,49 +33,6 @@ async fn pass_with(db: &Db, budgets: Budgets) -> GcStats {
 
 async fn pass(db: &Db) -> GcStats {
     pass_with(db, Budgets::default()).await
-}
-
-/// A resource cache (version `version` of one git config), used by `build` when given.
-async fn cache(db: &Db, version: &str, build: Option<i64>) -> i64 {
-    let config = store::create_resource_config(
-        db,
-        &CreateResourceConfig {
-            base_resource_type: Some("git".into()),
-            resource_cache: None,
-            source_hash: "s".into(),
-            params_hash: String::new(),
-        },
-    )
-    .await
-    .expect("config");
-    store::create_resource_cache(
-        db,
-        &CreateResourceCache {
-            resource_config: config,
-            version: version.into(),
-            build,
-        },
-    )
-    .await
-    .expect("cache")
-}
-
-/// An initialized volume of `cache` on `worker`.
-async fn cache_volume(db: &Db, worker: &str, handle: &str, cache: i64) {
-    store::create_volume(
-        db,
-        worker,
-        &CreateVolume {
-            handle: h(handle),
-            parent: None,
-            container: None,
-            resource_cache: Some(cache),
-            base_resource_type: None,
-        },
-    )
-    .await
-    .expect("cache volume");
-    force_state(db, handle, "initialized").await;
 }
 
 /// A report from `worker` measuring `volumes` (handle, bytes), with its disk figures.

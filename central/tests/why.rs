@@ -9,7 +9,7 @@ use common::*;
 use protocol::native::{DiskReport, ReportedVolume, VolumeReport};
 use protocol::VolumeState;
 use serde_json::Value;
-use volume_central::store::{self, CreateResourceCache, CreateResourceConfig, CreateVolume};
+use volume_central::store::{self, CreateVolume};
 use volume_central::{gc, Db};
 
 async fn why(base: &str, handle: &str) -> (u16, Value) {
@@ -91,41 +91,8 @@ async fn why_names_every_kind_of_owner_then_says_since_when_it_is_garbage() {
     );
 
     // A resource cache with a build's use.
-    let config_id = store::create_resource_config(
-        &db,
-        &CreateResourceConfig {
-            base_resource_type: Some("git".into()),
-            resource_cache: None,
-            source_hash: "s".into(),
-            params_hash: String::new(),
-        },
-    )
-    .await
-    .expect("config");
-    let cache = store::create_resource_cache(
-        &db,
-        &CreateResourceCache {
-            resource_config: config_id,
-            version: "v1".into(),
-            build: Some(42),
-        },
-    )
-    .await
-    .expect("cache");
-    store::create_volume(
-        &db,
-        "w1",
-        &CreateVolume {
-            handle: h("cached"),
-            parent: None,
-            container: None,
-            resource_cache: Some(cache),
-            base_resource_type: None,
-        },
-    )
-    .await
-    .expect("cache volume");
-    force_state(&db, "cached", "initialized").await;
+    let cache = cache(&db, "v1", Some(42)).await;
+    cache_volume(&db, "w1", "cached", cache).await;
     let (_, v) = why(&base, "cached").await;
     assert_eq!(v["status"], "kept", "{v}");
     assert_eq!(v["owners"][0]["kind"], "resource_cache");

@@ -58,7 +58,7 @@ pub async fn force_state(db: &Db, handle: &str, state: &str) {
 
 use protocol::native::{BaseResourceType, ResourceTypesReport};
 use protocol::Handle;
-use volume_central::store::{self, CreateVolume};
+use volume_central::store::{self, CreateResourceCache, CreateResourceConfig, CreateVolume};
 
 pub fn h(s: &str) -> Handle {
     Handle::new(s).expect("handle")
@@ -172,4 +172,47 @@ pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
         .text()
         .await
         .expect("text")
+}
+
+/// A resource cache (version `version` of one git config), used by `build` when given.
+pub async fn cache(db: &Db, version: &str, build: Option<i64>) -> i64 {
+    let config = store::create_resource_config(
+        db,
+        &CreateResourceConfig {
+            base_resource_type: Some("git".into()),
+            resource_cache: None,
+            source_hash: "s".into(),
+            params_hash: String::new(),
+        },
+    )
+    .await
+    .expect("config");
+    store::create_resource_cache(
+        db,
+        &CreateResourceCache {
+            resource_config: config,
+            version: version.into(),
+            build,
+        },
+    )
+    .await
+    .expect("cache")
+}
+
+/// An initialized volume of `cache` on `worker`.
+pub async fn cache_volume(db: &Db, worker: &str, handle: &str, cache: i64) {
+    store::create_volume(
+        db,
+        worker,
+        &CreateVolume {
+            handle: h(handle),
+            parent: None,
+            container: None,
+            resource_cache: Some(cache),
+            base_resource_type: None,
+        },
+    )
+    .await
+    .expect("cache volume");
+    force_state(db, handle, "initialized").await;
 }
