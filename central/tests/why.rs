@@ -50,11 +50,9 @@ async fn serve() -> (volume_central::Server, String, Db) {
 /// volume a test is still building (an unowned parent before its child is inserted).
 async fn first_gc_pass_done(base: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let client = reqwest::Client::new();
     loop {
-        let text = match reqwest::get(format!("{base}/metrics")).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
+        let text = metrics_text(&client, base).await;
         let passes: f64 = text
             .lines()
             .filter(|l| l.starts_with("volume_central_gc_passes_total{"))
