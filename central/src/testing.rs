@@ -71,6 +71,8 @@ pub struct PgCluster {
     owner: Option<(u32, u32)>,
     watchdog: Option<(Child, ChildStdin)>,
     remove_on_exit: bool,
+    /// `name=value` server settings on top of the harness's own.
+    settings: Vec<String>,
 }
 
 /// Finds the directory holding `initdb` and `postgres`.
@@ -108,6 +110,13 @@ pub fn find_bin_dir() -> Result<PathBuf, HarnessError> {
 impl PgCluster {
     /// Creates and starts a new cluster; dropping it stops the server and removes it.
     pub fn start() -> Result<Self, HarnessError> {
+        Self::start_with(&[])
+    }
+
+    /// [`PgCluster::start`] with server settings (`-c name=value`) on top of the
+    /// harness's own, e.g. `("shared_buffers", "1GB")` for a benchmark that should not
+    /// measure PostgreSQL's 128 MB default evicting its own pages.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self, HarnessError> {
         let bin = find_bin_dir()?;
         let root = tempfile::Builder::new()
             .prefix("vc-pg-")
@@ -133,6 +142,7 @@ impl PgCluster {
             owner,
             watchdog: None,
             remove_on_exit: false,
+            settings: settings.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         };
         cluster.initdb()?;
         cluster.start_server()?;
@@ -227,6 +237,7 @@ if [ -n "$VC_PG_REMOVE" ]; then rm -rf "$VC_PG_REMOVE"; fi"#;
             .args(["-c", "listen_addresses="])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::piped())
             .stdout(log.try_clone().map_err(io("dup log"))?)
             .stderr(log);
