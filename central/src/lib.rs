@@ -24,6 +24,7 @@ pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod notify;
+pub mod openapi;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
