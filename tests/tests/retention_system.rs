@@ -32,16 +32,21 @@ async fn holders(central: &Central, cache: i64) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[actix_rt::test]
-async fn retained_cache_is_reused_by_the_next_build_on_its_worker() {
-    let central = Central::start().await;
-    let w = Worker::start_with(&central, "w1", "min_free = \"0%\"\n").await;
+/// Worker `w1` registers base resource type `git`; a resource config on it.
+async fn git_config(central: &Central, w: &Worker) -> i64 {
     w.set_base_resource_type("git", "1.0");
     eventually("git registered", || async {
         central.base_type_version("w1", "git").await.as_deref() == Some("1.0")
     })
     .await;
-    let config = central.resource_config("git", "repo").await;
+    central.resource_config("git", "repo").await
+}
+
+#[actix_rt::test]
+async fn retained_cache_is_reused_by_the_next_build_on_its_worker() {
+    let central = Central::start().await;
+    let w = Worker::start_with(&central, "w1", "min_free = \"0%\"\n").await;
+    let config = git_config(&central, &w).await;
     let cache = central.resource_cache(config, "v1", 1).await;
     w.volume(&central, "cache-v1", None, Owner::ResourceCache(cache))
         .await;
@@ -75,12 +80,7 @@ async fn pressure_reported_by_the_agent_evicts_lru_retained_caches_never_one_in_
     // Every disk is below a 100 % floor: the agent reports pressure and its floor (the
     // whole disk), so every retained cache must go, least recently used first.
     let w = Worker::start_with(&central, "w1", "min_free = \"100%\"\n").await;
-    w.set_base_resource_type("git", "1.0");
-    eventually("git registered", || async {
-        central.base_type_version("w1", "git").await.as_deref() == Some("1.0")
-    })
-    .await;
-    let config = central.resource_config("git", "repo").await;
+    let config = git_config(&central, &w).await;
     let used = central.resource_cache(config, "in-use", 1).await;
     let old = central.resource_cache(config, "old", 2).await;
     w.volume(&central, "cache-used", None, Owner::ResourceCache(used))
@@ -149,12 +149,7 @@ async fn pressure_on_a_small_tmpfs_evicts_lru_caches_until_free_above_min_free()
         Some(data.path().to_owned()),
     )
     .await;
-    w.set_base_resource_type("git", "1.0");
-    eventually("git registered", || async {
-        central.base_type_version("w1", "git").await.as_deref() == Some("1.0")
-    })
-    .await;
-    let config = central.resource_config("git", "repo").await;
+    let config = git_config(&central, &w).await;
 
     // The least recently used of all: a retained cache (4 MiB) with a live child, the
     // copy-on-write volume of a build still running (a naive copy: 4 MiB more).
