@@ -172,10 +172,7 @@ impl ReporterActor {
     /// (which stops counting those volumes as being freed) would make that room again,
     /// evicting caches it need not. The next accounting round's figures go instead.
     fn current_disk(&self) -> Option<DiskReport> {
-        self.disk
-            .as_ref()
-            .filter(|d| self.destroyed_at.is_none_or(|at| d.measured_at >= at))
-            .map(|d| d.report.clone())
+        disk_to_report(self.disk.as_ref(), self.destroyed_at)
     }
 
     fn periodic(&mut self, ctx: &mut Context<Self>) {
@@ -193,6 +190,13 @@ impl ReporterActor {
                 }),
         );
     }
+}
+
+/// `disk` unless it was read before `destroyed_at` (the end of the last pass that
+/// destroyed volumes).
+fn disk_to_report(disk: Option<&DiskFigures>, destroyed_at: Option<Instant>) -> Option<DiskReport> {
+    disk.filter(|d| destroyed_at.is_none_or(|at| d.measured_at >= at))
+        .map(|d| d.report.clone())
 }
 
 impl Actor for ReporterActor {
@@ -228,5 +232,46 @@ impl Handler<DiskFigures> for ReporterActor {
     type Result = ();
     fn handle(&mut self, msg: DiskFigures, _: &mut Context<Self>) {
         self.disk = Some(msg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(free_bytes: u64, measured_at: Instant) -> DiskFigures {
+        DiskFigures {
+            report: DiskReport {
+                total_bytes: 100,
+                free_bytes,
+                free_inodes: 10,
+                pressure: false,
+                min_free_bytes: Some(10),
+            },
+            measured_at,
+        }
+    }
+
+    #[test]
+    fn disk_figures_read_before_the_last_destroying_pass_are_left_out() {
+        let read = Instant::now();
+        let later = read + Duration::from_millis(5);
+        let f = figures(40, read);
+        assert_eq!(
+            disk_to_report(Some(&f), None).map(|d| d.free_bytes),
+            Some(40)
+        );
+        assert_eq!(
+            disk_to_report(Some(&f), Some(later)),
+            None,
+            "stale: left out"
+        );
+        let fresh = figures(70, later);
+        assert_eq!(
+            disk_to_report(Some(&fresh), Some(later)).map(|d| d.free_bytes),
+            Some(70),
+            "read after the pass: sent"
+        );
+        assert_eq!(disk_to_report(None, Some(read)), None);
     }
 }
