@@ -209,7 +209,12 @@ pub async fn start(config: &Config) -> Result<Daemon, DaemonError> {
         metrics.clone(),
         {
             let reporter = reporter.clone();
-            Outlet::new(move |disk| reporter.do_send(DiskFigures(disk)))
+            Outlet::new(move |(report, measured_at)| {
+                reporter.do_send(DiskFigures {
+                    report,
+                    measured_at,
+                })
+            })
         },
         {
             let desired = desired.clone();

@@ -16,7 +16,7 @@ use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use protocol::native::{FailedVolume, ResourceTypesReport, VolumeReport};
 use protocol::{Handle, VolumeState};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{
     Authenticator, Caller, OwnWorker, OwnWorkerOrOperator, SchedulerOnly, SchedulerOrOperator,
@@ -192,9 +192,10 @@ async fn put_report(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Deserialize)]
+/// `POST /api/v1/workers` body, and its answer.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct WorkerBody {
+pub(crate) struct WorkerBody {
     name: String,
 }
 
@@ -206,7 +207,7 @@ async fn post_worker(_: Caller<SchedulerOnly>, st: web::Data<AppState>, body: we
     } else {
         StatusCode::OK
     };
-    Ok(HttpResponse::build(status).json(serde_json::json!({ "name": req.name })))
+    Ok(HttpResponse::build(status).json(req))
 }
 
 async fn list_workers(_: Caller<SchedulerOrOperator>, st: web::Data<AppState>) -> Reply {
@@ -245,9 +246,10 @@ async fn get_why(
     Ok(HttpResponse::Ok().json(crate::why::why(&st.db, &handle).await?))
 }
 
-#[derive(Deserialize)]
+/// `PUT /api/v1/volumes/{h}/state` body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StateBody {
+pub(crate) struct StateBody {
     state: VolumeState,
 }
 
@@ -267,10 +269,24 @@ async fn put_state(
     Ok(HttpResponse::Ok().json(store::set_state(&st.db, &handle, req.state).await?))
 }
 
-#[derive(Deserialize)]
+/// `POST /api/v1/workers/{w}/containers` body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ContainerBody {
+pub(crate) struct ContainerBody {
     handle: String,
+}
+
+/// A container as `POST /api/v1/workers/{w}/containers` answers it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ContainerRef<'a> {
+    handle: &'a str,
+    worker: &'a str,
+}
+
+/// The id of what `POST /api/v1/resource-configs` or `/resource-caches` found or made.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Created {
+    id: i64,
 }
 
 async fn post_container(
@@ -287,8 +303,10 @@ async fn post_container(
     } else {
         StatusCode::OK
     };
-    Ok(HttpResponse::build(status)
-        .json(serde_json::json!({"handle": req.handle, "worker": worker})))
+    Ok(HttpResponse::build(status).json(ContainerRef {
+        handle: &req.handle,
+        worker,
+    }))
 }
 
 async fn delete_container(
@@ -309,7 +327,7 @@ async fn post_resource_config(
 ) -> Reply {
     let req: CreateResourceConfig = decode("resource config", &body)?;
     let id = store::create_resource_config(&st.db, &req).await?;
-    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
+    Ok(HttpResponse::Created().json(Created { id }))
 }
 
 async fn post_resource_cache(
@@ -319,7 +337,7 @@ async fn post_resource_cache(
 ) -> Reply {
     let req: CreateResourceCache = decode("resource cache", &body)?;
     let id = store::create_resource_cache(&st.db, &req).await?;
-    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
+    Ok(HttpResponse::Created().json(Created { id }))
 }
 
 async fn post_cache_use(

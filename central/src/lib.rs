@@ -10,6 +10,7 @@
 //! * [`tls`]: the optional HTTPS listener's certificate and key.
 //! * [`why`]: why a volume is kept or going, for the operator; [`ctl`]: the operator's
 //!   commands over the HTTP API.
+//! * [`openapi`]: the scheduler API's OpenAPI document (`central/openapi.json`).
 //! * [`notify`]: READY, WATCHDOG and STOPPING for systemd (`Type=notify`).
 //! * `testing` (feature `testing`): a throwaway PostgreSQL cluster for tests.
 
@@ -24,6 +25,7 @@ pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod notify;
+pub mod openapi;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

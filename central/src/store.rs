@@ -171,7 +171,7 @@ async fn require_worker(tx: &tokio_postgres::Transaction<'_>, worker: &str) -> R
 }
 
 /// A registered worker as `GET /api/v1/workers` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerRow {
     pub name: String,
     pub revision: i64,
@@ -188,7 +188,7 @@ pub struct WorkerRow {
 }
 
 /// A worker's figures from its last volume report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 pub struct WorkerFigures {
     pub at: DateTime<Utc>,
     /// The highest desired-set revision the worker had applied; `revision` minus this is
@@ -631,7 +631,7 @@ fn restrict_to_conflict(err: tokio_postgres::Error, what: &str) -> Error {
 }
 
 /// `POST /api/v1/workers/{w}/volumes`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub handle: Handle,
@@ -649,7 +649,7 @@ pub struct CreateVolume {
 }
 
 /// A volume row as the scheduler API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeRow {
     pub handle: Handle,
     pub worker: String,
@@ -949,7 +949,7 @@ pub async fn delete_container(db: &Db, worker: &str, handle: &str) -> Result<()>
 }
 
 /// `POST /api/v1/resource-configs`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateResourceConfig {
     /// A base resource type's name (its most recently registered version is used)...
@@ -1023,7 +1023,7 @@ pub async fn create_resource_config(db: &Db, req: &CreateResourceConfig) -> Resu
 }
 
 /// `POST /api/v1/resource-caches`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateResourceCache {
     pub resource_config: i64,
@@ -1113,7 +1113,7 @@ pub async fn delete_cache_use(db: &Db, cache: i64, build: i64) -> Result<()> {
 }
 
 /// The scheduler's mark on a resource cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Retention {
     /// Retained while its workers have room once no build uses it; evicted least
@@ -1146,14 +1146,14 @@ impl Retention {
 }
 
 /// `PUT /api/v1/resource-caches/{id}/retention`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetRetention {
     pub retention: Retention,
 }
 
 /// One volume of a cache on a worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CacheVolume {
     pub handle: Handle,
     pub state: VolumeState,
@@ -1162,7 +1162,7 @@ pub struct CacheVolume {
 }
 
 /// A worker holding a cache.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CacheWorker {
     pub worker: String,
     pub volumes: Vec<CacheVolume>,
@@ -1172,7 +1172,7 @@ pub struct CacheWorker {
 
 /// A resource cache's retention state and the workers that hold it
 /// (`GET /api/v1/resource-caches/{id}/workers`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CacheRetention {
     pub resource_cache: i64,
     pub version: String,
@@ -1275,7 +1275,7 @@ pub async fn set_cache_retention(db: &Db, id: i64, retention: Retention) -> Resu
 
 /// `PUT /api/v1/workers/{w}/retention`: the worker's own budgets (absent or null: the
 /// config's `[retention]` default).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetWorkerRetention {
     #[serde(default)]
@@ -1285,7 +1285,7 @@ pub struct SetWorkerRetention {
 }
 
 /// A worker's budgets and what retention does on it (`GET /api/v1/workers/{w}/retention`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerRetention {
     pub worker: String,
     /// Its own settings (absent: the default applies).

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 pub const BUILDS_SHOWN: i64 = 20;
 
 /// One thing that keeps a volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Owner {
     /// A container uses the volume (`POST /api/v1/workers/{w}/containers`).
@@ -65,7 +65,7 @@ pub struct Facts {
 }
 
 /// Which cache the GC took from the volume, why, when, and the bytes it held on the worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EvictionFacts {
     pub resource_cache: i64,
     /// `pressure`, `budget` or `dropped`.
@@ -95,7 +95,7 @@ fn eviction_text(e: &EvictionFacts, worker: &str) -> String {
 }
 
 /// What the volume's fate is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// At least one owner keeps it.
@@ -107,7 +107,7 @@ pub enum Status {
 }
 
 /// The answer of `GET /api/v1/volumes/{h}/why`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Why {
     pub handle: Handle,
     pub worker: String,

@@ -199,8 +199,12 @@ pub struct ApiDoc;
 
 /// The document as pretty JSON with a trailing newline, as checked in.
 pub fn document() -> String {
-    let mut doc = ApiDoc::openapi();
-    // The crate version would make the document change on every release.
+    checked_in_json(ApiDoc::openapi())
+}
+
+/// An OpenAPI document as it is checked in: version "1" (the crate version would make
+/// it change on every release), pretty JSON, a trailing newline.
+pub fn checked_in_json(mut doc: utoipa::openapi::OpenApi) -> String {
     doc.info.version = "1".to_string();
     let mut s = doc
         .to_pretty_json()

@@ -448,11 +448,15 @@ impl Local {
 
     /// The value of one metric line (`name{labels}` exactly as exported).
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        self.metrics()
-            .await
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        series_value(&self.metrics().await, series)
     }
+}
+
+/// The value of one series (`name{labels}` exactly as exported) in an exposition.
+pub fn series_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 
 /// `POST /volumes` body for an unprivileged volume without properties: empty, or a

@@ -257,6 +257,23 @@ impl Central {
             .collect()
     }
 
+    /// This instance's `/metrics` exposition.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .await
+            .expect("central /metrics")
+            .text()
+            .await
+            .expect("central /metrics text")
+    }
+
+    /// The value of one series of [`Central::metrics`] (`name{labels}` exactly as exported).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        crate::series_value(&self.metrics().await, series)
+    }
+
     /// GC passes this instance ran (not counting the ones another instance held the lock for).
     pub fn gc_passes(&self) -> u64 {
         self.server
@@ -316,6 +333,17 @@ impl Worker {
     /// [`Worker::start`] with `gc_extra` added to the agent's `[gc]` section (e.g.
     /// `min_free = "100%"`).
     pub async fn start_with(central: &Central, name: &str, gc_extra: &str) -> Worker {
+        Worker::start_on(central, name, gc_extra, None).await
+    }
+
+    /// [`Worker::start_with`] with the agent's `state/` and `volumes/` under `data_dir`
+    /// (e.g. a small file system mounted at `<data_dir>/volumes`).
+    pub async fn start_on(
+        central: &Central,
+        name: &str,
+        gc_extra: &str,
+        data_dir: Option<PathBuf>,
+    ) -> Worker {
         let token_dir = tempfile::tempdir().expect("tempdir");
         let token_file = token_dir.path().join("token");
         std::fs::write(&token_file, central.worker_token(name).await).expect("write token");
@@ -326,6 +354,7 @@ impl Worker {
             token_file: Some(token_file),
             scan_interval: Some("200ms"),
             extra: gc_extra.into(),
+            data_dir,
             ..AgentSettings::default()
         };
         let agent = Agent::start(&central.url(), &settings);
@@ -419,6 +448,20 @@ impl Worker {
             .join("volume")
             .join(format!("{handle}.txt"));
         std::fs::read_to_string(path).ok()
+    }
+
+    /// Writes a file of `bytes` bytes named `name` into volume `handle` on disk (as a
+    /// build would fill it).
+    pub fn fill(&self, handle: &str, name: &str, bytes: usize) {
+        let path = self
+            .agent
+            .root()
+            .join("live")
+            .join(handle)
+            .join("volume")
+            .join(name);
+        std::fs::write(&path, vec![0x5a_u8; bytes])
+            .unwrap_or_else(|e| panic!("write {bytes} bytes into {handle}: {e}"));
     }
 
     /// The handles the agent logged as destroyed, in order.

@@ -3,7 +3,7 @@
 //! them is accepted, so a failed report never loses the proof that a volume is gone.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use protocol::native::{BlockedVolume, DiskReport, FailedVolume, ReportedVolume, VolumeReport};
@@ -19,10 +19,14 @@ use crate::planner::LocalVolume;
 use crate::reconciler::PassReport;
 use crate::usage::Usage;
 
-/// Disk figures to add to the next report (from the accounting actor).
+/// Disk figures to add to the next report (from the accounting actor), and when the
+/// file system was asked for them.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
-pub struct DiskFigures(pub DiskReport);
+pub struct DiskFigures {
+    pub report: DiskReport,
+    pub measured_at: Instant,
+}
 
 /// A reconcile pass finished: what it did goes into the next report, at once when it
 /// changed something.
@@ -54,7 +58,9 @@ pub struct ReporterActor {
     failed: Vec<FailedVolume>,
     blocked: Vec<BlockedVolume>,
     missing: Vec<Handle>,
-    disk: Option<DiskReport>,
+    disk: Option<DiskFigures>,
+    /// When the last pass that destroyed volumes ended.
+    destroyed_at: Option<Instant>,
     phase: Phase,
 }
 
@@ -82,6 +88,7 @@ impl ReporterActor {
             blocked: Vec::new(),
             missing: Vec::new(),
             disk: None,
+            destroyed_at: None,
             phase: Phase::Idle,
         }
     }
@@ -123,7 +130,7 @@ impl ReporterActor {
             failed: self.failed.clone(),
             blocked: self.blocked.clone(),
             missing,
-            disk: self.disk.clone(),
+            disk: self.current_disk(),
             refused: self.refused.clone(),
         };
         // The ATC marks what a worker stops reporting missing by itself.
@@ -160,6 +167,14 @@ impl ReporterActor {
         }));
     }
 
+    /// The disk figures, unless they were read before the last destroy: they would show
+    /// the space of volumes this report says are gone as still taken, and the central API
+    /// (which stops counting those volumes as being freed) would make that room again,
+    /// evicting caches it need not. The next accounting round's figures go instead.
+    fn current_disk(&self) -> Option<DiskReport> {
+        disk_to_report(self.disk.as_ref(), self.destroyed_at)
+    }
+
     fn periodic(&mut self, ctx: &mut Context<Self>) {
         let snapshot = self.snapshot.clone();
         ctx.spawn(
@@ -177,6 +192,13 @@ impl ReporterActor {
     }
 }
 
+/// `disk` unless it was read before `destroyed_at` (the end of the last pass that
+/// destroyed volumes).
+fn disk_to_report(disk: Option<&DiskFigures>, destroyed_at: Option<Instant>) -> Option<DiskReport> {
+    disk.filter(|d| destroyed_at.is_none_or(|at| d.measured_at >= at))
+        .map(|d| d.report.clone())
+}
+
 impl Actor for ReporterActor {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Context<Self>) {
@@ -189,6 +211,9 @@ impl Handler<PassDone> for ReporterActor {
     fn handle(&mut self, PassDone(msg): PassDone, ctx: &mut Context<Self>) {
         let changed = msg.changed() || msg.blocked != self.blocked || msg.missing != self.missing;
         self.revision = msg.revision.or(self.revision);
+        if !msg.destroyed.is_empty() {
+            self.destroyed_at = Some(Instant::now());
+        }
         for h in msg.destroyed {
             self.pending_destroyed.add(h);
         }
@@ -206,6 +231,47 @@ impl Handler<PassDone> for ReporterActor {
 impl Handler<DiskFigures> for ReporterActor {
     type Result = ();
     fn handle(&mut self, msg: DiskFigures, _: &mut Context<Self>) {
-        self.disk = Some(msg.0);
+        self.disk = Some(msg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(free_bytes: u64, measured_at: Instant) -> DiskFigures {
+        DiskFigures {
+            report: DiskReport {
+                total_bytes: 100,
+                free_bytes,
+                free_inodes: 10,
+                pressure: false,
+                min_free_bytes: Some(10),
+            },
+            measured_at,
+        }
+    }
+
+    #[test]
+    fn disk_figures_read_before_the_last_destroying_pass_are_left_out() {
+        let read = Instant::now();
+        let later = read + Duration::from_millis(5);
+        let f = figures(40, read);
+        assert_eq!(
+            disk_to_report(Some(&f), None).map(|d| d.free_bytes),
+            Some(40)
+        );
+        assert_eq!(
+            disk_to_report(Some(&f), Some(later)),
+            None,
+            "stale: left out"
+        );
+        let fresh = figures(70, later);
+        assert_eq!(
+            disk_to_report(Some(&fresh), Some(later)).map(|d| d.free_bytes),
+            Some(70),
+            "read after the pass: sent"
+        );
+        assert_eq!(disk_to_report(None, Some(read)), None);
     }
 }

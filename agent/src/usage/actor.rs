@@ -36,8 +36,8 @@ pub struct AccountingActor {
     interval: Duration,
     usage: Usage,
     metrics: Arc<Metrics>,
-    /// Each round's disk figures (the reporter).
-    figures: Outlet<DiskReport>,
+    /// Each round's disk figures and when they were read (the reporter).
+    figures: Outlet<(DiskReport, Instant)>,
     /// Told once when pressure begins (the poller: poll now).
     pressure_began: Outlet<()>,
     phase: Phase,
@@ -53,7 +53,7 @@ impl AccountingActor {
         interval: Duration,
         usage: Usage,
         metrics: Arc<Metrics>,
-        figures: Outlet<DiskReport>,
+        figures: Outlet<(DiskReport, Instant)>,
         pressure_began: Outlet<()>,
     ) -> Self {
         AccountingActor {
@@ -90,12 +90,15 @@ impl AccountingActor {
                     Err(e) => debug!(handle = %r.handle, error = %e, "cannot measure volume"),
                 }
             }
-            disk(&root).map_err(|e| format!("statvfs {}: {e}", root.display()))
+            let at = Instant::now();
+            disk(&root)
+                .map(|f| (f, at))
+                .map_err(|e| format!("statvfs {}: {e}", root.display()))
         };
         let fut = async move { inventory.call(work).await };
         ctx.spawn(fut.into_actor(self).map(|res, act, _| {
             act.phase = Phase::Idle;
-            let figures = match res {
+            let (figures, measured_at) = match res {
                 Ok(Ok(f)) => f,
                 Ok(Err(e)) => return warn!(error = %e, "disk accounting failed"),
                 Err(e) => return debug!(error = %e, "disk accounting skipped"),
@@ -116,13 +119,16 @@ impl AccountingActor {
                 warn!(free_bytes = figures.free_bytes, "the volumes disk is above gc.min_free again");
             }
             act.under_pressure = pressure;
-            act.figures.send(DiskReport {
-                total_bytes: figures.total_bytes,
-                free_bytes: figures.free_bytes,
-                free_inodes: figures.free_inodes,
-                pressure,
-                min_free_bytes: Some(act.min_free.bytes_of(figures.total_bytes)),
-            });
+            act.figures.send((
+                DiskReport {
+                    total_bytes: figures.total_bytes,
+                    free_bytes: figures.free_bytes,
+                    free_inodes: figures.free_inodes,
+                    pressure,
+                    min_free_bytes: Some(act.min_free.bytes_of(figures.total_bytes)),
+                },
+                measured_at,
+            ));
         }));
     }
 }
