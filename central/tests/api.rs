@@ -106,15 +106,7 @@ async fn desired_set_answers_with_etag_then_304_until_a_change() {
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     // The server's own start-up pass may still hold the GC lock on a loaded machine:
     // run ours until it ran (a `Locked` pass marks nothing).
-    for _ in 0..100 {
-        let outcome = volume_central::gc::run_pass(&db, config.missing_grace)
-            .await
-            .expect("gc");
-        if matches!(outcome, volume_central::gc::PassOutcome::Ran(_)) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    gc_pass(&db, config.missing_grace).await;
     let resp = desired(&client, &base, "w1", Some(&new_etag)).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let marked: DesiredSet =

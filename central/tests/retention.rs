@@ -12,23 +12,21 @@ use common::*;
 use protocol::native::{DiskReport, ReportedVolume, VolumeReport};
 use protocol::VolumeState;
 use serde_json::{json, Value};
-use volume_central::gc::{self, Budgets, EvictReason, GcSettings, GcStats, PassOutcome};
+use volume_central::gc::{self, Budgets, EvictReason, GcSettings, GcStats};
 use volume_central::store::{self, CreateVolume, Retention, SetWorkerRetention};
 use volume_central::Db;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
 async fn pass_with(db: &Db, budgets: Budgets) -> GcStats {
-    let settings = GcSettings {
-        missing_grace: HOUR,
-        budgets,
-    };
-    loop {
-        match gc::run_pass_with(db, &settings).await.expect("gc pass") {
-            PassOutcome::Ran(stats) => return stats,
-            PassOutcome::Locked => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
+    gc_pass_with(
+        db,
+        &GcSettings {
+            missing_grace: HOUR,
+            budgets,
+        },
+    )
+    .await
 }
 
 async fn pass(db: &Db) -> GcStats {

@@ -10,7 +10,7 @@ use protocol::native::{DiskReport, ReportedVolume, VolumeReport};
 use protocol::VolumeState;
 use serde_json::Value;
 use volume_central::store::{self, CreateVolume};
-use volume_central::{gc, Db};
+use volume_central::Db;
 
 async fn why(base: &str, handle: &str) -> (u16, Value) {
     let resp = reqwest::get(format!("{base}/api/v1/volumes/{handle}/why"))
@@ -29,9 +29,7 @@ fn kinds(v: &Value) -> Vec<&str> {
 
 /// One GC pass of this test's own (the server's GC loop may hold the lock a moment).
 async fn pass(db: &Db, grace: Duration) {
-    while gc::run_pass(db, grace).await.expect("gc pass") == gc::PassOutcome::Locked {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gc_pass(db, grace).await;
 }
 
 /// A server on a fresh database with worker `w1` (base resource type `git` 1.0), its GC

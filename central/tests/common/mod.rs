@@ -216,3 +216,32 @@ pub async fn cache_volume(db: &Db, worker: &str, handle: &str, cache: i64) {
     .expect("cache volume");
     force_state(db, handle, "initialized").await;
 }
+
+/// One GC pass of the test's own, run again while another holds the GC lock (a server
+/// under test runs a pass as it starts, and on its interval): a `Locked` pass does
+/// nothing, so a test that ignored it would assert on a pass that never ran.
+pub async fn gc_pass_with(
+    db: &Db,
+    settings: &volume_central::gc::GcSettings,
+) -> volume_central::gc::GcStats {
+    use volume_central::gc::{run_pass_with, PassOutcome};
+    for _ in 0..3000 {
+        match run_pass_with(db, settings).await.expect("gc pass") {
+            PassOutcome::Ran(stats) => return stats,
+            PassOutcome::Locked => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    panic!("the GC lock stayed held for a minute");
+}
+
+/// [`gc_pass_with`] with `missing_grace` and no fleet-wide budgets.
+pub async fn gc_pass(db: &Db, missing_grace: std::time::Duration) -> volume_central::gc::GcStats {
+    gc_pass_with(
+        db,
+        &volume_central::gc::GcSettings {
+            missing_grace,
+            budgets: Default::default(),
+        },
+    )
+    .await
+}
