@@ -162,8 +162,11 @@ fn markable_ctes() -> String {
      ),
      tainted(id, parent_id) AS (
          -- candidates with a live child (neither destroying nor a candidate)
-         SELECT c.id, c.parent_id FROM cand c JOIN volumes k ON k.parent_id = c.id
-          WHERE k.state <> 'destroying' AND NOT {ck}
+         -- (`OFFSET 0` keeps each a probe of the parent index, not a hash of the table)
+         SELECT c.id, c.parent_id FROM cand c
+          WHERE EXISTS (SELECT 1 FROM volumes k
+                         WHERE k.parent_id = c.id AND k.state <> 'destroying' AND NOT {ck}
+                        OFFSET 0)
          UNION
          -- and their candidate ancestors
          SELECT p.id, p.parent_id FROM tainted t JOIN cand p ON p.id = t.parent_id
@@ -186,7 +189,9 @@ fn mark_update(marked: &str) -> String {
              SELECT id, bool_or(mark) AS mark, bool_or(move_parent) AS move_parent FROM (
                  SELECT m.id, true AS mark, false AS move_parent FROM {marked} m
                  UNION ALL
-                 SELECT c.id, false, true FROM {marked} m JOIN volumes c ON c.parent_id = m.id
+                 SELECT c.id, false, true FROM {marked} m
+                  CROSS JOIN LATERAL (SELECT k.id FROM volumes k WHERE k.parent_id = m.id
+                                      OFFSET 0) c
              ) x GROUP BY id
          )
          UPDATE volumes v SET
