@@ -20,6 +20,11 @@ pub enum Error {
     /// The request is larger than a configured bound (HTTP 413).
     #[error("{0}")]
     TooLarge(String),
+    /// PostgreSQL aborted the transaction to resolve a clash with a concurrent one (a
+    /// deadlock or a serialization failure, e.g. a report against a GC pass marking the
+    /// same rows) (HTTP 503). Nothing was changed; the same request succeeds on a retry.
+    #[error("the database aborted this request in a clash with a concurrent change ({0}); nothing was changed, retry it")]
+    Busy(String),
     /// The database schema is older than this build (HTTP 503).
     #[error("database schema is at migration {found}, this build needs {needed}; run `volume-central migrate`")]
     SchemaBehind { found: i32, needed: i32 },
@@ -52,6 +57,12 @@ impl From<tokio_postgres::Error> for Error {
         match err.as_db_error() {
             None => Error::Unavailable(err.to_string()),
             Some(db) if is_connection_state(db.code()) => Error::Unavailable(db.to_string()),
+            Some(db)
+                if *db.code() == SqlState::T_R_DEADLOCK_DETECTED
+                    || *db.code() == SqlState::T_R_SERIALIZATION_FAILURE =>
+            {
+                Error::Busy(format!("{} ({})", db.message(), db.code().code()))
+            }
             Some(db) => Error::Database(format!("{} ({})", db.message(), db.code().code())),
         }
     }

@@ -49,7 +49,9 @@ pub struct AppState {
 impl ResponseError for Error {
     fn status_code(&self) -> StatusCode {
         match self {
-            Error::Unavailable(_) | Error::SchemaBehind { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Busy(_) | Error::SchemaBehind { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -587,4 +589,25 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     web::put().to(put_worker_retention),
                 ),
         );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadlock_or_serialization_failure_answers_503_with_retry_after_not_500() {
+        let resp = Error::Busy("deadlock detected (40P01)".into()).error_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            resp.headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("5")
+        );
+        assert_eq!(
+            Error::Database("x".into()).status_code(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 }

@@ -503,7 +503,7 @@ pub async fn apply_report_sets(db: &Db, worker: &str, sets: &ReportSets) -> Resu
     loop {
         attempt += 1;
         match try_apply_report(db, worker, sets).await {
-            Err(Error::Conflict(msg)) if attempt < 3 => {
+            Err(Error::Conflict(msg) | Error::Busy(msg)) if attempt < 3 => {
                 tracing::debug!(
                     worker,
                     attempt,
