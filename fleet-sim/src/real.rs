@@ -117,7 +117,10 @@ impl RealAgent {
             if ready {
                 return Ok(agent);
             }
-            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+            if let Some(status) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
             {
                 return Err(anyhow!(
                     "real agent {name} exited early ({status}):\n{}",

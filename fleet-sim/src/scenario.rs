@@ -412,7 +412,10 @@ fn describe_peak(
     if let Some(peak) = by.get(peak_i) {
         let counts: Vec<f64> = peak.iter().map(|&n| f64::from(n)).collect();
         f.add(
-            format!("{what}: the peak second ({:.0} s after) held", peak_i as f64),
+            format!(
+                "{what}: the peak second ({:.0} s after) held",
+                peak_i as f64
+            ),
             show(&counts),
         );
     }
@@ -885,11 +888,7 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
         out.real_gone = real.gone.load(Relaxed);
         f.add(
             format!("real agents ({}): builds made / failed", real_agents.len()),
-            format!(
-                "{} / {}",
-                out.real_builds,
-                real.failed_builds.load(Relaxed)
-            ),
+            format!("{} / {}", out.real_builds, real.failed_builds.load(Relaxed)),
         );
         f.add(
             "real agents: volume directories gone from disk",

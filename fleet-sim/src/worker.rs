@@ -219,7 +219,8 @@ pub async fn run(
                     last = outcome;
                 }
             }
-            next_poll = Instant::now() + poll_delay(timing.poll_interval, timing.max_backoff, errors);
+            next_poll =
+                Instant::now() + poll_delay(timing.poll_interval, timing.max_backoff, errors);
         }
         // A volume created since the last report: the scheduler waits for it to be
         // reported (its row `created`) before it goes on with the build.

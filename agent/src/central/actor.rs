@@ -463,9 +463,15 @@ mod tests {
             after <= 1.5 * steady,
             "busiest 5 s after the restart: {after}/s, steady {steady}/s"
         );
-        assert!(back_after <= 30.0, "the last agent was back after {back_after} s");
+        assert!(
+            back_after <= 30.0,
+            "the last agent was back after {back_after} s"
+        );
         // During the outage the fleet polls no faster than when all is well.
         let during = polls.iter().filter(|&&p| (down..up).contains(&p)).count() as f64 / 20.0;
-        assert!(during <= 1.1 * steady, "{during}/s while down, steady {steady}/s");
+        assert!(
+            during <= 1.1 * steady,
+            "{during}/s while down, steady {steady}/s"
+        );
     }
 }
