@@ -271,8 +271,7 @@ async fn build(
     db: &Db,
     http: &reqwest::Client,
     real: &Real,
-    agent: &str,
-    worker: &str,
+    (agent, worker): (&str, &str),
     n: u64,
     confirm: Duration,
 ) -> Result<()> {
@@ -294,8 +293,10 @@ async fn build(
     )
     .await
     .map_err(|s| anyhow!("volume row {p}: {s}"))?;
-    api.rec.hold([p.clone()]);
+    // Held (and watched) once it exists on the agent: a create that failed leaves
+    // nothing on disk to be gone.
     let path = local_create(http, agent, &p, None).await?;
+    api.rec.hold([p.clone()]);
     lock(&real.made).push(Made {
         worker: worker.to_string(),
         handle: p.clone(),
@@ -320,8 +321,8 @@ async fn build(
     )
     .await
     .map_err(|s| anyhow!("volume row {c}: {s}"))?;
-    api.rec.hold([c.clone()]);
     let path = local_create(http, agent, &c, Some(&p)).await?;
+    api.rec.hold([c.clone()]);
     lock(&real.made).push(Made {
         worker: worker.to_string(),
         handle: c,
@@ -352,7 +353,6 @@ async fn release(api: &Api, worker: &str, n: u64, handles: &[Handle]) {
 
 /// Drives builds on the real agents, one at a time per agent, each held `lifetime`,
 /// until `stop` (each releases its last build as it stops); failures are printed.
-#[allow(clippy::too_many_arguments)]
 pub async fn drive(
     api: Api,
     db: Db,
@@ -379,7 +379,7 @@ pub async fn drive(
             let mut n = (k as u64) << 32;
             while !*stop.borrow() {
                 n += 1;
-                let result = build(&api, &db, &http, &real, &agent, &worker, n, confirm).await;
+                let result = build(&api, &db, &http, &real, (&agent, &worker), n, confirm).await;
                 let handles = [
                     Handle::new(format!("rb{n}-p")),
                     Handle::new(format!("rb{n}-c")),
