@@ -16,6 +16,7 @@
 pub mod cpu;
 pub mod fleet;
 pub mod plot;
+pub mod real;
 pub mod scenario;
 pub mod scheduler;
 pub mod stats;

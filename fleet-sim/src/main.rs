@@ -59,6 +59,13 @@ struct Cli {
     /// cluster; pg-outage needs the throwaway cluster.
     #[arg(long)]
     database_url: Option<String>,
+    /// Real volume-agent processes to run beside the simulated workers (each on its own
+    /// temporary volumes root, with builds made on it and checked gone from disk).
+    #[arg(long, default_value_t = 0)]
+    real_agents: usize,
+    /// The volume-agent binary for --real-agents (default: the one beside fleet-sim).
+    #[arg(long)]
+    agent_binary: Option<PathBuf>,
     /// Directory for the PNG, CSV and event marks.
     #[arg(long, default_value = "fleet-sim-out")]
     out: PathBuf,
@@ -87,6 +94,8 @@ fn main() -> ExitCode {
     o.http_workers = cli.http_workers;
     o.database_url = cli.database_url;
     o.out = Some(cli.out);
+    o.real_agents = cli.real_agents;
+    o.agent_binary = cli.agent_binary;
     match fleet_sim::run(o) {
         Ok(out) if out.violation_count == 0 => ExitCode::SUCCESS,
         Ok(out) => {

@@ -12,9 +12,11 @@ use futures::StreamExt as _;
 use reqwest::Method;
 use tokio::sync::watch;
 use volume_agent::central::CentralClient;
+use volume_central::auth::{self, Subject};
 
 use crate::fleet::{worker_name, CentralSettings, Fleet};
 use crate::plot::{self, Series};
+use crate::real::{Real, RealAgent, RealSettings};
 use crate::scheduler::{self, Api, Churn, Counts};
 use crate::stats::{self, quantile, Kind, Recorder, Sample};
 use crate::worker::{self, Timing};
@@ -93,6 +95,10 @@ pub struct Options {
     pub database_url: Option<String>,
     /// Where the PNG and CSV go.
     pub out: Option<PathBuf>,
+    /// Real `volume-agent` processes beside the simulated workers (0: none).
+    pub real_agents: usize,
+    /// The `volume-agent` binary for them; `None`: the one beside this executable.
+    pub agent_binary: Option<PathBuf>,
 }
 
 impl Options {
@@ -119,6 +125,8 @@ impl Options {
             http_workers: 1,
             database_url: None,
             out: None,
+            real_agents: 0,
+            agent_binary: None,
         }
     }
 }
@@ -144,6 +152,9 @@ pub struct Outcome {
     /// Workers without a successful poll by the end of the scenario's event.
     pub workers_not_back: usize,
     pub png: Option<PathBuf>,
+    /// Builds made on the real agents, and their volume directories seen gone from disk.
+    pub real_builds: u64,
+    pub real_gone: u64,
 }
 
 /// Runs one scenario on runtimes of its own: `central-rt` (the replicas' GC loops, with
@@ -353,6 +364,82 @@ fn peak_rate(rec: &Recorder, a: f64, b: f64) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// What the peak after an event consists of, against the steady window `[a, b)`: the
+/// peak second and the busiest 5 s after `from` (until `to`), each beside the steady
+/// window's own, and the classes of requests in the peak second and in the first poll
+/// interval after `from` beside the steady window's mean per interval.
+fn describe_peak(
+    f: &mut Figures,
+    rec: &Recorder,
+    steady: (f64, f64),
+    from: f64,
+    to: f64,
+    interval: f64,
+    what: &str,
+) {
+    let ev = rec.events();
+    let (a, b) = steady;
+    let rate_steady = stats::per_second(&ev, a, b, true);
+    let rate_after = stats::per_second(&ev, from, to, true);
+    let mean = rate_steady.iter().sum::<f64>() / rate_steady.len().max(1) as f64;
+    for w in [1usize, 5] {
+        let s = stats::peak_of_window(&rate_steady, w);
+        let p = stats::peak_of_window(&rate_after, w);
+        f.add(
+            format!("{what}: busiest {w} s, agent requests/s"),
+            format!(
+                "{p:.0} = {:.2}× the steady mean {mean:.1}/s (the steady window's own busiest {w} s: {s:.0} = {:.2}×)",
+                p / mean.max(1e-9),
+                s / mean.max(1e-9)
+            ),
+        );
+    }
+    let by = stats::per_second_by_class(&ev, from, to);
+    let peak_i = rate_after
+        .iter()
+        .enumerate()
+        .fold((0, 0.0), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
+        .0;
+    let show = |counts: &[f64]| -> String {
+        stats::CLASSES
+            .iter()
+            .zip(counts)
+            .filter(|(_, &n)| n > 0.0)
+            .map(|(c, n)| format!("{c} {n:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(peak) = by.get(peak_i) {
+        let counts: Vec<f64> = peak.iter().map(|&n| f64::from(n)).collect();
+        f.add(
+            format!(
+                "{what}: the peak second ({:.0} s after) held",
+                peak_i as f64
+            ),
+            show(&counts),
+        );
+    }
+    let sum = |v: &[[u32; stats::CLASSES.len()]], scale: f64| -> Vec<f64> {
+        let mut out = vec![0.0; stats::CLASSES.len()];
+        for row in v {
+            for (o, &n) in out.iter_mut().zip(row) {
+                *o += f64::from(n) * scale;
+            }
+        }
+        out
+    };
+    let n = (interval.ceil() as usize).min(by.len());
+    f.add(
+        format!("{what}: the first poll interval after held"),
+        show(&sum(&by[..n], 1.0)),
+    );
+    let st = stats::per_second_by_class(&ev, a, b);
+    f.add(
+        "the steady window held, per poll interval",
+        show(&sum(&st, interval / (b - a).max(1e-9))),
+    );
+}
+
 fn mean_rate(rec: &Recorder, a: f64, b: f64) -> f64 {
     let v = stats::per_second(&rec.events(), a, b, true);
     v.iter().sum::<f64>() / v.len().max(1) as f64
@@ -446,6 +533,7 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
         )));
     }
     let (sched_tx, sched_rx) = watch::channel(false);
+    let real_stop = sched_rx.clone();
     let api = Api::new(
         urls.clone(),
         Some(fleet.scheduler_token.clone()),
@@ -463,6 +551,61 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
         counts.clone(),
         sched_rx,
     ));
+    // Real agents, each its own worker with its own credential, and their driver.
+    let real = Arc::new(Real::default());
+    let mut real_agents = Vec::new();
+    let mut real_tasks = Vec::new();
+    if opts.real_agents > 0 {
+        let binary = match opts.agent_binary.clone().or_else(crate::real::default_binary) {
+            Some(b) => b,
+            None => {
+                return Err(anyhow!(
+                    "--real-agents needs the volume-agent binary: build it (cargo build --release -p volume-agent) or pass --agent-binary"
+                ))
+            }
+        };
+        let settings = RealSettings {
+            binary,
+            poll_interval: opts.poll_interval,
+            report_interval: opts.report_interval,
+            max_backoff: opts.max_backoff,
+        };
+        let mut drivers = Vec::new();
+        for i in 0..opts.real_agents {
+            let name = format!("real-{i}");
+            let token = auth::issue(&fleet.db, &Subject::Worker(name.clone()))
+                .await
+                .map_err(|e| anyhow!("issue {name}'s credential: {e}"))?
+                .token;
+            let agent = RealAgent::start(&settings, &name, &urls[i % urls.len()], &token).await?;
+            drivers.push((name, agent.api.clone()));
+            real_agents.push(agent);
+        }
+        println!("started {} real volume-agent processes", real_agents.len());
+        real_tasks.push(tokio::spawn(crate::real::drive(
+            api.clone(),
+            fleet.db.clone(),
+            drivers,
+            real.clone(),
+            opts.build_lifetime,
+            opts.poll_interval * 4 + opts.report_interval,
+            real_stop.clone(),
+        )));
+        let (real, rec, mut stop) = (real.clone(), rec.clone(), stop_rx.clone());
+        real_tasks.push(tokio::spawn(async move {
+            loop {
+                real.watch(&rec);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = stop.changed() => {}
+                }
+                if *stop.borrow() {
+                    real.watch(&rec);
+                    return;
+                }
+            }
+        }));
+    }
     rec.mark("fleet started");
 
     // Warm up: every worker's first poll (spread over one interval) and a little more.
@@ -504,12 +647,22 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
             let up = rec.now();
             rec.mark("replica 0 started");
             let limit = opts.down * 4 + opts.poll_interval * 4;
+            let interval = opts.poll_interval.as_secs_f64();
+            // Back = polled successfully again. With the scheduler's churn most polls get
+            // a full answer in steady state too (the worker's set changed), so a 304 is
+            // not what every worker gets within any fixed time; both are printed.
+            let ok = Kind::is_poll_ok;
             let is304 = |k| k == Kind::Desired304;
-            wait_back(&fleet, &rec, up, opts.workers, limit, &mut pg_pid, is304).await;
-            let (t, missing) = back_after(&rec, up, opts.workers, |k| k == Kind::Desired304);
+            wait_back(&fleet, &rec, up, opts.workers, limit, &mut pg_pid, ok).await;
+            let (t_any, missing_any) = back_after(&rec, up, opts.workers, ok);
+            let (t, missing) = back_after(&rec, up, opts.workers, is304);
             f.add(
-                "one replica restarted: every worker back to 304s after",
-                format!("{t:.1} s ({missing} workers not yet)"),
+                "one replica restarted: every worker polled successfully after",
+                format!("{t_any:.1} s ({missing_any} workers not yet)"),
+            );
+            f.add(
+                "one replica restarted: every worker had a 304 after",
+                format!("{t:.1} s ({missing} workers not yet, their sets changed)"),
             );
             for i in 0..fleet.replicas.len() {
                 fleet.stop_replica(i).await?;
@@ -521,21 +674,33 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
             }
             let up = rec.now();
             rec.mark("every replica started");
-            wait_back(&fleet, &rec, up, opts.workers, limit, &mut pg_pid, is304).await;
-            let settle = Duration::from_secs_f64(rec.now() - up);
-            let (t, missing) = back_after(&rec, up, opts.workers, |k| k == Kind::Desired304);
-            let (t_any, missing_any) = back_after(&rec, up, opts.workers, Kind::is_poll_ok);
-            let peak = peak_rate(&rec, up, up + settle.as_secs_f64());
+            wait_back(&fleet, &rec, up, opts.workers, limit, &mut pg_pid, ok).await;
+            // Two poll intervals after the restart: the target's span.
+            let two = up + 2.0 * interval;
+            idle(
+                &fleet,
+                &rec,
+                Duration::from_secs_f64((two - rec.now()).max(0.0)),
+                &mut pg_pid,
+            )
+            .await;
+            let settle = (rec.now() - up).max(2.0 * interval);
+            let (t, missing) = back_after(&rec, up, opts.workers, is304);
+            let (t_any, missing_any) = back_after(&rec, up, opts.workers, ok);
+            let peak = peak_rate(&rec, up, up + settle);
             f.add(
-                "every replica restarted: every worker back to 304s after",
+                "every replica restarted: every worker polled successfully after",
                 format!(
-                    "{t:.1} s = {:.2} poll intervals ({missing} workers not yet)",
-                    t / opts.poll_interval.as_secs_f64()
+                    "{t_any:.1} s = {:.2} poll intervals ({missing_any} workers not yet)",
+                    t_any / interval
                 ),
             );
             f.add(
-                "every replica restarted: every worker polled successfully after",
-                format!("{t_any:.1} s ({missing_any} workers not yet)"),
+                "every replica restarted: every worker had a 304 after",
+                format!(
+                    "{t:.1} s = {:.2} poll intervals ({missing} workers not yet, their sets changed)",
+                    t / interval
+                ),
             );
             f.add(
                 "every replica restarted: peak agent requests/s (1 s buckets)",
@@ -544,7 +709,16 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
                     peak / steady_rate.max(1e-9)
                 ),
             );
-            out.workers_not_back = missing;
+            describe_peak(
+                &mut f,
+                &rec,
+                (a, b),
+                up,
+                up + settle,
+                interval,
+                "every replica restarted",
+            );
+            out.workers_not_back = missing_any;
         }
         Scenario::PgOutage => {
             let destroyed_before = rec.destroyed_total.load(Relaxed);
@@ -587,6 +761,35 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
                     "{t:.1} s = {:.2} poll intervals ({missing} workers not yet)",
                     t / opts.poll_interval.as_secs_f64()
                 ),
+            );
+            let span = (down, up);
+            let rate_down = stats::per_second(&ev, span.0, span.1, true);
+            f.add(
+                "while PostgreSQL was down: agent requests/s",
+                format!(
+                    "{:.1} = {:.2}× the steady mean",
+                    rate_down.iter().sum::<f64>() / rate_down.len().max(1) as f64,
+                    rate_down.iter().sum::<f64>()
+                        / rate_down.len().max(1) as f64
+                        / steady_rate.max(1e-9)
+                ),
+            );
+            let interval = opts.poll_interval.as_secs_f64();
+            idle(
+                &fleet,
+                &rec,
+                Duration::from_secs_f64((up + interval - rec.now()).max(0.0)),
+                &mut pg_pid,
+            )
+            .await;
+            describe_peak(
+                &mut f,
+                &rec,
+                (a, b),
+                up,
+                rec.now().max(up + interval),
+                interval,
+                "after PostgreSQL returned",
             );
             out.workers_not_back = missing;
         }
@@ -651,6 +854,11 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
         idle(&fleet, &rec, Duration::from_secs(1), &mut pg_pid).await;
     }
     let _ = sched.await;
+    if let Some(driver) = real_tasks.first_mut() {
+        while !driver.is_finished() {
+            idle(&fleet, &rec, Duration::from_secs(1), &mut pg_pid).await;
+        }
+    }
     rec.mark("scheduler stopped; draining");
     let drain_limit = opts.gc_interval * 3 + opts.poll_interval * 3 + Duration::from_secs(30);
     let end = Instant::now() + drain_limit;
@@ -672,8 +880,23 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
         format!("{:.1} s", rec.now() - drain_start),
     );
     let _ = stop_tx.send(true);
-    for t in tasks {
+    for t in tasks.into_iter().chain(real_tasks) {
         let _ = t.await;
+    }
+    if !real_agents.is_empty() {
+        out.real_builds = real.builds.load(Relaxed);
+        out.real_gone = real.gone.load(Relaxed);
+        f.add(
+            format!("real agents ({}): builds made / failed", real_agents.len()),
+            format!("{} / {}", out.real_builds, real.failed_builds.load(Relaxed)),
+        );
+        f.add(
+            "real agents: volume directories gone from disk",
+            out.real_gone.to_string(),
+        );
+        for a in &mut real_agents {
+            a.stop();
+        }
     }
     let t_end = rec.now();
     if out.released_left_on_workers > 0 {
@@ -759,6 +982,15 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
         let png = dir.join(format!("{name}.png"));
         plot::png(&png, &panels, &marks, t_end)?;
         plot::csv(&dir.join(format!("{name}.csv")), &panels)?;
+        let mut kinds = format!("seconds,{}\n", stats::CLASSES.join(","));
+        for (i, row) in stats::per_second_by_class(&ev, 0.0, secs as f64)
+            .iter()
+            .enumerate()
+        {
+            let cells: Vec<String> = row.iter().map(u32::to_string).collect();
+            kinds.push_str(&format!("{i},{}\n", cells.join(",")));
+        }
+        std::fs::write(dir.join(format!("{name}.kinds.csv")), kinds)?;
         let marks_text: String = rec
             .marks()
             .iter()

@@ -274,3 +274,95 @@ pub fn codes(events: &[Event], from: f64, to: f64) -> Vec<((Kind, u16), u64)> {
     v.sort_by_key(|((k, c), _)| (format!("{k:?}"), *c));
     v
 }
+
+/// What an agent request was, finer than [`Kind`]: the classes a per-second breakdown
+/// counts (so a peak can be told apart: cheap refused connects, full answers, reports).
+pub const CLASSES: [&str; 8] = [
+    "poll_304",
+    "poll_full",
+    "poll_no_answer",
+    "poll_503",
+    "poll_other_error",
+    "report",
+    "report_no_answer",
+    "report_error",
+];
+
+/// The index in [`CLASSES`] of an agent event; `None` for the scheduler's.
+pub fn class(e: &Event) -> Option<usize> {
+    Some(match (e.kind, e.code) {
+        (Kind::Desired304, _) => 0,
+        (Kind::DesiredFull, _) => 1,
+        (Kind::DesiredError, 0) => 2,
+        (Kind::DesiredError, 503) => 3,
+        (Kind::DesiredError, _) => 4,
+        (Kind::Report, _) => 5,
+        (Kind::ReportError, 0) => 6,
+        (Kind::ReportError, _) => 7,
+        (Kind::Scheduler | Kind::SchedulerError, _) => return None,
+    })
+}
+
+/// Agent requests in each whole second of `[from, to)`, counted by [`CLASSES`].
+pub fn per_second_by_class(events: &[Event], from: f64, to: f64) -> Vec<[u32; CLASSES.len()]> {
+    let n = ((to - from).max(0.0)).ceil() as usize;
+    let mut buckets = vec![[0u32; CLASSES.len()]; n.max(1)];
+    for e in events {
+        if e.t >= from && e.t < to {
+            if let Some(c) = class(e) {
+                let i = ((e.t - from) as usize).min(buckets.len() - 1);
+                buckets[i][c] += 1;
+            }
+        }
+    }
+    buckets
+}
+
+/// The highest mean of `w` consecutive values (the whole mean when there are fewer).
+pub fn peak_of_window(v: &[f64], w: usize) -> f64 {
+    let w = w.max(1);
+    if v.len() <= w {
+        return v.iter().sum::<f64>() / v.len().max(1) as f64;
+    }
+    v.windows(w)
+        .map(|s| s.iter().sum::<f64>() / w as f64)
+        .fold(0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(t: f64, kind: Kind, code: u16) -> Event {
+        Event {
+            t,
+            worker: 0,
+            kind,
+            code,
+            ms: 1.0,
+        }
+    }
+
+    #[test]
+    fn breakdown_tells_refused_connects_from_answers_and_reports() {
+        let events = [
+            ev(0.1, Kind::DesiredError, 0),
+            ev(0.2, Kind::DesiredError, 503),
+            ev(1.5, Kind::Desired304, 304),
+            ev(1.6, Kind::DesiredFull, 200),
+            ev(1.7, Kind::Report, 204),
+            ev(1.8, Kind::Scheduler, 200),
+        ];
+        let b = per_second_by_class(&events, 0.0, 2.0);
+        assert_eq!(b[0], [0, 0, 1, 1, 0, 0, 0, 0]);
+        assert_eq!(b[1], [1, 1, 0, 0, 0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn peak_of_window_is_the_highest_moving_mean() {
+        let v = [1.0, 9.0, 1.0, 1.0, 5.0, 5.0];
+        assert_eq!(peak_of_window(&v, 1), 9.0);
+        assert_eq!(peak_of_window(&v, 2), 5.0);
+        assert_eq!(peak_of_window(&v, 10), 22.0 / 6.0);
+    }
+}

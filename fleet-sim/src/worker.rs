@@ -154,74 +154,104 @@ pub async fn run(
     let mut desired: Option<Desired> = None;
     let mut errors = 0u32;
     let mut pending_destroyed: Vec<Handle> = Vec::new();
-    let mut last_report: Option<Instant> = None;
+    // What the last pass left for the reports (blocked, missing, refused), as the agent's
+    // reporter keeps it between passes.
+    let mut last = PassOutcome::default();
+    // As the agent: polls on their own timer (jitter, backoff after failures), and the
+    // reporter on a timer of its own, every report interval from the agent's start, poll
+    // failures or not; a pass that changed something reports at once.
+    let mut next_poll = Instant::now();
+    let mut next_report = Instant::now() + timing.report_interval;
     loop {
-        let t = Instant::now();
-        let answer = client.get_desired(etag.as_deref()).await;
-        let took = t.elapsed();
-        match answer {
-            Err(e) => {
-                rec.event(me, Kind::DesiredError, code(&e), took);
-                errors = errors.saturating_add(1);
-            }
-            Ok(DesiredAnswer::NotModified) => {
-                rec.event(me, Kind::Desired304, 304, took);
-                errors = 0;
-            }
-            Ok(DesiredAnswer::UnknownWorker) => {
-                rec.event(me, Kind::DesiredError, 404, took);
-                errors = 0;
-                etag = None;
-                desired = None;
-            }
-            Ok(DesiredAnswer::Fresh { set, etag: tag }) => {
-                rec.event(me, Kind::DesiredFull, 200, took);
-                errors = 0;
-                if let Some(why) = stale(&set, &shared.name, highest) {
-                    rec.violation(format!("{}: stale answer: {why}", shared.name));
-                } else {
-                    highest = Some(highest.map_or(set.revision, |h| h.max(set.revision)));
-                    etag = tag;
-                    desired = Some(Desired::Native {
-                        keep: set.volumes.into_iter().map(|v| v.handle).collect(),
-                        destroying: set.destroying,
-                        as_of: set.as_of,
-                    });
-                }
+        let wake = next_poll.min(next_report);
+        if !nap(wake.saturating_duration_since(Instant::now()), &mut stop).await {
+            return;
+        }
+        let mut report_now = false;
+        if Instant::now() >= next_report {
+            report_now = true;
+            next_report += timing.report_interval;
+            if next_report <= Instant::now() {
+                next_report = Instant::now() + timing.report_interval;
             }
         }
-        if errors == 0 {
-            if let Some(d) = &desired {
-                let outcome = pass(&shared, d, &policy, &rec, &mut pending_destroyed);
-                let due = last_report.is_none_or(|at| at.elapsed() >= timing.report_interval);
-                if outcome.changed || due || !pending_destroyed.is_empty() {
-                    let (report, upto) =
-                        build_report(&shared, highest, &pending_destroyed, outcome);
-                    let t = Instant::now();
-                    match client.put_report(&report).await {
-                        Ok(()) => {
-                            shared.reported.send_if_modified(|r| {
-                                let newer = upto > *r;
-                                *r = (*r).max(upto);
-                                newer
-                            });
-                            rec.event(me, Kind::Report, 204, t.elapsed());
-                            pending_destroyed.clear();
-                            last_report = Some(Instant::now());
-                        }
-                        Err(e) => rec.event(me, Kind::ReportError, code(&e), t.elapsed()),
+        if Instant::now() >= next_poll {
+            let t = Instant::now();
+            let answer = client.get_desired(etag.as_deref()).await;
+            let took = t.elapsed();
+            match answer {
+                Err(e) => {
+                    rec.event(me, Kind::DesiredError, code(&e), took);
+                    errors = errors.saturating_add(1);
+                }
+                Ok(DesiredAnswer::NotModified) => {
+                    rec.event(me, Kind::Desired304, 304, took);
+                    errors = 0;
+                }
+                Ok(DesiredAnswer::UnknownWorker) => {
+                    rec.event(me, Kind::DesiredError, 404, took);
+                    errors = 0;
+                    etag = None;
+                    desired = None;
+                }
+                Ok(DesiredAnswer::Fresh { set, etag: tag }) => {
+                    rec.event(me, Kind::DesiredFull, 200, took);
+                    errors = 0;
+                    if let Some(why) = stale(&set, &shared.name, highest) {
+                        rec.violation(format!("{}: stale answer: {why}", shared.name));
+                    } else {
+                        highest = Some(highest.map_or(set.revision, |h| h.max(set.revision)));
+                        etag = tag;
+                        desired = Some(Desired::Native {
+                            keep: set.volumes.into_iter().map(|v| v.handle).collect(),
+                            destroying: set.destroying,
+                            as_of: set.as_of,
+                        });
                     }
                 }
             }
+            if errors == 0 {
+                if let Some(d) = &desired {
+                    let outcome = pass(&shared, d, &policy, &rec, &mut pending_destroyed);
+                    report_now |= outcome.changed
+                        || outcome.blocked != last.blocked
+                        || outcome.missing != last.missing;
+                    last = outcome;
+                }
+            }
+            next_poll =
+                Instant::now() + poll_delay(timing.poll_interval, timing.max_backoff, errors);
         }
-        let delay = poll_delay(timing.poll_interval, timing.max_backoff, errors);
-        if !nap(delay, &mut stop).await {
-            return;
+        // A volume created since the last report: the scheduler waits for it to be
+        // reported (its row `created`) before it goes on with the build.
+        report_now |= shared.dirty.swap(false, Relaxed);
+        if report_now {
+            let (report, upto) = build_report(&shared, highest, &pending_destroyed, &last);
+            let t = Instant::now();
+            match client.put_report(&report).await {
+                Ok(()) => {
+                    shared.reported.send_if_modified(|r| {
+                        let newer = upto > *r;
+                        *r = (*r).max(upto);
+                        newer
+                    });
+                    rec.event(me, Kind::Report, 204, t.elapsed());
+                    pending_destroyed.clear();
+                }
+                Err(e) => {
+                    rec.event(me, Kind::ReportError, code(&e), t.elapsed());
+                    // Still unreported: the next report carries it.
+                    if upto > *shared.reported.borrow() {
+                        shared.dirty.store(true, Relaxed);
+                    }
+                }
+            }
         }
     }
 }
 
 /// What a pass leaves for the report.
+#[derive(Default)]
 struct PassOutcome {
     changed: bool,
     blocked: Vec<BlockedVolume>,
@@ -241,7 +271,7 @@ fn pass(
     let mut local = lock(&shared.local);
     let snapshot: Vec<LocalVolume> = local.values().cloned().collect();
     let plan = planner::plan(&snapshot, desired, Utc::now(), policy);
-    let mut changed = shared.dirty.swap(false, Relaxed);
+    let mut changed = false;
     for d in &plan.destroy {
         if let Some(child) = local
             .values()
@@ -282,7 +312,7 @@ fn build_report(
     shared: &Shared,
     revision_seen: Option<u64>,
     destroyed: &[Handle],
-    outcome: PassOutcome,
+    outcome: &PassOutcome,
 ) -> (VolumeReport, u64) {
     let local = lock(&shared.local);
     let upto = shared.created.load(Relaxed);
@@ -301,10 +331,10 @@ fn build_report(
         volumes,
         destroyed: destroyed.to_vec(),
         failed: Vec::new(),
-        blocked: outcome.blocked,
-        missing: outcome.missing,
+        blocked: outcome.blocked.clone(),
+        missing: outcome.missing.clone(),
         disk: None,
-        refused: outcome.refused,
+        refused: outcome.refused.clone(),
     };
     (report, upto)
 }

@@ -1,4 +1,5 @@
-//! A short version of every scenario (50 workers, seconds-long), asserting the
+//! A short version of every scenario (50 workers, seconds-long; steady with a real
+//! `volume-agent` process beside them), asserting the
 //! invariants: no volume still in use destroyed, never a parent before its child, every
 //! released volume gone from its worker and from the database by the end. Timings are
 //! printed, never asserted. The scenarios run one at a time (each starts its own
@@ -71,8 +72,20 @@ fn tempfile_dir() -> std::path::PathBuf {
 }
 
 #[test]
-fn steady_keeps_the_invariants() {
-    run(short(Scenario::Steady));
+fn steady_keeps_the_invariants_with_a_real_agent_beside_the_simulated_ones() {
+    let mut o = short(Scenario::Steady);
+    o.real_agents = 1;
+    o.agent_binary = Some(env!("CARGO_BIN_EXE_fleet-sim-agent").into());
+    let out = run(o);
+    // Its builds' volume directories went from its disk once released (a directory gone
+    // while its build held it, or a parent before its child, is a violation above).
+    assert!(out.real_builds > 0, "no build was made on the real agent");
+    assert!(
+        out.real_gone >= 2 * out.real_builds,
+        "{} of the real agent's {} builds' volumes gone from disk",
+        out.real_gone,
+        out.real_builds
+    );
 }
 
 #[test]
