@@ -19,7 +19,8 @@
 //!
 //! Run with `cargo bench -p volume-central --bench central`; a word after `--` runs only
 //! the sections whose name contains it (`desired`, `credentials`, `report`, `gc`,
-//! `gc-1m`, `eviction`). `EXPLAIN=1` prints the plans of the GC statements;
+//! `gc-1m`, `eviction`; `gc` runs both GC sections). `EXPLAIN=1` prints the plans of the
+//! GC statements;
 //! `CENTRAL_BENCH_SHARED_BUFFERS` sets PostgreSQL's `shared_buffers` (default 1GB).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
