@@ -7,7 +7,8 @@
 //! `CONTENTS_BENCH_BYTES` (parent size, default 1 GiB), `CONTENTS_BENCH_FILES` (default
 //! 10000), `CONTENTS_BENCH_CREATES` (creates measured under load, default 40),
 //! `CONTENTS_BENCH_WRITER_BYTES` (what the other process writes, default 1 GiB),
-//! `CONTENTS_BENCH_DIR` (default a directory under the target dir). The xfs part needs
+//! `CONTENTS_BENCH_DIR` (default a directory under the target dir), `CONTENTS_BENCH_PARTS`
+//! (a comma-separated subset of `plain`, `xfs`, `load`; default all). The xfs part needs
 //! root and `mkfs.xfs` (xfsprogs); it is skipped with a message otherwise.
 
 use std::path::{Path, PathBuf};
@@ -254,21 +255,29 @@ fn main() {
     std::fs::create_dir_all(&base).expect("bench dir");
     let bytes = env_u64("CONTENTS_BENCH_BYTES", 1 << 30);
     let files = env_u64("CONTENTS_BENCH_FILES", 10_000);
-    compare_on(
-        &base.join("plain"),
-        "bench directory's file system",
-        bytes,
-        files,
-    );
-    if let Some(mnt) = xfs_mount(&base, bytes) {
+    // `CONTENTS_BENCH_PARTS`: which parts run (`plain`, `xfs`, `load`; default all).
+    let parts = std::env::var("CONTENTS_BENCH_PARTS").unwrap_or_default();
+    let part = |p: &str| parts.is_empty() || parts.split(',').any(|x| x.trim() == p);
+    if part("plain") {
+        compare_on(
+            &base.join("plain"),
+            "bench directory's file system",
+            bytes,
+            files,
+        );
+    }
+    if !part("xfs") {
+    } else if let Some(mnt) = xfs_mount(&base, bytes) {
         compare_on(&mnt.join("t"), "xfs loop image (reflink=1)", bytes, files);
         let _ = Command::new("umount").arg(&mnt).status();
     }
     let _ = std::fs::remove_file(base.join("xfs.img"));
-    creates_under_load(
-        &base.join("load"),
-        env_u64("CONTENTS_BENCH_CREATES", 40),
-        env_u64("CONTENTS_BENCH_WRITER_BYTES", 1 << 30),
-    );
+    if part("load") {
+        creates_under_load(
+            &base.join("load"),
+            env_u64("CONTENTS_BENCH_CREATES", 40),
+            env_u64("CONTENTS_BENCH_WRITER_BYTES", 1 << 30),
+        );
+    }
     let _ = remove_tree(&base);
 }

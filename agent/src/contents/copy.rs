@@ -8,7 +8,10 @@
 //! survive), extended attributes and times are kept; hard links within the tree stay hard
 //! links. Durability costs only the copy: each copied file and directory is handed to a
 //! few threads that `fsync` it while the walk goes on, instead of one `syncfs` that would
-//! wait for every other writer's dirty data on the same file system.
+//! wait for every other writer's dirty data on the same file system. On xfs
+//! ([`Journal::Ordered`]) what carries no data of its own (directories, links, reflinked
+//! files) is made durable by one log force after the last change instead; only files
+//! whose data was written are synced one by one.
 //!
 //! When the source changes while it is copied (a container writing its volume), the copy
 //! is of some mix of before and after, as `cp -a` would make, and never of anything outside
@@ -25,8 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::fsx::{
-    self, Beneath, CopyMethod, Descend, Dir, Errno, FsxError, Kind, Meta, Name, NameBuf, Op,
-    Visitor, WrongKind,
+    self, Beneath, CopyMethod, Descend, Dir, Errno, FsxError, Journal, Kind, Meta, Name, NameBuf,
+    Op, Visitor, WrongKind,
 };
 
 use super::sync::Syncer;
@@ -46,6 +49,9 @@ pub struct CopyStats {
     pub bytes: u64,
     /// Files whose data was shared by reflink (no data written).
     pub reflinked: u64,
+    /// Files and directories `fsync`ed one by one (on xfs only files whose data was
+    /// written; the rest rides on one log force).
+    pub synced: u64,
 }
 
 /// How owners are written.
@@ -74,6 +80,31 @@ struct Shared {
     files: AtomicU64,
     bytes: AtomicU64,
     reflinked: AtomicU64,
+    synced: AtomicU64,
+    journal: Option<Journal>,
+}
+
+impl Shared {
+    fn new(journal: Journal) -> Shared {
+        Shared {
+            journal: Some(journal),
+            ..Shared::default()
+        }
+    }
+
+    /// Whether a copied file needs its own `fsync` (`reflinked`: its data was shared).
+    fn must_sync(&self, reflinked: bool) -> bool {
+        !(reflinked && self.journal == Some(Journal::Ordered))
+    }
+
+    /// `fsync`s `out` (the copy of `rel`) when it needs it.
+    fn sync_file(&self, out: &File, reflinked: bool, rel: PathBuf) -> fsx::Result<()> {
+        if !self.must_sync(reflinked) {
+            return Ok(());
+        }
+        self.synced.fetch_add(1, Ordering::Relaxed);
+        fsx::fsync_fd(out.as_fd()).map_err(|e| FsxError::new(Op::Sync, rel, e))
+    }
 }
 
 /// Files of one destination directory still being copied on the file threads; the
@@ -128,7 +159,8 @@ impl Level {
 }
 
 /// Copies the regular file `src` (`meta`) as `name` in `dst`: data, owner, mode (after
-/// the owner, so set-id bits survive), extended attributes, times. Returns the copy.
+/// the owner, so set-id bits survive), extended attributes, times. Returns the copy and
+/// whether its data was shared by reflink.
 fn copy_one(
     src: &File,
     meta: &Meta,
@@ -137,16 +169,20 @@ fn copy_one(
     name: Name<'_>,
     owners: Owners,
     shared: &Shared,
-) -> fsx::Result<File> {
+) -> fsx::Result<(File, bool)> {
     let err = |op| move |source| FsxError::new(op, rel.to_owned(), source);
     let out = dst.create_file(name, 0o600)?;
     let reflink = !shared.no_reflink.load(Ordering::Relaxed);
-    match fsx::copy_data(src, &out, reflink).map_err(err(Op::Copy))? {
+    let reflinked = match fsx::copy_data(src, &out, reflink).map_err(err(Op::Copy))? {
         CopyMethod::Reflink => {
             shared.reflinked.fetch_add(1, Ordering::Relaxed);
+            true
         }
-        _ => shared.no_reflink.store(true, Ordering::Relaxed),
-    }
+        _ => {
+            shared.no_reflink.store(true, Ordering::Relaxed);
+            false
+        }
+    };
     let (uid, gid) = owners.map(meta);
     std::os::unix::fs::fchown(&out, Some(uid), Some(gid)).map_err(err(Op::Chown))?;
     out.set_permissions(std::fs::Permissions::from_mode(meta.mode))
@@ -155,7 +191,7 @@ fn copy_one(
     fsx::set_times_fd(out.as_fd(), meta.atime, meta.mtime).map_err(err(Op::SetTimes))?;
     shared.files.fetch_add(1, Ordering::Relaxed);
     shared.bytes.fetch_add(meta.size, Ordering::Relaxed);
-    Ok(out)
+    Ok((out, reflinked))
 }
 
 struct Copier<'r> {
@@ -257,7 +293,7 @@ impl Copier<'_> {
         }
         let level = self.level()?;
         if meta.nlink > 1 {
-            let out = copy_one(
+            let (out, reflinked) = copy_one(
                 &src,
                 &meta,
                 rel,
@@ -266,6 +302,10 @@ impl Copier<'_> {
                 self.owners,
                 &self.shared,
             )?;
+            if !self.shared.must_sync(reflinked) {
+                return Ok(());
+            }
+            self.shared.synced.fetch_add(1, Ordering::Relaxed);
             return self.syncer.push(out.into(), rel.to_owned());
         }
         let guard = level.pending.add();
@@ -274,8 +314,9 @@ impl Copier<'_> {
         let (rel, name) = (rel.to_owned(), name.to_owned());
         self.syncer.run(Box::new(move || {
             let _guard = guard;
-            let out = copy_one(&src, &meta, &rel, &dst, name.as_name(), owners, &shared)?;
-            fsx::fsync_fd(out.as_fd()).map_err(|e| FsxError::new(Op::Sync, rel, e))
+            let (out, reflinked) =
+                copy_one(&src, &meta, &rel, &dst, name.as_name(), owners, &shared)?;
+            shared.sync_file(&out, reflinked, rel)
         }))
     }
 
@@ -454,6 +495,11 @@ impl Visitor for Copier<'_> {
             self.dst.push(dst);
             return Ok(());
         }
+        if self.shared.journal == Some(Journal::Ordered) {
+            // Metadata only: the log force at the end covers it.
+            return Ok(());
+        }
+        self.shared.synced.fetch_add(1, Ordering::Relaxed);
         self.syncer
             .push(dst.dir.try_clone_fd()?, dir.rel().to_owned())
     }
@@ -466,13 +512,14 @@ fn run(
     follow: bool,
     apply_root: bool,
 ) -> fsx::Result<CopyStats> {
+    let journal = dst.journal();
     let mut c = Copier {
         src_root: src,
         dst: vec![Level::new(dst)],
         owners,
         follow,
         apply_root,
-        shared: Arc::default(),
+        shared: Arc::new(Shared::new(journal)),
         links: HashMap::new(),
         syncer: Syncer::new(),
         stats: CopyStats::default(),
@@ -482,12 +529,21 @@ fn run(
     c.syncer.finish()?;
     walked?;
     for d in c.dst.drain(..) {
-        d.dir.fsync()?;
+        match journal {
+            // After the last change (the walk and every file thread are done): one log
+            // force for everything not synced one by one, the root's entry included.
+            Journal::Ordered => d.dir.force_log()?,
+            Journal::PerFile => {
+                c.stats.synced += 1;
+                d.dir.fsync()?
+            }
+        }
     }
     let shared = &c.shared;
     c.stats.files += shared.files.load(Ordering::Relaxed);
     c.stats.bytes += shared.bytes.load(Ordering::Relaxed);
     c.stats.reflinked += shared.reflinked.load(Ordering::Relaxed);
+    c.stats.synced += shared.synced.load(Ordering::Relaxed);
     Ok(c.stats)
 }
 
@@ -503,7 +559,10 @@ pub fn copy_tree(from: &Path, to: &Path) -> fsx::Result<CopyStats> {
     parent.mkdir(name.as_name(), 0o700)?;
     let dst = parent.open_dir(name.as_name())?;
     let stats = run(&src, dst, Owners::Same, false, true)?;
-    parent.fsync()?;
+    if parent.journal() == Journal::PerFile {
+        // (On xfs the copy's log force came after the `mkdir` and covers it.)
+        parent.fsync()?;
+    }
     Ok(stats)
 }
 

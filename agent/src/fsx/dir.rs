@@ -625,6 +625,34 @@ impl Dir {
         retry(|| rfs::fsync(&self.fd)).map_err(self.err(Op::Sync, None))
     }
 
+    /// How the file system holding this directory makes metadata durable (see [`Journal`]).
+    pub fn journal(&self) -> Journal {
+        match rfs::fstatfs(&self.fd) {
+            Ok(st) if is_xfs(st.f_type) => Journal::Ordered,
+            _ => Journal::PerFile,
+        }
+    }
+
+    /// On a file system whose journal is [`Journal::Ordered`], makes every change committed
+    /// on it before the call durable with one log force: creates an unnamed file here
+    /// (`O_TMPFILE`, itself a logged change, committed after all of them), `fsync`s it
+    /// (which forces the log up to that change, and so through every earlier one) and
+    /// closes it (the file system frees it; after a crash, log recovery does). Data still
+    /// in the page cache is not covered: files whose data was written must be synced
+    /// themselves.
+    pub fn force_log(&self) -> Result<()> {
+        let fd = retry(|| {
+            rfs::openat(
+                &self.fd,
+                c".",
+                OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+        })
+        .map_err(self.err(Op::Sync, None))?;
+        retry(|| rfs::fsync(&fd)).map_err(self.err(Op::Sync, None))
+    }
+
     /// Resolves the symlink `name` in this directory, which is `rel` below `root` (the
     /// directory the walk started from), with the kernel keeping every step beneath `root`
     /// (`openat2` `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV`): a link
@@ -697,6 +725,29 @@ impl Dir {
             path_only: self.path_only,
         })
     }
+}
+
+/// Whether `statfs`'s `f_type` is xfs's (the field's type differs by architecture).
+#[allow(clippy::useless_conversion)]
+fn is_xfs(f_type: rustix::fs::FsWord) -> bool {
+    const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+    i64::from(f_type) == XFS_SUPER_MAGIC
+}
+
+/// What it takes to make a tree of changes durable on a file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journal {
+    /// Every metadata change (an entry, an inode's owner, mode, times, attributes, a
+    /// reflink's shared extents) is logged in the order it was committed, and forcing the
+    /// log up to one change makes every earlier one durable: xfs. A tree made of metadata
+    /// only (directories, links, reflinked files) then needs one log force
+    /// ([`Dir::force_log`]) after the last change, not an `fsync` per entry, each of which
+    /// costs a cache flush of the device once the log is already forced.
+    Ordered,
+    /// Anything else (ext4's journal orders metadata too, but its files carry delayed data
+    /// and there are no reflinks to save; btrfs logs per inode): each file and directory is
+    /// synced itself.
+    PerFile,
 }
 
 impl AsFd for Dir {
