@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Error, Result};
 
@@ -62,4 +63,51 @@ impl Db {
         client.simple_query("SELECT 1").await?;
         Ok(())
     }
+}
+
+// Statements the hot paths run (reports, the scheduler's creates and container calls)
+// go through the connection's statement cache: parsed and planned once per connection,
+// where `query("...")` sends its text to be parsed, described and planned on every call.
+// Only for statements whose text is fixed (the cache keeps every text it is given).
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// `query` through the statement cache.
+pub async fn q<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let stmt = c.prepare_cached(sql).await?;
+    c.query(&stmt, params).await
+}
+
+/// `query_opt` through the statement cache.
+pub async fn q_opt<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let stmt = c.prepare_cached(sql).await?;
+    c.query_opt(&stmt, params).await
+}
+
+/// `query_one` through the statement cache.
+pub async fn q_one<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<Row, tokio_postgres::Error> {
+    let stmt = c.prepare_cached(sql).await?;
+    c.query_one(&stmt, params).await
+}
+
+/// `execute` through the statement cache.
+pub async fn exec<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = c.prepare_cached(sql).await?;
+    c.execute(&stmt, params).await
 }

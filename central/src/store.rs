@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::IsolationLevel;
 
-use crate::db::Db;
+use crate::db::{self, Db};
 use crate::error::{sql_state, Error, Result};
 
 /// Longest worker name accepted.
@@ -160,8 +160,10 @@ pub fn unknown_worker(worker: &str) -> Error {
 }
 
 /// Fails with 404 unless `worker` is registered; locks its row against deletion.
-async fn require_worker(tx: &tokio_postgres::Transaction<'_>, worker: &str) -> Result<()> {
-    tx.query_opt(
+async fn require_worker(tx: &deadpool_postgres::Transaction<'_>, worker: &str) -> Result<()> {
+    // Every report, create and container call runs it.
+    db::q_opt(
+        tx,
         "SELECT 1 FROM workers WHERE name = $1 FOR KEY SHARE",
         &[&worker],
     )
@@ -287,22 +289,25 @@ pub async fn record_report_figures(
     worker: &str,
     f: &ReportFigures,
 ) -> Result<Option<std::time::Duration>> {
+    // Both statements run on every report: prepared once per connection.
     let client = db.client().await?;
     if !f.measured_handles.is_empty() {
-        client
-            .execute(
+        let stmt = client
+            .prepare_cached(
                 "UPDATE volumes v SET bytes = t.bytes
                    FROM unnest($2::text[], $3::bigint[]) AS t(handle, bytes)
                   WHERE v.worker_name = $1 AND v.handle = t.handle
                     AND v.resource_cache_id IS NOT NULL
                     AND v.bytes IS DISTINCT FROM t.bytes",
-                &[&worker, &f.measured_handles, &f.measured_bytes],
             )
+            .await?;
+        client
+            .execute(&stmt, &[&worker, &f.measured_handles, &f.measured_bytes])
             .await?;
     }
     let disk = f.disk.as_ref();
-    let row = client
-        .query_opt(
+    let stmt = client
+        .prepare_cached(
             "UPDATE workers SET last_report_at = now(), revision_seen = $2, volume_count = $3,
                     volume_bytes = $4, disk_total_bytes = $5, disk_free_bytes = $6,
                     pressure = $7, failed_count = $8, blocked_count = $9,
@@ -315,6 +320,11 @@ pub async fn record_report_figures(
              RETURNING CASE WHEN NOT $7::bool
                             THEN extract(epoch FROM now() - old.since)::float8
                        END",
+        )
+        .await?;
+    let row = client
+        .query_opt(
+            &stmt,
             &[
                 &worker,
                 &f.revision_seen.map(to_i64),
@@ -525,13 +535,13 @@ async fn try_apply_report(db: &Db, worker: &str, sets: &ReportSets) -> Result<Re
         // marked missing), and two partial indexes find them, so only those cross the
         // wire again, not every handle the worker has. A row that turns `creating` after
         // this read is confirmed by the next report.
-        let candidates = tx
-            .query(
+        let stmt = tx
+            .prepare_cached(
                 "SELECT handle, state = 'creating', missing_since IS NOT NULL FROM volumes
                   WHERE worker_name = $1 AND (state = 'creating' OR missing_since IS NOT NULL)",
-                &[&worker],
             )
             .await?;
+        let candidates = tx.query(&stmt, &[&worker]).await?;
         if !candidates.is_empty() {
             let mut creating = HashSet::new();
             let mut missing = HashSet::new();
@@ -717,7 +727,7 @@ pub async fn create_volume(db: &Db, worker: &str, req: &CreateVolume) -> Result<
     let container_id: Option<i64> = match &req.container {
         None => None,
         Some(h) => Some(
-            tx.query_opt(
+            db::q_opt(&tx,
                 "SELECT id FROM containers WHERE handle = $1 AND worker_name = $2",
                 &[h, &worker],
             )
@@ -731,7 +741,7 @@ pub async fn create_volume(db: &Db, worker: &str, req: &CreateVolume) -> Result<
         ),
     };
     if let Some(id) = req.resource_cache {
-        tx.query_opt("SELECT 1 FROM resource_caches WHERE id = $1", &[&id])
+        db::q_opt(&tx, "SELECT 1 FROM resource_caches WHERE id = $1", &[&id])
             .await?
             .ok_or_else(|| {
                 Error::NotFound(format!(
@@ -742,7 +752,7 @@ pub async fn create_volume(db: &Db, worker: &str, req: &CreateVolume) -> Result<
     let wbrt_id: Option<i64> = match &req.base_resource_type {
         None => None,
         Some(name) => Some(
-            tx.query_opt(
+            db::q_opt(&tx,
                 "SELECT w.id FROM worker_base_resource_types w
                    JOIN base_resource_types b ON b.id = w.base_resource_type_id
                   WHERE w.worker_name = $1 AND b.name = $2",
@@ -760,13 +770,13 @@ pub async fn create_volume(db: &Db, worker: &str, req: &CreateVolume) -> Result<
     let parent_id: Option<i64> = match &req.parent {
         None => None,
         Some(p) => {
-            let row = tx
-                .query_opt(
-                    "SELECT id, worker_name, state FROM volumes WHERE handle = $1",
-                    &[&p.as_str()],
-                )
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("parent volume {p} is unknown")))?;
+            let row = db::q_opt(
+                &tx,
+                "SELECT id, worker_name, state FROM volumes WHERE handle = $1",
+                &[&p.as_str()],
+            )
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("parent volume {p} is unknown")))?;
             let pw: String = row.get(1);
             if pw != worker {
                 return Err(Error::Conflict(format!(
@@ -781,31 +791,31 @@ pub async fn create_volume(db: &Db, worker: &str, req: &CreateVolume) -> Result<
         }
     };
     let parent_state: Option<&str> = parent_id.map(|_| "initialized");
-    let inserted = tx
-        .execute(
-            "INSERT INTO volumes (handle, worker_name, state, parent_id, parent_state,
+    let inserted = db::exec(
+        &tx,
+        "INSERT INTO volumes (handle, worker_name, state, parent_id, parent_state,
                                   resource_cache_id, worker_base_resource_type_id, container_id)
              VALUES ($1, $2, 'creating', $3, $4, $5, $6, $7)",
-            &[
-                &req.handle.as_str(),
-                &worker,
-                &parent_id,
-                &parent_state,
-                &req.resource_cache,
-                &wbrt_id,
-                &container_id,
-            ],
-        )
-        .await;
+        &[
+            &req.handle.as_str(),
+            &worker,
+            &parent_id,
+            &parent_state,
+            &req.resource_cache,
+            &wbrt_id,
+            &container_id,
+        ],
+    )
+    .await;
     if let Err(err) = inserted {
         return Err(insert_error(err, req));
     }
-    let row = tx
-        .query_one(
-            &format!("{ROW_SELECT} WHERE v.handle = $1"),
-            &[&req.handle.as_str()],
-        )
-        .await?;
+    let row = db::q_one(
+        &tx,
+        &format!("{ROW_SELECT} WHERE v.handle = $1"),
+        &[&req.handle.as_str()],
+    )
+    .await?;
     tx.commit().await.map_err(|err| insert_error(err, req))?;
     volume_row(&row)
 }
@@ -854,20 +864,20 @@ pub async fn set_state(db: &Db, handle: &Handle, to: VolumeState) -> Result<Volu
         .map(VolumeState::as_str)
         .collect();
     let client = db.client().await?;
-    let n = client
-        .execute(
-            "UPDATE volumes SET state = $2 WHERE handle = $1 AND state = ANY($3)",
-            &[&handle.as_str(), &to.as_str(), &from],
-        )
-        .await
-        .map_err(|err| restrict_to_conflict(err, "the volume has children"))?;
-    let row = client
-        .query_opt(
-            &format!("{ROW_SELECT} WHERE v.handle = $1"),
-            &[&handle.as_str()],
-        )
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("volume {handle} is unknown")))?;
+    let n = db::exec(
+        &client,
+        "UPDATE volumes SET state = $2 WHERE handle = $1 AND state = ANY($3)",
+        &[&handle.as_str(), &to.as_str(), &from],
+    )
+    .await
+    .map_err(|err| restrict_to_conflict(err, "the volume has children"))?;
+    let row = db::q_opt(
+        &client,
+        &format!("{ROW_SELECT} WHERE v.handle = $1"),
+        &[&handle.as_str()],
+    )
+    .await?
+    .ok_or_else(|| Error::NotFound(format!("volume {handle} is unknown")))?;
     let row = volume_row(&row)?;
     if n == 0 && row.state != to {
         return Err(Error::Conflict(format!(
@@ -907,22 +917,22 @@ pub async fn create_container(db: &Db, worker: &str, handle: &str) -> Result<boo
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
     require_worker(&tx, worker).await?;
-    let created = tx
-        .execute(
-            "INSERT INTO containers (worker_name, handle) VALUES ($1, $2)
+    let created = db::exec(
+        &tx,
+        "INSERT INTO containers (worker_name, handle) VALUES ($1, $2)
              ON CONFLICT (handle) DO NOTHING",
-            &[&worker, &handle],
-        )
-        .await?
+        &[&worker, &handle],
+    )
+    .await?
         == 1;
     if !created {
-        let owner: String = tx
-            .query_one(
-                "SELECT worker_name FROM containers WHERE handle = $1",
-                &[&handle],
-            )
-            .await?
-            .get(0);
+        let owner: String = db::q_one(
+            &tx,
+            "SELECT worker_name FROM containers WHERE handle = $1",
+            &[&handle],
+        )
+        .await?
+        .get(0);
         if owner != worker {
             return Err(Error::Conflict(format!(
                 "container {handle:?} exists on worker {owner:?}"
@@ -939,7 +949,8 @@ pub async fn delete_container(db: &Db, worker: &str, handle: &str) -> Result<()>
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
     require_worker(&tx, worker).await?;
-    tx.execute(
+    db::exec(
+        &tx,
         "DELETE FROM containers WHERE worker_name = $1 AND handle = $2",
         &[&worker, &handle],
     )

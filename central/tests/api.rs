@@ -28,7 +28,7 @@ async fn desired(
 #[tokio::test]
 async fn desired_set_answers_with_etag_then_304_until_a_change() {
     let (config, db) = fresh_db().await;
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let resp = desired(&client, &base, "w1", None).await;
@@ -146,7 +146,7 @@ async fn desired_set_answers_with_etag_then_304_until_a_change() {
 #[tokio::test]
 async fn scheduler_api_answers_201_404_409_and_moves_state_forward_only() {
     let (config, db) = fresh_db().await;
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let post = |path: String, body: serde_json::Value| {
@@ -390,7 +390,7 @@ async fn readyz_is_false_until_migrations_are_current() {
     let mut config = volume_central::Config::with_database_url(url);
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.http_workers = 1;
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     let client = reqwest::Client::new();
     let readyz = format!("{}/readyz", server.url());
     let resp = client.get(&readyz).send().await.expect("readyz");
@@ -423,7 +423,7 @@ async fn lost_database_answers_503_and_recovers_by_itself() {
     config.pool_size = 4;
     config.auth = volume_central::AuthMode::None;
     volume_central::migrate(&config).await.expect("migrate");
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     volume_central::store::register_worker(server.db(), "w1")
         .await
         .expect("register");

@@ -37,7 +37,7 @@ async fn world() -> World {
         .await
         .expect("issue");
     auth::revoke(&db, old.credential.id).await.expect("revoke");
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     World {
         server,
         db,
@@ -457,7 +457,7 @@ async fn unknown_worker_in_url_is_404_and_creates_no_row() {
     // Without authentication, the agent routes still never register a worker.
     let (mut config, db) = fresh_db().await;
     config.auth = volume_central::AuthMode::None;
-    let open = volume_central::start(&config).await.expect("start");
+    let open = start_server(&config).await;
     for (method, path, body) in [
         (
             Method::PUT,
@@ -592,7 +592,7 @@ async fn a_report_over_the_handle_bound_is_413_naming_the_bound() {
     let mut w = world().await;
     w.server.stop().await;
     w.config.max_report_handles = 3;
-    let server = volume_central::start(&w.config).await.expect("start");
+    let server = start_server(&w.config).await;
     let body = json!({"revision_seen": null,
         "volumes": [{"handle": "a", "parent": null, "state": "created"}],
         "destroyed": ["b", "c", "d"]});

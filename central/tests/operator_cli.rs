@@ -37,7 +37,7 @@ async fn operator_commands_show_workers_volumes_as_a_tree_and_why() {
     initialized(&db, "w1", "kid", Some("base"), Some("c1")).await;
     // The server refuses to start with credentials on and none issued.
     let issued = auth::issue(&db, &Subject::Operator).await.expect("issue");
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     let url = server.url();
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("operator.token");

@@ -186,7 +186,7 @@ async fn creating_a_child_of_a_destroying_parent_is_409() {
         .await
         .expect("pass");
     assert_eq!(state_of(&db, "p").await.as_deref(), Some("destroying"));
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     let client = reqwest::Client::new();
     let url = format!("{}/api/v1/workers/w1/volumes", server.url());
     for (parent, expect) in [("p", 409), ("creating-parent", 409), ("nope", 404)] {

@@ -240,7 +240,7 @@ async fn healthz_answers_while_a_large_report_is_applied() {
         )
         .await
         .expect("seed");
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     let volumes: Vec<serde_json::Value> = (1..=50_000)
         .map(|i| serde_json::json!({"handle": format!("v{i}"), "parent": null, "state": "initialized"}))
         .collect();

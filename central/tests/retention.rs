@@ -543,7 +543,7 @@ async fn eviction_racing_new_use_never_destroys_revived_cache() {
 async fn serve() -> (volume_central::Server, String, Db) {
     let (mut config, db) = fresh_db().await;
     config.gc_interval = HOUR;
-    let server = volume_central::start(&config).await.expect("start");
+    let server = start_server(&config).await;
     let base = server.url();
     register(&db, "w1", "1.0").await;
     register(&db, "w2", "1.0").await;

@@ -245,3 +245,34 @@ pub async fn gc_pass(db: &Db, missing_grace: std::time::Duration) -> volume_cent
     )
     .await
 }
+
+/// Starts a server on `config` and waits for the GC pass its loop runs as it starts, so
+/// that pass cannot act on what a test is still building (an unowned parent before its
+/// child is inserted, a resource cache before its first use is added).
+pub async fn start_server(config: &Config) -> volume_central::Server {
+    let server = volume_central::start(config).await.expect("start");
+    first_gc_pass_done(&server.url()).await;
+    server
+}
+
+/// Waits until the GC loop of the server at `base` has run (or tried) one pass.
+pub async fn first_gc_pass_done(base: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let client = reqwest::Client::new();
+    loop {
+        let text = metrics_text(&client, base).await;
+        let passes: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("volume_central_gc_passes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if passes >= 1.0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the GC loop ran no pass within 30 s of start: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
