@@ -333,6 +333,19 @@ impl Fleet {
         Some((row.get(0), row.get(1), row.get(2)))
     }
 
+    /// PostgreSQL connections in use (cheap: no scan of `volumes`).
+    pub async fn connections(&self) -> Option<i64> {
+        let c = self.db.client().await.ok()?;
+        let row = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+                &[],
+            )
+            .await
+            .ok()?;
+        Some(row.get(0))
+    }
+
     /// How many of `handles` still have a row.
     pub async fn rows_left(&self, handles: &[String]) -> Result<i64> {
         let c = self.db.client().await.map_err(|e| anyhow!("{e}"))?;
