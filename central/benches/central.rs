@@ -375,6 +375,9 @@ async fn gc_million(cluster: &PgCluster) {
         let mut client = db.client().await.expect("client");
         let tx = client.transaction().await.expect("tx");
         tx.batch_execute(gc::SET_LOCAL).await.expect("settings");
+        tx.batch_execute(gc::MARK_SET_LOCAL)
+            .await
+            .expect("settings");
         let plan = tx
             .query(
                 &format!("EXPLAIN (ANALYZE, BUFFERS) {}", gc::mark_all_sql()),
