@@ -29,6 +29,8 @@ pub struct CentralSettings {
     pub pool_size: usize,
     pub http_workers: usize,
     pub database_url: Option<String>,
+    /// `shared_buffers` of the throwaway cluster.
+    pub shared_buffers: String,
 }
 
 pub struct Replica {
@@ -86,9 +88,12 @@ impl Fleet {
         let (pg, url) = match &settings.database_url {
             Some(url) => (None, url.clone()),
             None => {
-                let pg = tokio::task::spawn_blocking(PgCluster::start)
-                    .await?
-                    .context("starting a throwaway PostgreSQL")?;
+                let buffers = settings.shared_buffers.clone();
+                let pg = tokio::task::spawn_blocking(move || {
+                    PgCluster::start_with(&[("shared_buffers", buffers.as_str())])
+                })
+                .await?
+                .context("starting a throwaway PostgreSQL")?;
                 let url = pg.create_database().context("creating the database")?;
                 (Some(pg), url)
             }

@@ -59,6 +59,10 @@ struct Cli {
     /// cluster; pg-outage needs the throwaway cluster.
     #[arg(long)]
     database_url: Option<String>,
+    /// `shared_buffers` of the throwaway PostgreSQL cluster (size it for the volumes
+    /// table and its indexes: about 400 MB per 1,000,000 rows).
+    #[arg(long, default_value = "1GB")]
+    pg_shared_buffers: String,
     /// Real volume-agent processes to run beside the simulated workers (each on its own
     /// temporary volumes root, with builds made on it and checked gone from disk).
     #[arg(long, default_value_t = 0)]
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
     o.pool_size = cli.pool_size;
     o.http_workers = cli.http_workers;
     o.database_url = cli.database_url;
+    o.pg_shared_buffers = cli.pg_shared_buffers;
     o.out = Some(cli.out);
     o.real_agents = cli.real_agents;
     o.agent_binary = cli.agent_binary;

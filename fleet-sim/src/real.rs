@@ -277,13 +277,9 @@ async fn build(
 ) -> Result<()> {
     let container = format!("rb{n}");
     let wpath = format!("/api/v1/workers/{worker}");
-    api.call(
-        Method::POST,
-        format!("{wpath}/containers"),
-        Some(json!({"handle": container})),
-    )
-    .await
-    .map_err(|c| anyhow!("container: {c}"))?;
+    api.create_container(worker, &container)
+        .await
+        .map_err(|c| anyhow!("container: {c}"))?;
     let p = Handle::new(format!("rb{n}-p"))?;
     let c = Handle::new(format!("rb{n}-c"))?;
     api.call(
@@ -337,14 +333,7 @@ async fn build(
 async fn release(api: &Api, worker: &str, n: u64, handles: &[Handle]) {
     api.rec.release(handles);
     for _ in 0..100 {
-        let r = api
-            .call(
-                Method::DELETE,
-                format!("/api/v1/workers/{worker}/containers/rb{n}"),
-                None,
-            )
-            .await;
-        if !matches!(r, Err(c) if c != 404) {
+        if api.delete_container(worker, &format!("rb{n}")).await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

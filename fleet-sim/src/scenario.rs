@@ -93,6 +93,9 @@ pub struct Options {
     pub pool_size: usize,
     pub http_workers: usize,
     pub database_url: Option<String>,
+    /// `shared_buffers` of the throwaway PostgreSQL cluster (the README's sizing: the
+    /// volumes table and its indexes, about 400 MB per 1,000,000 rows).
+    pub pg_shared_buffers: String,
     /// Where the PNG and CSV go.
     pub out: Option<PathBuf>,
     /// Real `volume-agent` processes beside the simulated workers (0: none).
@@ -124,6 +127,7 @@ impl Options {
             pool_size: 16,
             http_workers: 1,
             database_url: None,
+            pg_shared_buffers: "1GB".into(),
             out: None,
             real_agents: 0,
             agent_binary: None,
@@ -285,6 +289,11 @@ fn window_figures(f: &mut Figures, rec: &Recorder, a: f64, b: f64, workers: usiz
             errors.join(", ")
         },
     );
+    for (t, kind, message) in rec.unanswered_messages() {
+        if t >= a && t < b {
+            println!("    no answer at {t:.1} s ({kind:?}): {message}");
+        }
+    }
     let sched = ev
         .iter()
         .filter(|e| e.t >= a && e.t < b && e.kind == Kind::Scheduler)
@@ -481,6 +490,7 @@ async fn run_async(opts: Options, central: tokio::runtime::Handle) -> Result<Out
         pool_size: opts.pool_size,
         http_workers: opts.http_workers,
         database_url: opts.database_url.clone(),
+        shared_buffers: opts.pg_shared_buffers.clone(),
     };
     let rec = Arc::new(Recorder::new());
     let mut f = Figures(Vec::new());

@@ -30,6 +30,29 @@ pub struct Api {
 }
 
 impl Api {
+    /// `POST /api/v1/workers/{worker}/containers`: a build's container.
+    pub async fn create_container(&self, worker: &str, handle: &str) -> Result<Value, u16> {
+        self.call(
+            Method::POST,
+            format!("/api/v1/workers/{worker}/containers"),
+            Some(json!({ "handle": handle })),
+        )
+        .await
+    }
+
+    /// Deletes container `handle` on `worker` (its volumes become garbage); true once it
+    /// is gone (a 404 counts: deleted before), false when the API did not take it.
+    pub async fn delete_container(&self, worker: &str, handle: &str) -> bool {
+        let r = self
+            .call(
+                Method::DELETE,
+                format!("/api/v1/workers/{worker}/containers/{handle}"),
+                None,
+            )
+            .await;
+        !matches!(r, Err(c) if c != 404)
+    }
+
     pub fn new(bases: Vec<String>, token: Option<String>, rec: Arc<Recorder>) -> Self {
         Api {
             http: reqwest::Client::builder()
@@ -130,13 +153,7 @@ async fn build(
     let container = format!("b{n}");
     let worker = w.name.clone();
     let wpath = format!("/api/v1/workers/{worker}");
-    api.call(
-        Method::POST,
-        format!("{wpath}/containers"),
-        Some(json!({"handle": container})),
-    )
-    .await
-    .ok()?;
+    api.create_container(&worker, &container).await.ok()?;
     let mut b = Build {
         worker: worker.clone(),
         container: container.clone(),
@@ -215,14 +232,7 @@ async fn build(
 /// Releases a build; false when the scheduler API did not take it (retried later).
 async fn release(api: &Api, b: &Build) -> bool {
     api.rec.release(&b.handles);
-    let gone = api
-        .call(
-            Method::DELETE,
-            format!("/api/v1/workers/{}/containers/{}", b.worker, b.container),
-            None,
-        )
-        .await;
-    if matches!(gone, Err(c) if c != 404) {
+    if !api.delete_container(&b.worker, &b.container).await {
         return false;
     }
     if let Some((cache, build)) = b.cache_use {

@@ -87,9 +87,14 @@ pub struct Recorder {
     pub destroyed_total: AtomicU64,
     /// Named events shown on the picture (restart, outage...).
     marks: Mutex<Vec<(f64, String)>>,
+    /// The first requests that got no answer, with what the client said (what a
+    /// status code cannot tell: a timeout, a reset, a closed connection).
+    unanswered: Mutex<Vec<(f64, Kind, String)>>,
 }
 
 const MAX_VIOLATION_MESSAGES: usize = 50;
+/// How many unanswered requests are kept with their message.
+const MAX_UNANSWERED: usize = 20;
 
 impl Recorder {
     pub fn new() -> Self {
@@ -102,7 +107,23 @@ impl Recorder {
             violation_count: AtomicU64::new(0),
             destroyed_total: AtomicU64::new(0),
             marks: Mutex::new(Vec::new()),
+            unanswered: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records a request of `kind` that got no answer (status 0), keeping the first
+    /// [`MAX_UNANSWERED`] messages.
+    pub fn unanswered(&self, worker: u32, kind: Kind, took: Duration, message: String) {
+        self.event(worker, kind, 0, took);
+        let mut u = lock(&self.unanswered);
+        if u.len() < MAX_UNANSWERED {
+            u.push((self.now(), kind, message));
+        }
+    }
+
+    /// The unanswered requests kept, with their messages.
+    pub fn unanswered_messages(&self) -> Vec<(f64, Kind, String)> {
+        lock(&self.unanswered).clone()
     }
 
     pub fn now(&self) -> f64 {

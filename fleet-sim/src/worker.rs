@@ -92,6 +92,14 @@ pub fn resource_types() -> ResourceTypesReport {
     }
 }
 
+/// Records a failed request: its status, or with no answer what the client said.
+fn failed(rec: &Recorder, me: u32, kind: Kind, e: &ClientError, took: Duration) {
+    match code(e) {
+        0 => rec.unanswered(me, kind, took, e.to_string()),
+        c => rec.event(me, kind, c, took),
+    }
+}
+
 fn code(e: &ClientError) -> u16 {
     match e {
         ClientError::Status { status, .. } => status.as_u16(),
@@ -134,7 +142,7 @@ pub async fn run(
                 break;
             }
             Err(e) => {
-                rec.event(me, Kind::ReportError, code(&e), t.elapsed());
+                failed(&rec, me, Kind::ReportError, &e, t.elapsed());
                 errors += 1;
                 if !nap(
                     poll_delay(timing.poll_interval, timing.max_backoff, errors),
@@ -181,7 +189,7 @@ pub async fn run(
             let took = t.elapsed();
             match answer {
                 Err(e) => {
-                    rec.event(me, Kind::DesiredError, code(&e), took);
+                    failed(&rec, me, Kind::DesiredError, &e, took);
                     errors = errors.saturating_add(1);
                 }
                 Ok(DesiredAnswer::NotModified) => {
@@ -239,7 +247,7 @@ pub async fn run(
                     pending_destroyed.clear();
                 }
                 Err(e) => {
-                    rec.event(me, Kind::ReportError, code(&e), t.elapsed());
+                    failed(&rec, me, Kind::ReportError, &e, t.elapsed());
                     // Still unreported: the next report carries it.
                     if upto > *shared.reported.borrow() {
                         shared.dirty.store(true, Relaxed);
