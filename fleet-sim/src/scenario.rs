@@ -332,8 +332,18 @@ fn window_figures(f: &mut Figures, rec: &Recorder, a: f64, b: f64, workers: usiz
         let conns = samples.iter().map(|s| s.pg_connections).max().unwrap_or(0);
         f.add("PostgreSQL connections in use (max)", conns.to_string());
         f.add("rows in volumes (end of window)", s1.rows.to_string());
-        let gc = samples.iter().map(|s| s.gc_last_pass).fold(0.0, f64::max);
-        f.add("GC pass under load (longest seen)", format!("{gc:.3} s"));
+        // The gauge holds the last pass's time: only a value that changed inside the window
+        // is a pass that ended in it (not one from before, say the fleet's first contact).
+        let all = rec.samples();
+        let gc = all
+            .windows(2)
+            .filter(|w| w[1].t >= a && w[1].t < b && w[1].gc_last_pass != w[0].gc_last_pass)
+            .map(|w| w[1].gc_last_pass)
+            .fold(0.0, f64::max);
+        f.add(
+            "GC pass under load (longest ended in the window)",
+            format!("{gc:.3} s"),
+        );
     }
 }
 
