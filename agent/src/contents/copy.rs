@@ -73,37 +73,38 @@ impl Owners {
     }
 }
 
-/// Figures the file threads add to, and whether reflinks still work here.
-#[derive(Default)]
+/// Figures the file threads add to, whether reflinks still work here, and how the
+/// destination's file system makes what is copied durable.
 struct Shared {
     no_reflink: AtomicBool,
     files: AtomicU64,
     bytes: AtomicU64,
     reflinked: AtomicU64,
     synced: AtomicU64,
-    journal: Option<Journal>,
+    journal: Journal,
 }
 
 impl Shared {
     fn new(journal: Journal) -> Shared {
         Shared {
-            journal: Some(journal),
-            ..Shared::default()
+            no_reflink: AtomicBool::new(false),
+            files: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            reflinked: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            journal,
         }
     }
 
-    /// Whether a copied file needs its own `fsync` (`reflinked`: its data was shared).
-    fn must_sync(&self, reflinked: bool) -> bool {
-        !(reflinked && self.journal == Some(Journal::Ordered))
-    }
-
-    /// `fsync`s `out` (the copy of `rel`) when it needs it.
-    fn sync_file(&self, out: &File, reflinked: bool, rel: PathBuf) -> fsx::Result<()> {
-        if !self.must_sync(reflinked) {
-            return Ok(());
+    /// Whether a copied entry needs its own `fsync` (`metadata_only`: a directory, or a
+    /// file whose data was shared by reflink), counting it in `synced` when it does.
+    fn claim_sync(&self, metadata_only: bool) -> bool {
+        if metadata_only && self.journal == Journal::Ordered {
+            // The log force at the end covers it.
+            return false;
         }
         self.synced.fetch_add(1, Ordering::Relaxed);
-        fsx::fsync_fd(out.as_fd()).map_err(|e| FsxError::new(Op::Sync, rel, e))
+        true
     }
 }
 
@@ -302,10 +303,9 @@ impl Copier<'_> {
                 self.owners,
                 &self.shared,
             )?;
-            if !self.shared.must_sync(reflinked) {
+            if !self.shared.claim_sync(reflinked) {
                 return Ok(());
             }
-            self.shared.synced.fetch_add(1, Ordering::Relaxed);
             return self.syncer.push(out.into(), rel.to_owned());
         }
         let guard = level.pending.add();
@@ -316,7 +316,10 @@ impl Copier<'_> {
             let _guard = guard;
             let (out, reflinked) =
                 copy_one(&src, &meta, &rel, &dst, name.as_name(), owners, &shared)?;
-            shared.sync_file(&out, reflinked, rel)
+            if !shared.claim_sync(reflinked) {
+                return Ok(());
+            }
+            fsx::fsync_fd(out.as_fd()).map_err(|e| FsxError::new(Op::Sync, rel, e))
         }))
     }
 
@@ -495,24 +498,23 @@ impl Visitor for Copier<'_> {
             self.dst.push(dst);
             return Ok(());
         }
-        if self.shared.journal == Some(Journal::Ordered) {
-            // Metadata only: the log force at the end covers it.
+        if !self.shared.claim_sync(true) {
             return Ok(());
         }
-        self.shared.synced.fetch_add(1, Ordering::Relaxed);
         self.syncer
             .push(dst.dir.try_clone_fd()?, dir.rel().to_owned())
     }
 }
 
+/// `journal`: the destination's file system's ([`Dir::journal`]).
 fn run(
     src: &Dir,
     dst: Dir,
+    journal: Journal,
     owners: Owners,
     follow: bool,
     apply_root: bool,
 ) -> fsx::Result<CopyStats> {
-    let journal = dst.journal();
     let mut c = Copier {
         src_root: src,
         dst: vec![Level::new(dst)],
@@ -558,8 +560,9 @@ pub fn copy_tree(from: &Path, to: &Path) -> fsx::Result<CopyStats> {
     let name = name_of(to).map_err(bad_target)?;
     parent.mkdir(name.as_name(), 0o700)?;
     let dst = parent.open_dir(name.as_name())?;
-    let stats = run(&src, dst, Owners::Same, false, true)?;
-    if parent.journal() == Journal::PerFile {
+    let journal = parent.journal();
+    let stats = run(&src, dst, journal, Owners::Same, false, true)?;
+    if journal == Journal::PerFile {
         // (On xfs the copy's log force came after the `mkdir` and covers it.)
         parent.fsync()?;
     }
@@ -571,5 +574,6 @@ pub fn copy_tree(from: &Path, to: &Path) -> fsx::Result<CopyStats> {
 /// are followed as long as they stay beneath `src` (see [`Dir::open_beneath`]); without,
 /// they are copied as links. Everything copied is on stable storage when it returns.
 pub fn copy_into(src: &Dir, dst: Dir, follow: bool, ids: IdMap) -> fsx::Result<CopyStats> {
-    run(src, dst, Owners::ToDisk(ids), follow, false)
+    let journal = dst.journal();
+    run(src, dst, journal, Owners::ToDisk(ids), follow, false)
 }
