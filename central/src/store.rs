@@ -292,23 +292,21 @@ pub async fn record_report_figures(
     // Both statements run on every report: prepared once per connection.
     let client = db.client().await?;
     if !f.measured_handles.is_empty() {
-        let stmt = client
-            .prepare_cached(
-                "UPDATE volumes v SET bytes = t.bytes
-                   FROM unnest($2::text[], $3::bigint[]) AS t(handle, bytes)
-                  WHERE v.worker_name = $1 AND v.handle = t.handle
-                    AND v.resource_cache_id IS NOT NULL
-                    AND v.bytes IS DISTINCT FROM t.bytes",
-            )
-            .await?;
-        client
-            .execute(&stmt, &[&worker, &f.measured_handles, &f.measured_bytes])
-            .await?;
+        db::exec(
+            &client,
+            "UPDATE volumes v SET bytes = t.bytes
+               FROM unnest($2::text[], $3::bigint[]) AS t(handle, bytes)
+              WHERE v.worker_name = $1 AND v.handle = t.handle
+                AND v.resource_cache_id IS NOT NULL
+                AND v.bytes IS DISTINCT FROM t.bytes",
+            &[&worker, &f.measured_handles, &f.measured_bytes],
+        )
+        .await?;
     }
     let disk = f.disk.as_ref();
-    let stmt = client
-        .prepare_cached(
-            "UPDATE workers SET last_report_at = now(), revision_seen = $2, volume_count = $3,
+    let row = db::q_opt(
+        &client,
+        "UPDATE workers SET last_report_at = now(), revision_seen = $2, volume_count = $3,
                     volume_bytes = $4, disk_total_bytes = $5, disk_free_bytes = $6,
                     pressure = $7, failed_count = $8, blocked_count = $9,
                     reported_min_free = $10,
@@ -320,25 +318,20 @@ pub async fn record_report_figures(
              RETURNING CASE WHEN NOT $7::bool
                             THEN extract(epoch FROM now() - old.since)::float8
                        END",
-        )
-        .await?;
-    let row = client
-        .query_opt(
-            &stmt,
-            &[
-                &worker,
-                &f.revision_seen.map(to_i64),
-                &to_i64(f.volumes),
-                &to_i64(f.volume_bytes),
-                &disk.map(|d| to_i64(d.total_bytes)),
-                &disk.map(|d| to_i64(d.free_bytes)),
-                &disk.map(|d| d.pressure),
-                &i32::try_from(f.failed).unwrap_or(i32::MAX),
-                &i32::try_from(f.blocked).unwrap_or(i32::MAX),
-                &disk.and_then(|d| d.min_free_bytes).map(to_i64),
-            ],
-        )
-        .await?;
+        &[
+            &worker,
+            &f.revision_seen.map(to_i64),
+            &to_i64(f.volumes),
+            &to_i64(f.volume_bytes),
+            &disk.map(|d| to_i64(d.total_bytes)),
+            &disk.map(|d| to_i64(d.free_bytes)),
+            &disk.map(|d| d.pressure),
+            &i32::try_from(f.failed).unwrap_or(i32::MAX),
+            &i32::try_from(f.blocked).unwrap_or(i32::MAX),
+            &disk.and_then(|d| d.min_free_bytes).map(to_i64),
+        ],
+    )
+    .await?;
     Ok(row
         .and_then(|r| r.get::<_, Option<f64>>(0))
         .map(|secs| std::time::Duration::from_secs_f64(secs.max(0.0))))
@@ -535,13 +528,13 @@ async fn try_apply_report(db: &Db, worker: &str, sets: &ReportSets) -> Result<Re
         // marked missing), and two partial indexes find them, so only those cross the
         // wire again, not every handle the worker has. A row that turns `creating` after
         // this read is confirmed by the next report.
-        let stmt = tx
-            .prepare_cached(
-                "SELECT handle, state = 'creating', missing_since IS NOT NULL FROM volumes
-                  WHERE worker_name = $1 AND (state = 'creating' OR missing_since IS NOT NULL)",
-            )
-            .await?;
-        let candidates = tx.query(&stmt, &[&worker]).await?;
+        let candidates = db::q(
+            &tx,
+            "SELECT handle, state = 'creating', missing_since IS NOT NULL FROM volumes
+              WHERE worker_name = $1 AND (state = 'creating' OR missing_since IS NOT NULL)",
+            &[&worker],
+        )
+        .await?;
         if !candidates.is_empty() {
             let mut creating = HashSet::new();
             let mut missing = HashSet::new();
