@@ -33,6 +33,10 @@ pub struct CentralSettings {
     pub shared_buffers: String,
 }
 
+/// PostgreSQL connections in use.
+const CONNECTIONS_SQL: &str =
+    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'";
+
 pub struct Replica {
     config: Config,
     server: Option<Server>,
@@ -328,9 +332,11 @@ impl Fleet {
         let c = self.db.client().await.ok()?;
         let row = c
             .query_one(
-                "SELECT (SELECT count(*) FROM volumes),
-                        (SELECT count(*) FROM volumes WHERE state = 'destroying'),
-                        (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+                &format!(
+                    "SELECT (SELECT count(*) FROM volumes),
+                            (SELECT count(*) FROM volumes WHERE state = 'destroying'),
+                            ({CONNECTIONS_SQL})"
+                ),
                 &[],
             )
             .await
@@ -341,13 +347,7 @@ impl Fleet {
     /// PostgreSQL connections in use (cheap: no scan of `volumes`).
     pub async fn connections(&self) -> Option<i64> {
         let c = self.db.client().await.ok()?;
-        let row = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
-                &[],
-            )
-            .await
-            .ok()?;
+        let row = c.query_one(CONNECTIONS_SQL, &[]).await.ok()?;
         Some(row.get(0))
     }
 

@@ -302,9 +302,10 @@ fn window_figures(f: &mut Figures, rec: &Recorder, a: f64, b: f64, workers: usiz
         "scheduler requests/s",
         format!("{:.1}", sched as f64 / span),
     );
-    let samples: Vec<Sample> = rec
-        .samples()
-        .into_iter()
+    let all = rec.samples();
+    let samples: Vec<Sample> = all
+        .iter()
+        .copied()
         .filter(|s| s.t >= a && s.t < b)
         .collect();
     if let (Some(s0), Some(s1)) = (samples.first(), samples.last()) {
@@ -334,7 +335,6 @@ fn window_figures(f: &mut Figures, rec: &Recorder, a: f64, b: f64, workers: usiz
         f.add("rows in volumes (end of window)", s1.rows.to_string());
         // The gauge holds the last pass's time: only a value that changed inside the window
         // is a pass that ended in it (not one from before, say the fleet's first contact).
-        let all = rec.samples();
         let gc = all
             .windows(2)
             .filter(|w| w[1].t >= a && w[1].t < b && w[1].gc_last_pass != w[0].gc_last_pass)
