@@ -6,12 +6,17 @@
 //! Regular files are copied by [`fsx::copy_data`] (reflink, `copy_file_range`, read/write;
 //! holes stay holes). Owners (mapped when asked), modes (set after `chown`, so set-id bits
 //! survive), extended attributes and times are kept; hard links within the tree stay hard
-//! links. Durability costs only the copy: each copied file and directory is handed to a
-//! few threads that `fsync` it while the walk goes on, instead of one `syncfs` that would
+//! links. The tree is walked by one thread per core (at most `MAX_WALKERS`): a walker
+//! about to descend into a directory hands it to the others while they have too little
+//! queued (`Pool`), so wide trees are copied on every core at once.
+//!
+//! Durability costs only the copy: each copied file and directory is handed to a few
+//! threads that `fsync` it while the walk goes on, instead of one `syncfs` that would
 //! wait for every other writer's dirty data on the same file system. On xfs
-//! ([`Journal::Ordered`]) what carries no data of its own (directories, links, reflinked
-//! files) is made durable by one log force after the last change instead; only files
-//! whose data was written are synced one by one.
+//! ([`Journal::Ordered`]) the walkers copy each file themselves, and what carries no data
+//! of its own (directories, links, reflinked files) is made durable by one log force
+//! after the last change instead; only files whose data was written are synced one by
+//! one.
 //!
 //! When the source changes while it is copied (a container writing its volume), the copy
 //! is of some mix of before and after, as `cp -a` would make, and never of anything outside
@@ -22,7 +27,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -172,7 +176,9 @@ fn copy_one(
     shared: &Shared,
 ) -> fsx::Result<(File, bool)> {
     let err = |op| move |source| FsxError::new(op, rel.to_owned(), source);
-    let out = dst.create_file(name, 0o600)?;
+    // Made with its final permission bits (the umask may take some away): the directory
+    // it is made in stays 0700 until it is finished, so nobody else reaches it meanwhile.
+    let out = dst.create_file(name, meta.mode & 0o777)?;
     let reflink = !shared.no_reflink.load(Ordering::Relaxed);
     let reflinked = match fsx::copy_data(src, &out, reflink).map_err(err(Op::Copy))? {
         CopyMethod::Reflink => {
@@ -184,10 +190,18 @@ fn copy_one(
             false
         }
     };
+    // `chown` and `chmod` only where the new file differs (each is a transaction of its
+    // own); most files are owned by the copier, with the usual modes.
     let (uid, gid) = owners.map(meta);
-    std::os::unix::fs::fchown(&out, Some(uid), Some(gid)).map_err(err(Op::Chown))?;
-    out.set_permissions(std::fs::Permissions::from_mode(meta.mode))
-        .map_err(err(Op::Chmod))?;
+    let made = fsx::meta_fd(out.as_fd()).map_err(err(Op::Stat))?;
+    if (made.uid, made.gid) != (uid, gid) {
+        fsx::chown_fd(out.as_fd(), uid, gid).map_err(err(Op::Chown))?;
+    }
+    // After the `chown`, which clears set-id bits (none were set at creation, so it
+    // changed no mode bit the check below relies on).
+    if made.mode & 0o7777 != meta.mode & 0o7777 {
+        fsx::chmod_fd(out.as_fd(), meta.mode).map_err(err(Op::Chmod))?;
+    }
     fsx::copy_xattrs(src, &out).map_err(err(Op::Xattr))?;
     fsx::set_times_fd(out.as_fd(), meta.atime, meta.mtime).map_err(err(Op::SetTimes))?;
     shared.files.fetch_add(1, Ordering::Relaxed);
@@ -195,19 +209,160 @@ fn copy_one(
     Ok((out, reflinked))
 }
 
-struct Copier<'r> {
+/// The most threads that walk one copy's subtrees side by side.
+const MAX_WALKERS: usize = 8;
+
+/// How many threads walk one copy: one per core, at most [`MAX_WALKERS`].
+fn walkers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, std::num::NonZeroUsize::get)
+        .clamp(1, MAX_WALKERS)
+}
+
+/// A directory whose copy was handed to another walker: its source, its (empty) copy,
+/// and how deep it is in the tree (for [`fsx::MAX_DEPTH`]).
+struct Subtree {
+    src: Dir,
+    dst: Dir,
+    depth: usize,
+}
+
+/// Subtrees waiting for a walker, and how the walkers stand.
+struct PoolState {
+    queue: Vec<Subtree>,
+    /// Walkers waiting for a subtree.
+    idle: usize,
+    /// Walkers walking (each starts busy with its first task).
+    busy: usize,
+    /// The first failure; once set, the walkers stop and queued subtrees are dropped.
+    first: Option<FsxError>,
+}
+
+/// Hands subtrees to other walkers. A walker about to descend into a directory queues it
+/// instead while the queue is shorter than the number of walkers, so the copy of a wide tree runs on every
+/// core without handing each file to another thread (on xfs that hand-off and the
+/// contention of many threads in one directory cost more than the copy gained).
+struct Pool {
+    state: Mutex<PoolState>,
+    wake: Condvar,
+}
+
+impl Pool {
+    fn new(walkers: usize) -> Pool {
+        Pool {
+            state: Mutex::new(PoolState {
+                queue: Vec::new(),
+                idle: 0,
+                busy: walkers,
+                first: None,
+            }),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether fewer subtrees are queued than there are walkers (so one that runs out of
+    /// work finds more without waiting for the others to reach a directory).
+    fn wants(&self) -> bool {
+        let st = self.lock();
+        st.first.is_none() && st.queue.len() < st.idle + st.busy
+    }
+
+    fn offer(&self, t: Subtree) {
+        self.lock().queue.push(t);
+        self.wake.notify_one();
+    }
+
+    fn failed(&self) -> bool {
+        self.lock().first.is_some()
+    }
+
+    fn record(st: &mut PoolState, res: fsx::Result<()>) {
+        if let Err(e) = res {
+            // Only the first counts; the others are mostly [`stopped`] answers to it.
+            st.first.get_or_insert(e);
+        }
+    }
+
+    /// Ends the caller's own task with `res`, then walks queued subtrees with `walk`
+    /// until none is queued and no walker is busy (so none can queue another).
+    fn help(&self, res: fsx::Result<()>, walk: impl Fn(Subtree) -> fsx::Result<()>) {
+        let mut st = self.lock();
+        Self::record(&mut st, res);
+        st.busy = st.busy.saturating_sub(1);
+        st.idle += 1;
+        loop {
+            if let Some(t) = st.queue.pop() {
+                if st.first.is_some() {
+                    continue;
+                }
+                st.idle -= 1;
+                st.busy += 1;
+                drop(st);
+                let res = walk(t);
+                st = self.lock();
+                Self::record(&mut st, res);
+                st.busy -= 1;
+                st.idle += 1;
+                continue;
+            }
+            if st.busy == 0 {
+                self.wake.notify_all();
+                return;
+            }
+            st = self.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// A walker that never started: nothing waits for it.
+    fn retire(&self) {
+        let mut st = self.lock();
+        st.busy = st.busy.saturating_sub(1);
+        drop(st);
+        self.wake.notify_all();
+    }
+
+    fn into_first(self) -> Option<FsxError> {
+        self.state
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first
+    }
+}
+
+/// What every walker of one copy shares.
+struct Ctx<'r> {
+    /// The source root (a followed symlink must stay beneath it).
     src_root: &'r Dir,
-    /// Destination directories, the one being filled on top; the destination root first.
-    dst: Vec<Level>,
+    /// The destination root (hard links are made relative to it).
+    dst_root: Arc<Dir>,
     owners: Owners,
     follow: bool,
-    /// Whether the root's own owner, mode and times are copied (not for an import,
-    /// whose root the volume already owns).
-    apply_root: bool,
     shared: Arc<Shared>,
-    /// First copy of each multiply linked inode: `(dev, ino)` → its relative path.
-    links: HashMap<(u64, u64), PathBuf>,
+    /// First copy of each multiply linked inode: `(dev, ino)` → its relative path. Held
+    /// while such an inode is copied or linked, so a later link always finds the copy.
+    links: Mutex<HashMap<(u64, u64), PathBuf>>,
     syncer: Syncer,
+    pool: Pool,
+    /// Directories and other entries, added by each walker when it ends.
+    counts: Mutex<CopyStats>,
+}
+
+/// One walker's copy of a tree or subtree.
+struct Copier<'c, 'r> {
+    ctx: &'c Ctx<'r>,
+    /// Destination directories, the one being filled on top; this walk's root first.
+    dst: Vec<Level>,
+    /// Whether this walk's root is the copy's root (whose last step is the caller's).
+    top: bool,
+    /// Whether the walk's root gets its source's owner, mode and times (not for an
+    /// import, whose root the volume already owns).
+    apply_root: bool,
+    /// How deep this walk's root is in the whole tree.
+    depth: usize,
     stats: CopyStats,
 }
 
@@ -227,11 +382,33 @@ fn threads_failed() -> FsxError {
     )
 }
 
+/// What a walker answers once another failed (the other's failure is the one reported).
+fn stopped() -> FsxError {
+    FsxError::new(
+        Op::Copy,
+        PathBuf::new(),
+        io::Error::other("stopped: another part of the copy failed"),
+    )
+}
+
 fn name_of(rel: &Path) -> io::Result<NameBuf> {
     NameBuf::new(rel.file_name().map(|n| n.as_bytes()).unwrap_or_default())
 }
 
-impl Copier<'_> {
+type Links = HashMap<(u64, u64), PathBuf>;
+
+impl<'c, 'r> Copier<'c, 'r> {
+    fn new(ctx: &'c Ctx<'r>, dst: Level, top: bool, apply_root: bool, depth: usize) -> Self {
+        Copier {
+            ctx,
+            dst: vec![dst],
+            top,
+            apply_root,
+            depth,
+            stats: CopyStats::default(),
+        }
+    }
+
     fn level(&self) -> fsx::Result<&Level> {
         self.dst.last().ok_or_else(|| {
             FsxError::new(
@@ -246,22 +423,29 @@ impl Copier<'_> {
         Ok(&self.level()?.dir)
     }
 
+    fn links(&self) -> std::sync::MutexGuard<'c, Links> {
+        self.ctx
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Makes `name` a hard link to the first copy of the same inode, if it was copied
-    /// already; remembers it otherwise. Returns whether it linked.
-    fn link_existing(&mut self, meta: &Meta, rel: &Path, name: Name<'_>) -> fsx::Result<bool> {
-        if meta.nlink <= 1 || meta.kind == Kind::Dir {
-            return Ok(false);
-        }
+    /// already; remembers it otherwise (the caller holds `links` until it made it).
+    /// Returns whether it linked.
+    fn link_existing(
+        &mut self,
+        links: &mut Links,
+        meta: &Meta,
+        rel: &Path,
+        name: Name<'_>,
+    ) -> fsx::Result<bool> {
         let key = (meta.dev, meta.ino);
-        let Some(first) = self.links.get(&key).cloned() else {
-            self.links.insert(key, rel.to_owned());
+        let Some(first) = links.get(&key).cloned() else {
+            links.insert(key, rel.to_owned());
             return Ok(false);
         };
-        let root: &Dir = &self
-            .dst
-            .first()
-            .ok_or_else(|| wrong(rel.to_owned(), "no destination"))?
-            .dir;
+        let root: &Dir = &self.ctx.dst_root;
         // Walk to the first copy's directory from the destination root, fd-relative.
         let mut holder: Option<Dir> = None;
         let comps: Vec<_> = first
@@ -283,36 +467,35 @@ impl Copier<'_> {
         Ok(true)
     }
 
-    /// Copies a regular file: on a file thread, or here when it has other hard links (a
-    /// later link to it must find the copy made).
+    /// Copies a regular file: here on xfs (nothing to wait for; other walkers keep the
+    /// other cores busy) and when it has other hard links (a later link to it must find
+    /// the copy made); on a file thread otherwise, which also `fsync`s it.
     fn copy_file(&mut self, src: File, meta: Meta, rel: &Path, name: Name<'_>) -> fsx::Result<()> {
-        if self.link_existing(&meta, rel, name)? {
-            return Ok(());
-        }
-        if self.syncer.failed() {
+        if self.ctx.syncer.failed() {
             return Err(threads_failed());
         }
-        let level = self.level()?;
-        if meta.nlink > 1 {
-            let (out, reflinked) = copy_one(
-                &src,
-                &meta,
-                rel,
-                &level.dir,
-                name,
-                self.owners,
-                &self.shared,
-            )?;
-            if !self.shared.claim_sync(reflinked) {
+        let ctx = self.ctx;
+        let mut links = (meta.nlink > 1).then(|| self.links());
+        if let Some(links) = links.as_deref_mut() {
+            if self.link_existing(links, &meta, rel, name)? {
                 return Ok(());
             }
-            return self.syncer.push(out.into(), rel.to_owned());
+        }
+        let level = self.level()?;
+        if links.is_some() || ctx.shared.journal == Journal::Ordered {
+            let (out, reflinked) =
+                copy_one(&src, &meta, rel, &level.dir, name, ctx.owners, &ctx.shared)?;
+            drop(links);
+            if !ctx.shared.claim_sync(reflinked) {
+                return Ok(());
+            }
+            return ctx.syncer.push(out.into(), rel.to_owned());
         }
         let guard = level.pending.add();
         let dst = Arc::clone(&level.dir);
-        let (owners, shared) = (self.owners, Arc::clone(&self.shared));
+        let (owners, shared) = (ctx.owners, Arc::clone(&ctx.shared));
         let (rel, name) = (rel.to_owned(), name.to_owned());
-        self.syncer.run(Box::new(move || {
+        ctx.syncer.run(Box::new(move || {
             let _guard = guard;
             let (out, reflinked) =
                 copy_one(&src, &meta, &rel, &dst, name.as_name(), owners, &shared)?;
@@ -326,8 +509,11 @@ impl Copier<'_> {
     /// Makes a symlink, fifo, socket or device node like `meta` (of `name` in `dir`).
     fn make_other(&mut self, dir: &Dir, name: Name<'_>, meta: &Meta) -> fsx::Result<()> {
         let rel = dir.rel_of(name);
-        if self.link_existing(meta, &rel, name)? {
-            return Ok(());
+        let mut links = (meta.nlink > 1).then(|| self.links());
+        if let Some(links) = links.as_deref_mut() {
+            if self.link_existing(links, meta, &rel, name)? {
+                return Ok(());
+            }
         }
         let dst = self.dst()?;
         if meta.kind == Kind::Symlink {
@@ -336,7 +522,8 @@ impl Copier<'_> {
         } else {
             dst.mknod(name, meta.kind, meta.mode, meta.rdev)?;
         }
-        let (uid, gid) = self.owners.map(meta);
+        drop(links);
+        let (uid, gid) = self.ctx.owners.map(meta);
         dst.chown(name, uid, gid)?;
         if meta.kind != Kind::Symlink {
             dst.open_node(name)?.chmod(meta.mode)?;
@@ -347,15 +534,38 @@ impl Copier<'_> {
         Ok(())
     }
 
+    /// Makes the copy of the directory `name` and says whether the walk descends into it,
+    /// or hands it to an idle walker (and does not descend).
+    fn copy_dir(&mut self, dir: &Dir, name: Name<'_>) -> fsx::Result<Descend> {
+        self.dst()?.mkdir(name, 0o700)?;
+        // How deep `dir` is (as the walk counts before descending).
+        let depth = self.depth + self.dst.len();
+        if depth >= fsx::MAX_DEPTH || !self.ctx.pool.wants() {
+            return Ok(Descend::Yes);
+        }
+        match dir.open_dir(name) {
+            Ok(src) => {
+                let dst = self.dst()?.open_dir(name)?;
+                self.ctx.pool.offer(Subtree { src, dst, depth });
+                Ok(Descend::No)
+            }
+            // As the walk does when it cannot open a directory it lists.
+            Err(e) if e.is_not_found() || e.is_wrong_kind() || e.is_mount_point() => {
+                self.changed(dir, name, e).map(|()| Descend::No)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Copies `name` (listed as `kind`), looking again when it changed kind meanwhile.
     fn copy_entry(&mut self, dir: &Dir, name: Name<'_>, mut kind: Kind) -> fsx::Result<Descend> {
+        if self.ctx.pool.failed() {
+            return Err(stopped());
+        }
         for _ in 0..MAX_RETRIES {
             let res = match kind {
-                Kind::Dir => {
-                    self.dst()?.mkdir(name, 0o700)?;
-                    return Ok(Descend::Yes);
-                }
-                Kind::Symlink if self.follow => return self.follow_link(dir, name),
+                Kind::Dir => return self.copy_dir(dir, name),
+                Kind::Symlink if self.ctx.follow => return self.follow_link(dir, name),
                 Kind::File => match dir.open_file(name) {
                     Ok((src, meta)) => {
                         let rel = dir.rel_of(name);
@@ -398,7 +608,7 @@ impl Copier<'_> {
     /// the import root.
     fn follow_link(&mut self, dir: &Dir, name: Name<'_>) -> fsx::Result<Descend> {
         let rel = dir.rel_of(name);
-        match Dir::open_beneath(self.src_root, &rel) {
+        match Dir::open_beneath(self.ctx.src_root, &rel) {
             Ok(Beneath::Dir(d)) => {
                 self.dst()?.mkdir(name, 0o700)?;
                 Ok(Descend::Into(d))
@@ -408,7 +618,7 @@ impl Copier<'_> {
                 // A fifo, socket or device the link leads to: made like it, in the link's place.
                 let dst = self.dst()?;
                 dst.mknod(name, meta.kind, meta.mode, meta.rdev)?;
-                let (uid, gid) = self.owners.map(&meta);
+                let (uid, gid) = self.ctx.owners.map(&meta);
                 dst.chown(name, uid, gid)?;
                 dst.open_node(name)?.chmod(meta.mode)?;
                 self.stats.others += 1;
@@ -436,7 +646,7 @@ impl Copier<'_> {
     /// Sets a copied directory's owner, mode, attributes and times from its source.
     fn finish_dir(&self, src: &Dir, dst: &Dir) -> fsx::Result<()> {
         let meta = src.meta()?;
-        let (uid, gid) = self.owners.map(&meta);
+        let (uid, gid) = self.ctx.owners.map(&meta);
         dst.chown_self(uid, gid)?;
         dst.chmod_self(meta.mode)?;
         fsx::copy_xattrs(src, dst)
@@ -445,7 +655,7 @@ impl Copier<'_> {
     }
 }
 
-impl Visitor for Copier<'_> {
+impl Visitor for Copier<'_, '_> {
     type Error = FsxError;
 
     fn entry(&mut self, dir: &Dir, name: Name<'_>, kind: Kind) -> fsx::Result<Descend> {
@@ -486,23 +696,36 @@ impl Visitor for Copier<'_> {
         };
         // Its files first: their creation changes the directory's times.
         dst.pending.wait();
-        if self.syncer.failed() {
+        if self.ctx.syncer.failed() {
             return Err(threads_failed());
         }
         if !is_root || self.apply_root {
             self.finish_dir(dir, &dst.dir)?;
         }
         self.stats.dirs += 1;
-        if is_root {
-            // Kept for the caller's last step; synced below.
-            self.dst.push(dst);
+        // The copy's root is made durable by the caller's last step.
+        if (is_root && self.top) || !self.ctx.shared.claim_sync(true) {
             return Ok(());
         }
-        if !self.shared.claim_sync(true) {
-            return Ok(());
-        }
-        self.syncer
+        self.ctx
+            .syncer
             .push(dst.dir.try_clone_fd()?, dir.rel().to_owned())
+    }
+}
+
+impl Ctx<'_> {
+    /// Walks `t` (a subtree another walker handed over).
+    fn walk_subtree(&self, t: Subtree) -> fsx::Result<()> {
+        let mut c = Copier::new(self, Level::new(t.dst), false, true, t.depth);
+        let res = fsx::walk_from(&t.src, t.depth, &mut c);
+        self.count(c.stats);
+        res
+    }
+
+    fn count(&self, s: CopyStats) {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        c.dirs += s.dirs;
+        c.others += s.others;
     }
 }
 
@@ -515,40 +738,69 @@ fn run(
     follow: bool,
     apply_root: bool,
 ) -> fsx::Result<CopyStats> {
-    let mut c = Copier {
+    let dst = Arc::new(dst);
+    let n = walkers();
+    let mut ctx = Ctx {
         src_root: src,
-        dst: vec![Level::new(dst)],
+        dst_root: Arc::clone(&dst),
         owners,
         follow,
-        apply_root,
         shared: Arc::new(Shared::new(journal)),
-        links: HashMap::new(),
+        links: Mutex::default(),
         syncer: Syncer::new(),
-        stats: CopyStats::default(),
+        pool: Pool::new(n),
+        counts: Mutex::default(),
     };
-    let walked = fsx::walk(src, &mut c);
-    // The file threads' own failure first: the walk only saw that one happened.
-    c.syncer.finish()?;
-    walked?;
-    for d in c.dst.drain(..) {
-        match journal {
-            // After the last change (the walk and every file thread are done): one log
-            // force for everything not synced one by one, the root's entry included.
-            Journal::Ordered => d.dir.force_log()?,
-            Journal::PerFile => {
-                c.stats.synced += 1;
-                d.dir.fsync()?
+    std::thread::scope(|scope| {
+        let ctx = &ctx;
+        for _ in 1..n {
+            let helper = std::thread::Builder::new()
+                .name("copy-walker".into())
+                .spawn_scoped(scope, move || {
+                    ctx.pool.help(Ok(()), |t| ctx.walk_subtree(t))
+                });
+            if helper.is_err() {
+                // No thread to be had: fewer walkers, the copy goes on.
+                ctx.pool.retire();
             }
         }
+        let root = Level {
+            dir: Arc::clone(&dst),
+            pending: Arc::default(),
+        };
+        let mut c = Copier::new(ctx, root, true, apply_root, 0);
+        let res = fsx::walk(src, &mut c);
+        ctx.count(c.stats);
+        ctx.pool.help(res, |t| ctx.walk_subtree(t));
+    });
+    // The file threads' own failure first: the walkers only saw that one happened.
+    ctx.syncer.finish()?;
+    let Ctx {
+        pool,
+        counts,
+        shared,
+        ..
+    } = ctx;
+    if let Some(e) = pool.into_first() {
+        return Err(e);
     }
-    let shared = &c.shared;
-    c.stats.files += shared.files.load(Ordering::Relaxed);
-    c.stats.bytes += shared.bytes.load(Ordering::Relaxed);
-    c.stats.reflinked += shared.reflinked.load(Ordering::Relaxed);
-    c.stats.synced += shared.synced.load(Ordering::Relaxed);
-    Ok(c.stats)
+    // After the last change (every walker and file thread is done): one log force on xfs
+    // for everything not synced one by one, the root's entry included; the root's own
+    // sync elsewhere.
+    let mut stats = counts.into_inner().unwrap_or_else(PoisonError::into_inner);
+    match journal {
+        Journal::Ordered => dst.force_log()?,
+        Journal::PerFile => {
+            stats.synced += 1;
+            dst.fsync()?
+        }
+    }
+    stats.files += shared.files.load(Ordering::Relaxed);
+    stats.bytes += shared.bytes.load(Ordering::Relaxed);
+    stats.reflinked += shared.reflinked.load(Ordering::Relaxed);
+    stats.synced += shared.synced.load(Ordering::Relaxed);
+    Ok(stats)
 }
-
 /// Copies the tree at `from` to the new directory `to` (which must not exist), with
 /// owners, modes, extended attributes, times and hard links; everything copied is on
 /// stable storage when it returns, `to`'s entry in its parent included. Errors name the

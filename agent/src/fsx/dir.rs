@@ -765,6 +765,11 @@ pub enum Beneath {
     Other(Meta),
 }
 
+/// The status of an open file or directory.
+pub fn meta_fd(fd: BorrowedFd<'_>) -> io::Result<Meta> {
+    stat_at(fd, c"")
+}
+
 /// `fchown` of an open file.
 pub fn chown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     retry(|| {

@@ -25,11 +25,11 @@ mod walk;
 
 pub use data::{copy_data, copy_xattrs, CopyMethod};
 pub use dir::{
-    chmod_fd, chown_fd, fsync_fd, set_times_fd, Beneath, Dir, Entry, Journal, Kind, Listing, Meta,
-    Node, Placement, Timestamp,
+    chmod_fd, chown_fd, fsync_fd, meta_fd, set_times_fd, Beneath, Dir, Entry, Journal, Kind,
+    Listing, Meta, Node, Placement, Timestamp,
 };
 pub use name::{Name, NameBuf};
-pub use walk::{walk, Descend, Visitor, MAX_DEPTH};
+pub use walk::{walk, walk_from, Descend, Visitor, MAX_DEPTH};
 
 pub use rustix::io::Errno;
 

@@ -56,6 +56,14 @@ struct Frame {
 /// directory opened relative to its parent's handle, never through a symlink, never onto
 /// another mount, at most [`MAX_DEPTH`] deep.
 pub fn walk<V: Visitor>(root: &Dir, v: &mut V) -> Result<(), V::Error> {
+    walk_from(root, 0, v)
+}
+
+/// [`walk`] of a subtree whose root is `depth` levels below the tree's own root (opened
+/// by a visitor that hands subtrees to other threads), so [`MAX_DEPTH`] still bounds the
+/// whole tree.
+pub fn walk_from<V: Visitor>(root: &Dir, depth: usize, v: &mut V) -> Result<(), V::Error> {
+    let base = depth;
     let mut stack = vec![Frame {
         dir: None,
         entries: root.entries()?,
@@ -70,7 +78,7 @@ pub fn walk<V: Visitor>(root: &Dir, v: &mut V) -> Result<(), V::Error> {
         }
         let i = top.next;
         top.next += 1;
-        let depth = stack.len();
+        let depth = base + stack.len();
         let Some(top) = stack.last() else { break };
         let dir = top.dir.as_ref().unwrap_or(root);
         let entry = &top.entries[i];
