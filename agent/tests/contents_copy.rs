@@ -1,6 +1,9 @@
-//! The copy-on-write copy hands subtrees to other walker threads: what must stay true
-//! when parts of one tree are copied side by side (hard links between subtrees, the depth
-//! bound, a mount point found by any walker, every entry once).
+//! On xfs the copy-on-write copy hands subtrees to other walker threads: what must stay
+//! true when parts of one tree are copied side by side (hard links between subtrees, the
+//! depth bound, a mount point found by any walker, every entry once). Each test runs on
+//! the temporary directory's file system (one walker there unless it is xfs) and on an
+//! xfs loop image (one walker per core), which it skips with a printed reason where it
+//! cannot be made (needs root, xfsprogs, loop devices).
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -8,6 +11,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use volume_agent::contents::copy::copy_tree;
+
+#[path = "xfs_support.rs"]
+mod xfs;
+
+/// Runs `test` in a fresh directory on the temporary directory's file system, then on a
+/// fresh xfs image.
+fn on_both(test: impl Fn(&Path)) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    test(dir.path());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    match xfs::XfsImage::make(tmp.path()) {
+        Ok(img) => test(&img.mnt),
+        Err(e) => println!("skipped the xfs half: {e}"),
+    }
+}
 
 /// Every entry under `root` (relative path → its status), directories included.
 fn entries(root: &Path) -> HashMap<PathBuf, std::fs::Metadata> {
@@ -47,8 +65,11 @@ fn link_groups(all: &HashMap<PathBuf, std::fs::Metadata>) -> Vec<Vec<PathBuf>> {
 
 #[test]
 fn copy_keeps_hard_links_between_subtrees_that_different_walkers_copy() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let src = dir.path().join("src");
+    on_both(hard_links_between_subtrees);
+}
+
+fn hard_links_between_subtrees(base: &Path) {
+    let src = base.join("src");
     let dirs = 24;
     for d in 0..dirs {
         let sub = src.join(format!("d{d}/inner"));
@@ -71,7 +92,7 @@ fn copy_keeps_hard_links_between_subtrees_that_different_walkers_copy() {
         std::fs::hard_link(src.join("d0/shared"), src.join(format!("d{d}/shared"))).expect("link");
     }
 
-    let dst = dir.path().join("dst");
+    let dst = base.join("dst");
     let stats = copy_tree(&src, &dst).expect("copy");
 
     let (want, got) = (entries(&src), entries(&dst));
@@ -103,8 +124,11 @@ fn copy_keeps_hard_links_between_subtrees_that_different_walkers_copy() {
 
 #[test]
 fn copy_of_a_tree_deeper_than_the_walk_bound_fails_whichever_walker_gets_there() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let src = dir.path().join("src");
+    on_both(too_deep);
+}
+
+fn too_deep(base: &Path) {
+    let src = base.join("src");
     let mut deep = src.clone();
     for i in 0..volume_agent::fsx::MAX_DEPTH + 2 {
         deep.push(if i % 2 == 0 { "a" } else { "b" });
@@ -117,7 +141,7 @@ fn copy_of_a_tree_deeper_than_the_walk_bound_fails_whichever_walker_gets_there()
         std::fs::write(level.join("side/f"), b"x").expect("write");
         level.push(if i % 2 == 0 { "a" } else { "b" });
     }
-    let err = copy_tree(&src, &dir.path().join("dst")).expect_err("too deep");
+    let err = copy_tree(&src, &base.join("dst")).expect_err("too deep");
     assert!(err.to_string().contains("deeper than"), "{err}");
 }
 
@@ -132,8 +156,11 @@ impl Drop for Tmpfs {
 
 #[test]
 fn copy_refuses_a_mount_point_in_any_subtree_and_names_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let src = dir.path().join("src");
+    on_both(mount_point_in_a_subtree);
+}
+
+fn mount_point_in_a_subtree(base: &Path) {
+    let src = base.join("src");
     for d in 0..16 {
         let sub = src.join(format!("d{d}/inner"));
         std::fs::create_dir_all(&sub).expect("mkdir");
@@ -154,11 +181,11 @@ fn copy_refuses_a_mount_point_in_any_subtree_and_names_it() {
     let _guard = Tmpfs(mnt.clone());
     std::fs::write(mnt.join("other-fs"), b"never copied").expect("write");
 
-    let err = copy_tree(&src, &dir.path().join("dst")).expect_err("stops at the mount");
+    let err = copy_tree(&src, &base.join("dst")).expect_err("stops at the mount");
     assert!(err.is_mount_point(), "{err}");
     assert!(err.to_string().contains("d11/inner/mnt"), "{err}");
     assert!(
-        !dir.path().join("dst/d11/inner/mnt/other-fs").exists(),
+        !base.join("dst/d11/inner/mnt/other-fs").exists(),
         "nothing of the other file system is copied"
     );
 }

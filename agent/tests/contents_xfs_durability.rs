@@ -10,59 +10,12 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use volume_agent::contents::copy::copy_tree;
 
-/// An xfs loop image with reflinks, mounted at `mnt`, unmounted when dropped.
-struct XfsImage {
-    image: PathBuf,
-    mnt: PathBuf,
-}
-
-impl XfsImage {
-    fn make(base: &Path) -> Result<XfsImage, String> {
-        let image = base.join("xfs.img");
-        let mnt = base.join("mnt");
-        std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
-        File::create(&image)
-            .and_then(|f| f.set_len(512 << 20))
-            .map_err(|e| e.to_string())?;
-        run("mkfs.xfs", &["-q", "-m", "reflink=1", path(&image)])?;
-        let x = XfsImage { image, mnt };
-        x.mount()?;
-        Ok(x)
-    }
-
-    fn mount(&self) -> Result<(), String> {
-        run("mount", &["-o", "loop", path(&self.image), path(&self.mnt)])
-    }
-
-    fn unmount(&self) -> Result<(), String> {
-        run("umount", &[path(&self.mnt)])
-    }
-}
-
-impl Drop for XfsImage {
-    fn drop(&mut self) {
-        let _ = self.unmount();
-    }
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    match Command::new(cmd).args(args).output() {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!(
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => Err(format!("{cmd}: {e}")),
-    }
-}
+#[path = "xfs_support.rs"]
+mod xfs;
+use xfs::{path, run, XfsImage};
 
 /// A parent volume's data: nested directories, files with distinct contents, owners, modes
 /// (set-id bits included), a symlink, an empty file, an extended attribute.
