@@ -245,9 +245,10 @@ struct PoolState {
 }
 
 /// Hands subtrees to other walkers. A walker about to descend into a directory queues it
-/// instead while the queue is shorter than the number of walkers, so the copy of a wide tree runs on every
-/// core without handing each file to another thread (on xfs that hand-off and the
-/// contention of many threads in one directory cost more than the copy gained).
+/// instead while the queue is shorter than the number of walkers, so the copy of a wide
+/// tree runs on every core without handing each file to another thread (on xfs that
+/// hand-off and the contention of many threads in one directory cost more than the copy
+/// gained).
 struct Pool {
     state: Mutex<PoolState>,
     wake: Condvar,
