@@ -226,7 +226,7 @@ fn walkers(journal: Journal) -> usize {
 }
 
 /// A directory whose copy was handed to another walker: its source, its (empty) copy,
-/// and how deep it is in the tree (for [`fsx::MAX_DEPTH`]).
+/// and how deep its parent is in the tree (for [`fsx::walk_from`]).
 struct Subtree {
     src: Dir,
     dst: Dir,
@@ -271,11 +271,13 @@ impl Pool {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether fewer subtrees are queued than there are walkers (so one that runs out of
-    /// work finds more without waiting for the others to reach a directory).
+    /// Whether there are other walkers and fewer subtrees are queued than there are
+    /// walkers (so one that runs out of work finds more without waiting for the others
+    /// to reach a directory).
     fn wants(&self) -> bool {
         let st = self.lock();
-        st.first.is_none() && st.queue.len() < st.idle + st.busy
+        let walkers = st.idle + st.busy;
+        st.first.is_none() && walkers > 1 && st.queue.len() < walkers
     }
 
     fn offer(&self, t: Subtree) {
@@ -351,7 +353,7 @@ struct Ctx<'r> {
     shared: Arc<Shared>,
     /// First copy of each multiply linked inode: `(dev, ino)` → its relative path. Held
     /// while such an inode is copied or linked, so a later link always finds the copy.
-    links: Mutex<HashMap<(u64, u64), PathBuf>>,
+    links: Mutex<Links>,
     syncer: Syncer,
     pool: Pool,
     /// Directories and other entries, added by each walker when it ends.
@@ -368,8 +370,6 @@ struct Copier<'c, 'r> {
     /// Whether the walk's root gets its source's owner, mode and times (not for an
     /// import, whose root the volume already owns).
     apply_root: bool,
-    /// How deep this walk's root is in the whole tree.
-    depth: usize,
     stats: CopyStats,
 }
 
@@ -404,14 +404,21 @@ fn name_of(rel: &Path) -> io::Result<NameBuf> {
 
 type Links = HashMap<(u64, u64), PathBuf>;
 
+/// What [`Copier::link_or_hold`] did.
+enum Linked<'c> {
+    /// The name is now a hard link to the inode's first copy.
+    Done,
+    /// The name is to be made here; while `Some`, the link table is held until it is.
+    Make(Option<std::sync::MutexGuard<'c, Links>>),
+}
+
 impl<'c, 'r> Copier<'c, 'r> {
-    fn new(ctx: &'c Ctx<'r>, dst: Level, top: bool, apply_root: bool, depth: usize) -> Self {
+    fn new(ctx: &'c Ctx<'r>, dst: Level, top: bool, apply_root: bool) -> Self {
         Copier {
             ctx,
             dst: vec![dst],
             top,
             apply_root,
-            depth,
             stats: CopyStats::default(),
         }
     }
@@ -430,29 +437,29 @@ impl<'c, 'r> Copier<'c, 'r> {
         Ok(&self.level()?.dir)
     }
 
-    fn links(&self) -> std::sync::MutexGuard<'c, Links> {
-        self.ctx
-            .links
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// Opens the copy of the source directory `child` (made by `entry` in the directory
+    /// being filled).
+    fn dst_child(&self, child: &Dir) -> fsx::Result<Dir> {
+        let name =
+            name_of(child.rel()).map_err(|e| FsxError::new(Op::Open, child.rel().into(), e))?;
+        self.dst()?.open_dir(name.as_name())
     }
 
-    /// Makes `name` a hard link to the first copy of the same inode, if it was copied
-    /// already; remembers it otherwise (the caller holds `links` until it made it).
-    /// Returns whether it linked.
-    fn link_existing(
-        &mut self,
-        links: &mut Links,
-        meta: &Meta,
-        rel: &Path,
-        name: Name<'_>,
-    ) -> fsx::Result<bool> {
+    /// For an inode with other names: makes `name` a hard link to its first copy when
+    /// one was made ([`Linked::Done`]); otherwise remembers `rel` as its first copy and
+    /// holds the link table until the caller made it.
+    fn link_or_hold(&mut self, meta: &Meta, rel: &Path, name: Name<'_>) -> fsx::Result<Linked<'c>> {
+        if meta.nlink <= 1 {
+            return Ok(Linked::Make(None));
+        }
+        let ctx = self.ctx;
+        let mut links = ctx.links.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (meta.dev, meta.ino);
         let Some(first) = links.get(&key).cloned() else {
             links.insert(key, rel.to_owned());
-            return Ok(false);
+            return Ok(Linked::Make(Some(links)));
         };
-        let root: &Dir = &self.ctx.dst_root;
+        let root: &Dir = &ctx.dst_root;
         // Walk to the first copy's directory from the destination root, fd-relative.
         let mut holder: Option<Dir> = None;
         let comps: Vec<_> = first
@@ -471,7 +478,7 @@ impl<'c, 'r> Copier<'c, 'r> {
             .unwrap_or(root)
             .hard_link(old.as_name(), self.dst()?, name)?;
         self.stats.others += 1;
-        Ok(true)
+        Ok(Linked::Done)
     }
 
     /// Copies a regular file: here on xfs (nothing to wait for; other walkers keep the
@@ -482,12 +489,9 @@ impl<'c, 'r> Copier<'c, 'r> {
             return Err(threads_failed());
         }
         let ctx = self.ctx;
-        let mut links = (meta.nlink > 1).then(|| self.links());
-        if let Some(links) = links.as_deref_mut() {
-            if self.link_existing(links, &meta, rel, name)? {
-                return Ok(());
-            }
-        }
+        let Linked::Make(links) = self.link_or_hold(&meta, rel, name)? else {
+            return Ok(());
+        };
         let level = self.level()?;
         if links.is_some() || ctx.shared.journal == Journal::Ordered {
             let (out, reflinked) =
@@ -516,12 +520,9 @@ impl<'c, 'r> Copier<'c, 'r> {
     /// Makes a symlink, fifo, socket or device node like `meta` (of `name` in `dir`).
     fn make_other(&mut self, dir: &Dir, name: Name<'_>, meta: &Meta) -> fsx::Result<()> {
         let rel = dir.rel_of(name);
-        let mut links = (meta.nlink > 1).then(|| self.links());
-        if let Some(links) = links.as_deref_mut() {
-            if self.link_existing(links, meta, &rel, name)? {
-                return Ok(());
-            }
-        }
+        let Linked::Make(links) = self.link_or_hold(meta, &rel, name)? else {
+            return Ok(());
+        };
         let dst = self.dst()?;
         if meta.kind == Kind::Symlink {
             let target = dir.readlink(name)?;
@@ -541,29 +542,6 @@ impl<'c, 'r> Copier<'c, 'r> {
         Ok(())
     }
 
-    /// Makes the copy of the directory `name` and says whether the walk descends into it,
-    /// or hands it to an idle walker (and does not descend).
-    fn copy_dir(&mut self, dir: &Dir, name: Name<'_>) -> fsx::Result<Descend> {
-        self.dst()?.mkdir(name, 0o700)?;
-        // How deep `dir` is (as the walk counts before descending).
-        let depth = self.depth + self.dst.len();
-        if depth >= fsx::MAX_DEPTH || !self.ctx.pool.wants() {
-            return Ok(Descend::Yes);
-        }
-        match dir.open_dir(name) {
-            Ok(src) => {
-                let dst = self.dst()?.open_dir(name)?;
-                self.ctx.pool.offer(Subtree { src, dst, depth });
-                Ok(Descend::No)
-            }
-            // As the walk does when it cannot open a directory it lists.
-            Err(e) if e.is_not_found() || e.is_wrong_kind() || e.is_mount_point() => {
-                self.changed(dir, name, e).map(|()| Descend::No)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
     /// Copies `name` (listed as `kind`), looking again when it changed kind meanwhile.
     fn copy_entry(&mut self, dir: &Dir, name: Name<'_>, mut kind: Kind) -> fsx::Result<Descend> {
         if self.ctx.pool.failed() {
@@ -571,7 +549,10 @@ impl<'c, 'r> Copier<'c, 'r> {
         }
         for _ in 0..MAX_RETRIES {
             let res = match kind {
-                Kind::Dir => return self.copy_dir(dir, name),
+                Kind::Dir => {
+                    self.dst()?.mkdir(name, 0o700)?;
+                    return Ok(Descend::Yes);
+                }
                 Kind::Symlink if self.ctx.follow => return self.follow_link(dir, name),
                 Kind::File => match dir.open_file(name) {
                     Ok((src, meta)) => {
@@ -669,10 +650,22 @@ impl Visitor for Copier<'_, '_> {
         self.copy_entry(dir, name, kind)
     }
 
+    /// Queues `child` for another walker while fewer are queued than there are walkers.
+    fn hand_off(&mut self, _parent: &Dir, child: Dir, depth: usize) -> fsx::Result<Option<Dir>> {
+        if !self.ctx.pool.wants() {
+            return Ok(Some(child));
+        }
+        let dst = self.dst_child(&child)?;
+        self.ctx.pool.offer(Subtree {
+            src: child,
+            dst,
+            depth,
+        });
+        Ok(None)
+    }
+
     fn enter(&mut self, _parent: &Dir, child: &Dir) -> fsx::Result<()> {
-        let name =
-            name_of(child.rel()).map_err(|e| FsxError::new(Op::Open, child.rel().into(), e))?;
-        let d = self.dst()?.open_dir(name.as_name())?;
+        let d = self.dst_child(child)?;
         self.dst.push(Level::new(d));
         Ok(())
     }
@@ -723,7 +716,7 @@ impl Visitor for Copier<'_, '_> {
 impl Ctx<'_> {
     /// Walks `t` (a subtree another walker handed over).
     fn walk_subtree(&self, t: Subtree) -> fsx::Result<()> {
-        let mut c = Copier::new(self, Level::new(t.dst), false, true, t.depth);
+        let mut c = Copier::new(self, Level::new(t.dst), false, true);
         let res = fsx::walk_from(&t.src, t.depth, &mut c);
         self.count(c.stats);
         res
@@ -775,7 +768,7 @@ fn run(
             dir: Arc::clone(&dst),
             pending: Arc::default(),
         };
-        let mut c = Copier::new(ctx, root, true, apply_root, 0);
+        let mut c = Copier::new(ctx, root, true, apply_root);
         let res = fsx::walk(src, &mut c);
         ctx.count(c.stats);
         ctx.pool.help(res, |t| ctx.walk_subtree(t));

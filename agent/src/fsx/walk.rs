@@ -31,6 +31,19 @@ pub trait Visitor {
         Ok(())
     }
 
+    /// `child`, a directory `entry` asked to descend into, is open, `depth` levels below the
+    /// tree's root (its parent's depth, as [`walk_from`] counts). Returns it to be walked
+    /// next; a visitor that has it walked elsewhere (on another thread, with [`walk_from`]
+    /// from `depth`) keeps it and returns `None`. The default walks it here.
+    fn hand_off(
+        &mut self,
+        _parent: &Dir,
+        child: Dir,
+        _depth: usize,
+    ) -> Result<Option<Dir>, Self::Error> {
+        Ok(Some(child))
+    }
+
     /// The directory `name` could not be opened because it is gone
     /// ([`FsxError::is_not_found`]), no longer a directory ([`FsxError::is_wrong_kind`]):
     /// something changed the tree while it was walked), or another file system is mounted
@@ -59,11 +72,10 @@ pub fn walk<V: Visitor>(root: &Dir, v: &mut V) -> Result<(), V::Error> {
     walk_from(root, 0, v)
 }
 
-/// [`walk`] of a subtree whose root is `depth` levels below the tree's own root (opened
-/// by a visitor that hands subtrees to other threads), so [`MAX_DEPTH`] still bounds the
-/// whole tree.
-pub fn walk_from<V: Visitor>(root: &Dir, depth: usize, v: &mut V) -> Result<(), V::Error> {
-    let base = depth;
+/// [`walk`] of a subtree whose root's parent is `base` levels below the tree's own root
+/// (a directory [`Visitor::hand_off`] kept, with the depth it was given), so [`MAX_DEPTH`]
+/// still bounds the whole tree.
+pub fn walk_from<V: Visitor>(root: &Dir, base: usize, v: &mut V) -> Result<(), V::Error> {
     let mut stack = vec![Frame {
         dir: None,
         entries: root.entries()?,
@@ -112,6 +124,9 @@ pub fn walk_from<V: Visitor>(root: &Dir, depth: usize, v: &mut V) -> Result<(), 
                 }
                 Err(e) => return Err(e.into()),
             },
+        };
+        let Some(child) = v.hand_off(dir, child, depth)? else {
+            continue;
         };
         v.enter(dir, &child)?;
         let entries = child.entries()?;
